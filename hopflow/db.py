@@ -1,0 +1,145 @@
+"""Database plumbing: one declarative base, engine creation for SQLite/PostgreSQL, one session helper, migrations."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Engine, MetaData, create_engine, event, func
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from hopflow.settings import get_settings
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+SQLITE_BUSY_TIMEOUT_MS = 60_000
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now in UTC (stored naive-UTC on SQLite)."""
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    """The one declarative base: integer id and creation time on every table."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+def is_sqlite(engine_or_url: Engine | str) -> bool:
+    url = str(engine_or_url.url if isinstance(engine_or_url, Engine) else engine_or_url)
+    return url.startswith("sqlite")
+
+
+def make_engine(url: str | None = None) -> Engine:
+    """An engine for `url` (default: the settings' database URL) with the right options per backend."""
+    url = url or get_settings().url
+    if is_sqlite(url):
+        in_memory = url in ("sqlite://", "sqlite:///:memory:")
+        kwargs: dict[str, Any] = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}}
+        if in_memory:
+            kwargs["poolclass"] = StaticPool
+        else:
+            from pathlib import Path
+
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, **kwargs)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # Let SQLAlchemy's `begin` event own transaction start so claims can use BEGIN IMMEDIATE.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            if not in_memory:
+                cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Any) -> None:
+            mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+            conn.exec_driver_sql(f"BEGIN {mode}")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+@lru_cache(maxsize=8)
+def get_engine(url: str | None = None) -> Engine:
+    """The process-wide engine for a URL (cached)."""
+    return make_engine(url)
+
+
+@lru_cache(maxsize=8)
+def _sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def session_scope(engine: Engine | None = None, *, write: bool = False) -> Iterator[Session]:
+    """One unit of work: commit on success, roll back on error.
+
+    `write=True` takes SQLite's write lock up front (BEGIN IMMEDIATE) so read-then-write units never deadlock.
+    """
+    engine = engine or get_engine()
+    if write and is_sqlite(engine):
+        engine = engine.execution_options(sqlite_begin="IMMEDIATE")
+    session = _sessionmaker(engine)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def alembic_config(engine: Engine) -> Any:
+    from alembic.config import Config
+
+    script_location = str(resources.files("hopflow") / "migrations")
+    cfg = Config()
+    cfg.set_main_option("script_location", script_location)
+    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
+    cfg.attributes["engine"] = engine
+    return cfg
+
+
+def init_db(engine: Engine | None = None) -> Engine:
+    """Create or upgrade the schema to the newest migration (idempotent)."""
+    from alembic import command
+
+    engine = engine or get_engine()
+    command.upgrade(alembic_config(engine), "head")
+    return engine
+
+
+class ImmutableResultError(RuntimeError):
+    """Raised when code tries to change or delete a result row that is already written."""
+
+
+class Immutable:
+    """Mixin for result tables: rows are written once; updates and deletes through the ORM are rejected."""
+
+
+@event.listens_for(Session, "before_flush")
+def _reject_result_changes(session: Session, _context: Any, _instances: Any) -> None:
+    for obj in (*session.dirty, *session.deleted):
+        if isinstance(obj, Immutable) and (obj in session.deleted or session.is_modified(obj)):
+            raise ImmutableResultError(f"{type(obj).__name__} {obj.id} is a stored result and cannot be changed")

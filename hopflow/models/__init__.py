@@ -1,0 +1,6 @@
+"""All tables of hopflow; importing this module registers every model on `Base.metadata`."""
+
+from hopflow.models.core import Run, RunState, Score, Source, StageSetting, Structure
+from hopflow.models.synthetic import SyntheticItem, SyntheticResult
+
+__all__ = ["Run", "RunState", "Score", "Source", "StageSetting", "Structure", "SyntheticItem", "SyntheticResult"]

@@ -1,0 +1,467 @@
+"""The one generic stage queue: enqueue, rank, claim, start, complete, fail, release, sweep. All queue SQL lives here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, and_, delete, exists, func, insert, literal, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from hopflow.db import get_engine, is_sqlite, session_scope, utcnow
+from hopflow.models import Run, RunState, Score, StageSetting
+from hopflow.provenance import versions
+from hopflow.registry import Reused, Stage, get_stage
+from hopflow.settings import get_settings
+
+CUTOFF_PREFIX = "cutoff."
+TARGET_KEY = "target"
+RANKER_KEY = "ranker"
+ERROR_INPUT = "input"  # bad input: recorded, never retried
+ERROR_RETRYABLE = "retryable"
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def param_hash(parameters: Mapping[str, Any]) -> str:
+    """Canonical hash of a parameter set: the same settings always give the same hash."""
+    return hashlib.sha256(canonical_json(parameters).encode()).hexdigest()[:32]
+
+
+def cache_key(stage: str, fingerprint: str, phash: str) -> str:
+    """Cache key = hash of (stage, input identity, parameter set incl. engine and its version)."""
+    return hashlib.sha256(f"{stage}|{fingerprint}|{phash}".encode()).hexdigest()[:40]
+
+
+def default_claimant() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class ClaimedRun:
+    """A claimed run as handed to a stage flow."""
+
+    id: int
+    stage: str
+    input_id: int
+    parameters: dict[str, Any]
+
+
+@dataclass
+class SweepReport:
+    """What one sweep did."""
+
+    requeued: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    reasons: dict[int, str] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- live stage settings (cutoffs, target, ranker)
+
+
+def stage_settings(session: Session, stage: str) -> dict[str, Any]:
+    """The settings in force for a stage: the newest value per key."""
+    latest = (
+        select(StageSetting.key, func.max(StageSetting.id).label("id"))
+        .where(StageSetting.stage == stage)
+        .group_by(StageSetting.key)
+        .subquery()
+    )
+    rows = session.execute(select(StageSetting.key, StageSetting.value).join(latest, StageSetting.id == latest.c.id))
+    return {key: value for key, value in rows}
+
+
+def set_stage_setting(session: Session, stage: str, key: str, value: Any, reason: str) -> bool:
+    """Record a new value for a stage setting (history kept); returns False when the value is unchanged."""
+    if stage_settings(session, stage).get(key) == value:
+        return False
+    session.add(StageSetting(stage=stage, key=key, value=value, reason=reason))
+    session.flush()
+    return True
+
+
+def cutoff_values(session: Session, stage: Stage) -> dict[str, float]:
+    live = stage_settings(session, stage.name)
+    return {c.name: float(live.get(CUTOFF_PREFIX + c.name, c.default)) for c in stage.cutoffs}
+
+
+def set_cutoff(session: Session, stage: Stage, name: str, value: float, reason: str = "set by user") -> bool:
+    stage.cutoff(name)  # validates the name against the registry
+    return set_stage_setting(session, stage.name, CUTOFF_PREFIX + name, float(value), reason)
+
+
+def active_ranker(session: Session, stage: Stage) -> str:
+    return str(stage_settings(session, stage.name).get(RANKER_KEY, stage.default_ranker))
+
+
+def set_active_ranker(session: Session, stage: Stage, name: str, reason: str = "set by user") -> bool:
+    stage.ranker(name)
+    return set_stage_setting(session, stage.name, RANKER_KEY, name, reason)
+
+
+def target(session: Session, stage: Stage) -> int:
+    return int(stage_settings(session, stage.name).get(TARGET_KEY, stage.default_target))
+
+
+def set_target(session: Session, stage: Stage, value: int, reason: str = "set by user") -> bool:
+    if value < 0:
+        raise ValueError("a target is a number of live runs, >= 0")
+    return set_stage_setting(session, stage.name, TARGET_KEY, int(value), reason)
+
+
+# ---------------------------------------------------------------- enqueue and rank
+
+
+def stage_parameters(stage: Stage, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    params = dict(stage.parameters(get_settings()))
+    params.update(overrides or {})
+    return params
+
+
+def _insert(session: Session, table: Any) -> Any:
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)
+
+
+def enqueue(session: Session, stage: Stage, parameters: Mapping[str, Any] | None = None) -> int:
+    """Queue a run for every input item that has none under this parameter set; rank the new items. Returns count."""
+    params = stage_parameters(stage, parameters)
+    phash = param_hash(params)
+    items = stage.inputs().subquery()
+    already = exists().where(Run.stage == stage.name, Run.input_id == items.c.item_id, Run.param_hash == phash)
+    new_items = select(
+        literal(stage.name), items.c.item_id, literal(phash), literal(params, type_=Run.parameters.type),
+        literal(RunState.QUEUED), literal(0), literal(stage.retry_limit),
+    ).where(~already)
+    cols = ["stage", "input_id", "param_hash", "parameters", "state", "attempts", "max_attempts"]
+    stmt = _insert(session, Run.__table__).from_select(cols, new_items).on_conflict_do_nothing()
+    added = session.execute(stmt).rowcount or 0
+    for ranker in stage.rankers:
+        rank(session, stage, ranker.name, refresh=False)
+    return added
+
+
+def rank(session: Session, stage: Stage, ranker_name: str | None = None, refresh: bool = True) -> int:
+    """Write the ranker's score for the stage's input items (all of them, or only unscored ones). Returns count."""
+    ranker = stage.ranker(ranker_name)
+    if refresh:
+        session.execute(delete(Score).where(Score.stage == stage.name, Score.ranker == ranker.name))
+    items = stage.inputs().subquery()
+    scored = exists().where(Score.stage == stage.name, Score.ranker == ranker.name, Score.item_id == items.c.item_id)
+    if ranker.expression is not None:
+        source = select(literal(stage.name), literal(ranker.name), items.c.item_id, ranker.expression(items.c))
+        if not refresh:
+            source = source.where(~scored)
+        stmt = _insert(session, Score.__table__).from_select(["stage", "ranker", "item_id", "score"], source)
+        return session.execute(stmt.on_conflict_do_nothing()).rowcount or 0
+    ids_query = select(items.c.item_id) if refresh else select(items.c.item_id).where(~scored)
+    ids = list(session.scalars(ids_query))
+    scores = ranker.score(session, ids) if ids else {}
+    rows = [{"stage": stage.name, "ranker": ranker.name, "item_id": i, "score": float(s)} for i, s in scores.items()]
+    if rows:
+        session.execute(_insert(session, Score.__table__).on_conflict_do_nothing(), rows)
+    return len(rows)
+
+
+def write_scores(session: Session, stage: Stage, ranker_name: str, scores: Mapping[int, float]) -> int:
+    """Replace a ranker's scores for the given items (model rankers recomputed from outside)."""
+    stage.ranker(ranker_name)
+    session.execute(
+        delete(Score).where(Score.stage == stage.name, Score.ranker == ranker_name, Score.item_id.in_(list(scores)))
+    )
+    rows = [{"stage": stage.name, "ranker": ranker_name, "item_id": i, "score": float(s)} for i, s in scores.items()]
+    if rows:
+        session.execute(insert(Score), rows)
+    return len(rows)
+
+
+# ---------------------------------------------------------------- claim
+
+
+def _claimable(stage: Stage, ranker: str, phash: str, cutoffs: Mapping[str, float]) -> Any:
+    query = (
+        select(Run.id)
+        .join(Score, and_(Score.stage == stage.name, Score.ranker == ranker, Score.item_id == Run.input_id))
+        .where(Run.stage == stage.name, Run.param_hash == phash, Run.state == RunState.QUEUED)
+    )
+    if stage.cutoffs:
+        items = stage.inputs().subquery()
+        criteria = [c.criterion(items.c, cutoffs[c.name]) for c in stage.cutoffs]
+        query = query.where(Run.input_id.in_(select(items.c.item_id).where(*criteria)))
+    return query.order_by(Score.score, Score.item_id)
+
+
+def claim_statement(session: Session, stage: Stage, n: int, ranker: str, phash: str, claimant: str,
+                    lease_seconds: float, cutoffs: Mapping[str, float]) -> Any:
+    """The one claim statement: mark the top-n eligible queued runs claimed, skipping rows others hold."""
+    now = utcnow()
+    pick = _claimable(stage, ranker, phash, cutoffs).limit(n)
+    if session.get_bind().dialect.name == "postgresql":
+        pick = pick.with_for_update(of=Run, skip_locked=True)
+    return (
+        update(Run)
+        .where(Run.id.in_(pick.scalar_subquery()))
+        .values(state=RunState.CLAIMED, claimant=claimant, ranker=ranker, attempts=Run.attempts + 1,
+                claimed_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds), error=None)
+        .returning(Run.id, Run.input_id, Run.parameters)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def claim(stage_name: str, n: int, ranker: str | None = None, *, parameters: Mapping[str, Any] | None = None,
+          claimant: str | None = None, lease_seconds: float | None = None, engine: Engine | None = None,
+          refresh: bool = False) -> list[ClaimedRun]:
+    """Atomically take the top `n` eligible items of a stage (by `ranker`) under its parameter set.
+
+    `refresh` first queues and ranks input items that appeared since the last enqueue.
+    """
+    stage = get_stage(stage_name)
+    engine = engine or get_engine()
+    params = stage_parameters(stage, parameters)
+    phash = param_hash(params)
+    with session_scope(engine, write=True) as session:
+        if refresh:
+            enqueue(session, stage, parameters)
+        ranker = ranker or active_ranker(session, stage)
+        stage.ranker(ranker)
+        cutoffs = cutoff_values(session, stage)
+        stmt = claim_statement(session, stage, n, ranker, phash, claimant or default_claimant(),
+                               lease_seconds or stage.lease_seconds, cutoffs)
+        rows = session.execute(stmt).all()
+    return [ClaimedRun(id=r.id, stage=stage.name, input_id=r.input_id, parameters=r.parameters) for r in rows]
+
+
+def claim_ids(session: Session, stage: Stage, input_ids: Sequence[int], *, claimant: str | None = None,
+              parameters: Mapping[str, Any] | None = None) -> list[ClaimedRun]:
+    """Claim chosen input items (manual submission) through the same queue: queued ones only, never twice."""
+    params = stage_parameters(stage, parameters)
+    phash = param_hash(params)
+    enqueue(session, stage, parameters)
+    now = utcnow()
+    stmt = (
+        update(Run)
+        .where(Run.stage == stage.name, Run.param_hash == phash, Run.input_id.in_(list(input_ids)),
+               Run.state == RunState.QUEUED)
+        .values(state=RunState.CLAIMED, claimant=claimant or default_claimant(), ranker="manual",
+                attempts=Run.attempts + 1, claimed_at=now,
+                lease_expires_at=now + timedelta(seconds=stage.lease_seconds))
+        .returning(Run.id, Run.input_id, Run.parameters)
+        .execution_options(synchronize_session=False)
+    )
+    return [ClaimedRun(r.id, stage.name, r.input_id, r.parameters) for r in session.execute(stmt)]
+
+
+# ---------------------------------------------------------------- run life
+
+
+def attach_flow_run(session: Session, run_ids: Iterable[int], flow_run_id: str) -> None:
+    """Record which Prefect flow run owns these claimed runs (sweep uses it to find crashed runs)."""
+    session.execute(update(Run).where(Run.id.in_(list(run_ids))).values(flow_run_id=flow_run_id)
+                    .execution_options(synchronize_session=False))
+
+
+def start(session: Session, run_ids: Iterable[int], *, flow_run_id: str | None = None,
+          lease_seconds: float | None = None) -> list[Run]:
+    """Mark claimed runs running (with host, versions, flow run); runs no longer claimed are left out."""
+    now = utcnow()
+    runs = list(session.scalars(select(Run).where(Run.id.in_(list(run_ids)),
+                                                  Run.state.in_(RunState.LIVE)).with_for_update()))
+    for run in runs:
+        run.state = RunState.RUNNING
+        run.started_at = now
+        run.host = socket.gethostname()
+        run.versions = versions()
+        if flow_run_id:
+            run.flow_run_id = flow_run_id
+        if lease_seconds:
+            run.lease_expires_at = now + timedelta(seconds=lease_seconds)
+    session.flush()
+    return runs
+
+
+def set_cache_key(session: Session, run: Run, fingerprint: str) -> Run | None:
+    """Give the run its cache key; return an earlier done run with the same key, if any (a cache hit)."""
+    run.cache_key = cache_key(run.stage, fingerprint, run.param_hash)
+    return session.scalars(
+        select(Run).where(Run.cache_key == run.cache_key, Run.state == RunState.DONE, Run.id != run.id)
+        .order_by(Run.id).limit(1)
+    ).first()
+
+
+def _finish(run: Run, state: str, **values: Any) -> None:
+    run.state = state
+    run.finished_at = utcnow()
+    run.lease_expires_at = None
+    for key, value in values.items():
+        setattr(run, key, value)
+
+
+def _owned(session: Session, run_id: int) -> Run | None:
+    """The run if it is still live (a swept or finished run must not be completed again)."""
+    run = session.get(Run, run_id, with_for_update=True)
+    if run is None or run.state not in RunState.LIVE:
+        return None
+    return run
+
+
+def complete(session: Session, run_id: int, result: Any, *, reused_from: Run | None = None) -> bool:
+    """Write the stage's result rows and mark the run done, in the caller's transaction. False if no longer ours."""
+    run = _owned(session, run_id)
+    if run is None:
+        return False
+    stage = get_stage(run.stage)
+    if reused_from is not None:
+        stage.store(session, run, Reused(reused_from))
+        _finish(run, RunState.DONE, reused_run_id=reused_from.id, error=None)
+    else:
+        stage.store(session, run, result)
+        _finish(run, RunState.DONE, error=None)
+    session.flush()
+    return True
+
+
+def fail(session: Session, run_id: int, error: str, *, retryable: bool = True) -> bool:
+    """Record an error and the attempt; sweep requeues retryable failures while attempts remain."""
+    run = _owned(session, run_id)
+    if run is None:
+        return False
+    kind = ERROR_RETRYABLE if retryable else ERROR_INPUT
+    history = list(run.history or [])
+    history.append({"attempt": run.attempts, "at": utcnow().isoformat(), "error": error, "kind": kind})
+    _finish(run, RunState.FAILED, error=error, history=history,
+            max_attempts=run.max_attempts if retryable else run.attempts)
+    session.flush()
+    return True
+
+
+def release(session: Session, run_ids: Iterable[int]) -> int:
+    """Give claimed or running work back to the queue at once (a graceful stop); the attempt is not counted."""
+    stmt = (
+        update(Run)
+        .where(Run.id.in_(list(run_ids)), Run.state.in_(RunState.LIVE))
+        .values(state=RunState.QUEUED, attempts=Run.attempts - 1,
+                claimant=None, lease_expires_at=None, flow_run_id=None)
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(stmt).rowcount or 0
+
+
+def sweep(session: Session, *, stage: str | None = None, lost_flow_runs: Mapping[str, str] | None = None,
+          now: datetime | None = None) -> SweepReport:
+    """Requeue lost work (expired leases, crashed flow runs, retryable failures) while attempts remain; fail the rest.
+
+    `lost_flow_runs` maps Prefect flow-run ids that ended badly (crashed, failed, cancelled) to their state name.
+    """
+    now = now or utcnow()
+    report = SweepReport()
+    scope = [Run.stage == stage] if stage else []
+    lost = dict(lost_flow_runs or {})
+    expired = session.scalars(
+        select(Run).where(*scope, Run.state.in_(RunState.LIVE), Run.lease_expires_at < now).with_for_update()
+    ).all()
+    reasons = {run.id: f"lease expired at {run.lease_expires_at} (claimant {run.claimant})" for run in expired}
+    candidates = {run.id: run for run in expired}
+    if lost:
+        crashed = session.scalars(
+            select(Run).where(*scope, Run.state.in_(RunState.LIVE), Run.flow_run_id.in_(list(lost))).with_for_update()
+        ).all()
+        for run in crashed:
+            reasons.setdefault(run.id, f"flow run {run.flow_run_id} ended {lost[run.flow_run_id]}")
+            candidates[run.id] = run
+    retry_failed = session.scalars(
+        select(Run).where(*scope, Run.state == RunState.FAILED, Run.attempts < Run.max_attempts).with_for_update()
+    ).all()
+    for run in candidates.values():
+        history = list(run.history or [])
+        history.append({"attempt": run.attempts, "at": now.isoformat(), "error": reasons[run.id], "kind": "lost"})
+        run.history = history
+        run.error = reasons[run.id]
+    for run in [*candidates.values(), *retry_failed]:
+        if run.attempts < run.max_attempts:
+            run.state = RunState.QUEUED
+            run.claimant = None
+            run.lease_expires_at = None
+            run.flow_run_id = None
+            report.requeued.append(run.id)
+        else:
+            if run.state != RunState.FAILED:
+                _finish(run, RunState.FAILED, error=f"{run.error} (gave up after {run.attempts} attempts)")
+            report.failed.append(run.id)
+        report.reasons[run.id] = run.error or ""
+    session.flush()
+    return report
+
+
+# ---------------------------------------------------------------- cutoffs that broaden
+
+
+def broaden(session: Session, stage: Stage, parameters: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """If nothing is claimable but queued items are held back by cutoffs, widen each broadenable cutoff one step."""
+    if not any(c.broaden_step for c in stage.cutoffs):
+        return {}
+    phash = param_hash(stage_parameters(stage, parameters))
+    ranker = active_ranker(session, stage)
+    cutoffs = cutoff_values(session, stage)
+    if session.execute(_claimable(stage, ranker, phash, cutoffs).limit(1)).first() is not None:
+        return {}
+    held = session.scalar(select(func.count()).select_from(Run).where(
+        Run.stage == stage.name, Run.param_hash == phash, Run.state == RunState.QUEUED))
+    if not held:
+        return {}
+    changed = {}
+    for cutoff in stage.cutoffs:
+        if not cutoff.broaden_step:
+            continue
+        value = cutoffs[cutoff.name] + cutoff.broaden_step
+        if cutoff.broaden_limit is not None:
+            bound = cutoff.broaden_limit
+            value = min(value, bound) if cutoff.broaden_step > 0 else max(value, bound)
+        reason = f"broadened: no eligible item while {held} queued items were held back by cutoffs"
+        if set_cutoff(session, stage, cutoff.name, value, reason):
+            changed[cutoff.name] = value
+    return changed
+
+
+# ---------------------------------------------------------------- reading
+
+
+def counts_by_state(session: Session) -> dict[str, dict[str, int]]:
+    """Runs per stage and state."""
+    out: dict[str, dict[str, int]] = {}
+    for stage, state, count in session.execute(
+        select(Run.stage, Run.state, func.count()).group_by(Run.stage, Run.state)
+    ):
+        out.setdefault(stage, {})[state] = count
+    return out
+
+
+def queue_head(session: Session, stage: Stage, n: int = 20, ranker: str | None = None,
+               parameters: Mapping[str, Any] | None = None) -> list[tuple[int, int, float]]:
+    """The next `n` claimable items: (run id, input id, score), in claim order."""
+    ranker = ranker or active_ranker(session, stage)
+    phash = param_hash(stage_parameters(stage, parameters))
+    query = _claimable(stage, ranker, phash, cutoff_values(session, stage)).add_columns(Run.input_id, Score.score)
+    return [(r[0], r[1], r[2]) for r in session.execute(query.limit(n))]
+
+
+def is_backend_sqlite(session: Session) -> bool:
+    return is_sqlite(session.get_bind())
+
+
+def fingerprints(session: Session, stage: Stage, input_ids: Sequence[int]) -> dict[int, str]:
+    """Content identity of input items (the cache key's input part); items without one are never cached."""
+    if stage.fingerprint is None:
+        return {}
+    items = stage.inputs().subquery()
+    rows = session.execute(select(items.c.item_id, stage.fingerprint(items.c)).where(
+        items.c.item_id.in_(list(input_ids))))
+    return {item_id: str(fp) for item_id, fp in rows if fp is not None}

@@ -1,0 +1,112 @@
+"""The stage registry: each stage is a small declarative object; the generic queue does the rest."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select
+from sqlalchemy.orm import Session
+
+from hopflow.settings import Settings
+
+InputQuery = Callable[[], Select[Any]]
+"""A SELECT over the stage's input rows with an `item_id` column and the columns rankers and cutoffs use."""
+
+ScoreFunction = Callable[[Session, Sequence[int]], Mapping[int, float]]
+"""A model-score ranker: item ids -> priority key (lower is claimed first)."""
+
+
+@dataclass(frozen=True)
+class Reused:
+    """Handed to a stage's `store` instead of a fresh result when a cached result is reused."""
+
+    run: Any
+
+
+@dataclass(frozen=True)
+class Ranker:
+    """A named priority function: a SQL expression over the input query's columns, or a Python score function."""
+
+    name: str
+    description: str
+    expression: Callable[[Any], ColumnElement[float]] | None = None
+    score: ScoreFunction | None = None
+
+    def __post_init__(self) -> None:
+        if (self.expression is None) == (self.score is None):
+            raise ValueError(f"ranker {self.name!r} needs exactly one of expression or score")
+
+
+@dataclass(frozen=True)
+class Cutoff:
+    """A typed eligibility criterion on the input query's columns, with an optional bounded broaden step."""
+
+    name: str
+    description: str
+    default: float
+    criterion: Callable[[Any, float], ColumnElement[bool]]
+    broaden_step: float | None = None
+    broaden_limit: float | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Everything the queue, controller and command line need to know about one stage."""
+
+    name: str
+    description: str
+    input_table: str
+    inputs: InputQuery
+    parameters: Callable[[Settings], dict[str, Any]]
+    load: Callable[[Session, Sequence[int]], dict[int, Any]]
+    store: Callable[[Session, Any, Any], None]
+    output_table: str | None = None
+    fingerprint: Callable[[Any], ColumnElement[str]] | None = None
+    rankers: tuple[Ranker, ...] = ()
+    default_ranker: str = "id"
+    cutoffs: tuple[Cutoff, ...] = ()
+    flow: str = ""
+    deployment: str = ""
+    resources: str = "local"
+    batch_size: int = 10
+    retry_limit: int = 3
+    lease_seconds: float = 3600.0
+    default_target: int = 0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def ranker(self, name: str | None) -> Ranker:
+        name = name or self.default_ranker
+        for ranker in self.rankers:
+            if ranker.name == name:
+                return ranker
+        raise KeyError(f"stage {self.name!r} has no ranker {name!r} (known: {', '.join(r.name for r in self.rankers)})")
+
+    def cutoff(self, name: str) -> Cutoff:
+        for cutoff in self.cutoffs:
+            if cutoff.name == name:
+                return cutoff
+        known = ", ".join(c.name for c in self.cutoffs) or "none"
+        raise KeyError(f"stage {self.name!r} has no cutoff {name!r} (known: {known})")
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def register(stage: Stage) -> Stage:
+    """Add a stage to the registry (a stage's name is its identity in the run table)."""
+    if stage.name in STAGES and STAGES[stage.name] is not stage:
+        raise ValueError(f"stage {stage.name!r} is already registered")
+    STAGES[stage.name] = stage
+    return stage
+
+
+def get_stage(name: str) -> Stage:
+    """The registered stage called `name`, or a KeyError that lists the known ones."""
+    import hopflow.stages  # noqa: F401  (registers the built-in stages)
+
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise KeyError(f"unknown stage {name!r} (known: {', '.join(STAGES)})") from None

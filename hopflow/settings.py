@@ -1,0 +1,63 @@
+"""hopflow's settings in one place: every field reads from a `HOPFLOW_*` variable (MP_API_KEY excepted)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Run-time configuration; override any field with `HOPFLOW_<NAME>` or by constructing `Settings(...)`."""
+
+    model_config = SettingsConfigDict(env_prefix="HOPFLOW_", extra="ignore")
+
+    home: Path = Field(
+        default=Path.home() / ".hopflow",
+        description="Data home: the default SQLite database, work directories, plots and checkpoints live here.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the hopflow database; default: a SQLite file `hopflow.sqlite` under `home`. "
+        "Use `postgresql+psycopg://user:pass@host/db` for many concurrent workers, `sqlite://` for in-memory.",
+    )
+    migrating_ion: str = Field(default="F", description="Element symbol of the migrating ion (F, Li, Na, O, Cl ...).")
+    max_sites: int = Field(default=500, description="Largest structure (sites in the reduced cell) accepted on import.")
+    mp_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MP_API_KEY", "HOPFLOW_MP_API_KEY"),
+        description="Materials Project API key (a secret: never printed, logged or stored).",
+    )
+
+    # queue
+    lease_seconds: float = Field(default=3600.0, description="Default lease of a claimed run before sweep may requeue it.")
+    retry_limit: int = Field(default=3, description="Default number of attempts a run gets before it is failed for good.")
+
+    # path finding
+    max_paths: int = Field(default=5, description="Most distinct hops kept per structure, shortest first.")
+    max_hop: float | None = Field(
+        default=None, description="Largest hop length in Å; None lets pymatgen-analysis-diffusion choose it."
+    )
+    supercell_min_length: float = Field(default=10.0, description="Smallest supercell lattice length in Å for vacancy hops.")
+    supercell_min_atoms: int = Field(default=40, description="Fewest atoms in a vacancy-hop supercell.")
+    supercell_max_atoms: int = Field(default=240, description="Most atoms in a vacancy-hop supercell.")
+    nimages: int = Field(default=5, description="Intermediate images along a hop (IDPP, NEB).")
+
+    # compute
+    dask_profile: str = Field(default="local", description="Dask cluster profile name from deployments/clusters.yaml.")
+    dask_workers: int = Field(default=2, description="Worker processes of the local Dask cluster.")
+
+    @property
+    def url(self) -> str:
+        """The effective database URL."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.home / 'hopflow.sqlite'}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached; call `get_settings.cache_clear()` after changing the environment)."""
+    return Settings()
