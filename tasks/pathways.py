@@ -1,0 +1,309 @@
+"""Distinct migration hops of one ion in a crystal (pymatgen-analysis-diffusion), in an order that no cell choice changes."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+from pymatgen.analysis.diffusion.neb.full_path_mapper import MigrationGraph
+from pymatgen.analysis.diffusion.neb.pathfinder import DistinctPathFinder, MigrationHop
+from pymatgen.analysis.dimensionality import get_dimensionality_larsen
+from pymatgen.core import PeriodicSite, Structure
+from pymatgen.core.graphs import StructureGraph
+from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+from pymatgen.symmetry.structure import SymmetrizedStructure
+
+from hopflow.errors import InputError
+from hopflow.settings import get_settings
+
+SYMPREC = 0.1
+"""Symmetry tolerance in Å (MigrationGraph's default): decides which hops are equivalent."""
+LENGTH_TOL = 1e-3
+"""Å: two hop lengths closer than this are equal; also the slack added to the hop-length limit."""
+SITE_MATCH_TOL = 1e-3
+"""Å: how close a site of the canonical cell must lie to a site of the given cell to be the same atom."""
+FINGERPRINT_CUTOFF = 4.0
+"""Å: radius of the neighbour shells that break ties between hops of equal length and site labels."""
+FINGERPRINT_DECIMALS = 2
+"""Neighbour distances in the tie-breaking fingerprint are rounded to this many decimals (Å)."""
+MAX_GRAPH_HOPS = 20_000
+"""Most ion–ion hops (edges per primitive cell) the hop graph may hold; more means the max hop is far too long."""
+
+Vector = tuple[float, float, float]
+Image = tuple[int, int, int]
+
+
+class _MigrationGraph(MigrationGraph):
+    """MigrationGraph that symmetrizes its structure once.
+
+    The library recomputes `symm_structure` for every edge; the hop grouping then compares those separate copies
+    site by site, O(edges²·sites²) (27 s for 52-site Ba3AlF9). One shared object makes the comparison an identity check.
+    """
+
+    @cached_property
+    def symm_structure(self) -> SymmetrizedStructure:  # type: ignore[override]
+        return super().symm_structure
+
+
+@dataclass(frozen=True)
+class PathwayRecord:
+    """One symmetry-distinct hop of the migrating ion, located in the structure it was found in.
+
+    Fields that depend on the cell (coordinates, indices, image) refer to the structure given to `find_pathways`;
+    all others (rank, length, labels, multiplicity, dimensionality) are properties of the crystal.
+    """
+
+    ion: str
+    """Element symbol of the migrating ion."""
+    rank: int
+    """Position in the structure's cell-independent order, 0 = shortest hop."""
+    length: float
+    """Hop length in Å (straight line from start to end site)."""
+    start_index: int
+    """Index of the start site in the given structure."""
+    end_index: int
+    """Index of the end site in the given structure (its periodic image is `end_image`)."""
+    end_image: Image
+    """Lattice translation of the end site: end_frac = structure[end_index].frac_coords + end_image."""
+    start_frac: Vector
+    """Fractional coordinates of the start site (the given structure's own coordinates of start_index)."""
+    end_frac: Vector
+    """Fractional coordinates of the end site, unwrapped so that end - start is the hop vector."""
+    start_cart: Vector
+    """Cartesian coordinates of the start site in Å."""
+    end_cart: Vector
+    """Cartesian coordinates of the end site in Å (unwrapped)."""
+    start_label: str
+    """Start site as element and Wyckoff position of the standard conventional cell, e.g. 'F 8c'."""
+    end_label: str
+    """End site label, as start_label; hops between two orbits start at the smaller label."""
+    multiplicity: float
+    """Equivalent hops per migrating-ion site of the primitive cell (mean hop coordination by this hop type)."""
+    dimensionality: int
+    """Dimensions (0-3) in which the network of this hop type alone percolates."""
+    dimensionality_cumlengths: int
+    """Dimensions (0-3) in which the network of all hops up to this length (this one and all shorter) percolates."""
+    max_hop: float
+    """The hop-length limit in Å the search used (explicit or automatic)."""
+    max_hop_automatic: bool
+    """True when max_hop was chosen by pymatgen-analysis-diffusion's automatic rule."""
+
+    @property
+    def hop_vector(self) -> Vector:
+        """Cartesian hop vector (end - start) in Å."""
+        return tuple(float(e - s) for s, e in zip(self.start_cart, self.end_cart, strict=True))  # type: ignore[return-value]
+
+    def as_hop(self, structure: Structure, *, symprec: float = SYMPREC) -> MigrationHop:
+        """Rebuild the pymatgen MigrationHop in `structure` (the structure this record was found in)."""
+        if not (0 <= self.start_index < len(structure) and 0 <= self.end_index < len(structure)):
+            raise InputError(f"pathway sites {self.start_index}/{self.end_index} are not in a {len(structure)}-site structure")
+        start, end = structure[self.start_index], structure[self.end_index]
+        expected_end = np.array(end.frac_coords) + np.array(self.end_image)
+        if (
+            start.specie.symbol != self.ion
+            or end.specie.symbol != self.ion
+            or np.abs(np.array(start.frac_coords) - self.start_frac).max() > 1e-6
+            or np.abs(expected_end - self.end_frac).max() > 1e-6
+        ):
+            raise InputError(f"pathway {self.rank} ({self.ion}, {self.length:.3f} Å) does not belong to this structure")
+        symm = SpacegroupAnalyzer(structure, symprec=symprec).get_symmetrized_structure()
+        isite = PeriodicSite(start.specie, self.start_frac, structure.lattice)
+        esite = PeriodicSite(start.specie, self.end_frac, structure.lattice)
+        return MigrationHop(isite, esite, symm, symprec=symprec)
+
+
+def find_pathways(
+    structure: Structure,
+    *,
+    ion: str,
+    max_hop: float | None,
+    max_paths: int,
+    max_sites: int | None = None,
+) -> list[PathwayRecord]:
+    """Symmetry-distinct hops of `ion`, shortest first, at most `max_paths`, each at most `max_hop` Å long.
+
+    `max_hop=None` uses pymatgen-analysis-diffusion's automatic limit (`DistinctPathFinder`: the shortest length
+    at which the hops form a >1D percolating network or junctions). The search runs on the Niggli-reduced primitive
+    cell, so any cell of the same crystal gives the same hops in the same order; the records are then located in
+    the given structure. `max_sites` (default: the `max_sites` setting) bounds the primitive cell's size.
+    """
+    if max_paths < 1:
+        raise ValueError(f"max_paths must be at least 1, got {max_paths}")
+    if max_hop is not None and max_hop <= 0:
+        raise InputError(f"max hop length must be positive, got {max_hop} Å")
+    max_sites = get_settings().max_sites if max_sites is None else max_sites
+    _check_input(structure, ion)
+    prim = canonical_cell(structure)
+    if len(prim) > max_sites:
+        raise InputError(f"{structure.formula}: primitive cell has {len(prim)} sites, more than the limit of {max_sites}")
+
+    automatic = max_hop is None
+    limit = automatic_max_hop(prim, ion) if max_hop is None else float(max_hop)
+    _check_graph_size(prim, ion, limit)
+    graph = _MigrationGraph.with_distance(prim, ion, max_distance=limit + LENGTH_TOL, symprec=SYMPREC)
+    unique = graph.unique_hops
+    if not unique:
+        raise InputError(f"{structure.composition.reduced_formula}: no {ion}-{ion} hop up to {limit:.3f} Å")
+
+    edges = [(u, v, tuple(int(x) for x in d["to_jimage"]), d["hop_label"]) for u, v, d in graph.m_graph.graph.edges(data=True)]
+    n_ion = len(graph.only_sites)
+    counts = Counter(label for *_, label in edges)
+    lengths = {label: float(d["hop"].length) for label, d in unique.items()}
+    classes = _length_classes(lengths)
+    conv_ratio = len(SpacegroupAnalyzer(prim, symprec=SYMPREC).get_conventional_standard_structure()) / len(prim)
+
+    candidates = []
+    for label, data in unique.items():
+        hop: MigrationHop = data["hop"]
+        start, end = np.array(hop.isite.coords), np.array(hop.esite.coords)
+        start_label, end_label = (_site_label(hop, index, conv_ratio) for index in (hop.iindex, hop.eindex))
+        start_fp, end_fp = _fingerprint(prim, start), _fingerprint(prim, end)
+        if (end_label, end_fp) < (start_label, start_fp):
+            start, end, start_label, end_label, start_fp, end_fp = end, start, end_label, start_label, end_fp, start_fp
+        multiplicity = 2 * counts[label] / n_ion
+        key = (classes[label], start_label, end_label, -multiplicity, start_fp, end_fp, _fingerprint(prim, (start + end) / 2))
+        candidates.append((key, label, start, end, start_label, end_label, multiplicity))
+    candidates.sort(key=lambda item: item[0])
+
+    records = []
+    for rank, (_, label, start, end, start_label, end_label, multiplicity) in enumerate(candidates[:max_paths]):
+        shorter = {lab for lab, length in lengths.items() if length <= lengths[label] + LENGTH_TOL}
+        records.append(
+            _locate_record(
+                structure,
+                ion,
+                rank,
+                limit,
+                automatic,
+                start_cart=start,
+                end_cart=end,
+                length=lengths[label],
+                start_label=start_label,
+                end_label=end_label,
+                multiplicity=multiplicity,
+                dimensionality=_dimensionality(graph.only_sites, edges, {label}),
+                dimensionality_cumlengths=_dimensionality(graph.only_sites, edges, shorter),
+            )
+        )
+    return records
+
+
+def canonical_cell(structure: Structure) -> Structure:
+    """The Niggli-reduced primitive cell, undecorated (no oxidation states or site properties), same Cartesian frame."""
+    plain = Structure(structure.lattice, [site.specie.symbol for site in structure], structure.frac_coords)
+    return plain.get_primitive_structure().get_reduced_structure()
+
+
+def automatic_max_hop(structure: Structure, ion: str) -> float:
+    """pymatgen-analysis-diffusion's automatic hop-length limit (DistinctPathFinder, perc_mode='>1d') in Å."""
+    return float(DistinctPathFinder(structure, ion, max_path_length=None, symprec=SYMPREC).max_path_length)
+
+
+def _check_input(structure: Structure, ion: str) -> None:
+    formula = structure.composition.reduced_formula
+    if not structure.is_ordered:
+        raise InputError(f"{formula} is disordered (partial occupancies): hops need an ordered structure")
+    if ion not in {el.symbol for el in structure.composition.elements}:
+        raise InputError(f"no {ion} sites in {formula}")
+
+
+def _check_graph_size(prim: Structure, ion: str, limit: float) -> None:
+    """Refuse limits that would make the hop graph (one MigrationHop per edge) explode; estimate from ion density."""
+    n_ion = sum(1 for site in prim if site.specie.symbol == ion)
+    estimate = n_ion * (n_ion / prim.volume) * (4 / 3) * math.pi * limit**3 / 2
+    if estimate > MAX_GRAPH_HOPS:
+        raise InputError(
+            f"{prim.composition.reduced_formula}: a {limit:.2f} Å hop limit gives about {estimate:.0f} {ion}-{ion} hops "
+            f"per cell (at most {MAX_GRAPH_HOPS}); use a shorter max hop"
+        )
+
+
+def _length_classes(lengths: dict[int, float]) -> dict[int, int]:
+    """Number the distinct lengths in increasing order, lengths within LENGTH_TOL of their neighbour sharing a number."""
+    order = sorted(lengths, key=lengths.__getitem__)
+    classes, current, previous = {}, -1, -math.inf
+    for label in order:
+        if lengths[label] - previous > LENGTH_TOL:
+            current += 1
+        classes[label] = current
+        previous = lengths[label]
+    return classes
+
+
+def _site_label(hop: MigrationHop, orbit: int, conv_ratio: float) -> str:
+    """Element plus Wyckoff symbol with the multiplicity of the standard conventional cell (not of this cell)."""
+    symm = hop.symm_structure
+    letter = re.sub(r"^\d+", "", symm.wyckoff_symbols[orbit])
+    multiplicity = round(len(symm.equivalent_sites[orbit]) * conv_ratio)
+    return f"{symm.equivalent_sites[orbit][0].specie.symbol} {multiplicity}{letter}"
+
+
+def _fingerprint(prim: Structure, cart: np.ndarray) -> tuple[tuple[str, float], ...]:
+    """The neighbour shell around a point, as sorted (element, rounded distance) pairs: a cell-independent tie-breaker."""
+    sites = prim.get_sites_in_sphere(cart, FINGERPRINT_CUTOFF)
+    return tuple(sorted((site.specie.symbol, round(float(site.nn_distance), FINGERPRINT_DECIMALS)) for site in sites))
+
+
+def _dimensionality(only_sites: Structure, edges: list[tuple[int, int, Image, int]], labels: set[int]) -> int:
+    """Larsen dimensionality (0-3) of the ion network made of the hops whose label is in `labels`."""
+    chosen = {(u, v, (0, 0, 0), image): None for u, v, image, label in edges if label in labels}
+    return int(get_dimensionality_larsen(StructureGraph.from_edges(only_sites, chosen)))
+
+
+def _match_site(structure: Structure, ion: str, cart: np.ndarray) -> tuple[int, np.ndarray]:
+    """Index of the `ion` site of `structure` at `cart` (modulo the lattice) and the lattice translation to reach it."""
+    frac = structure.lattice.get_fractional_coords(cart)
+    delta = frac - structure.frac_coords
+    image = np.round(delta)
+    dist = np.linalg.norm(structure.lattice.get_cartesian_coords(delta - image), axis=1)
+    dist[[site.specie.symbol != ion for site in structure]] = np.inf
+    index = int(np.argmin(dist))
+    if dist[index] > SITE_MATCH_TOL:
+        raise RuntimeError(f"no {ion} site of the given cell at {cart} (closest {dist[index]:.4f} Å): cell mapping failed")
+    return index, image[index]
+
+
+def _locate_record(
+    structure: Structure,
+    ion: str,
+    rank: int,
+    limit: float,
+    automatic: bool,
+    *,
+    start_cart: np.ndarray,
+    end_cart: np.ndarray,
+    **fields,
+) -> PathwayRecord:
+    """Place a hop of the canonical cell in the given structure: start in the home cell, end unwrapped."""
+    lattice = structure.lattice
+    start_index, _ = _match_site(structure, ion, start_cart)
+    start_frac = np.array(structure[start_index].frac_coords)
+    end_frac = start_frac + lattice.get_fractional_coords(end_cart - start_cart)
+    end_index, _ = _match_site(structure, ion, lattice.get_cartesian_coords(end_frac))
+    end_image = np.round(end_frac - structure[end_index].frac_coords).astype(int)
+    return PathwayRecord(
+        ion=ion,
+        rank=rank,
+        start_index=start_index,
+        end_index=end_index,
+        end_image=_int3(end_image),
+        start_frac=_float3(start_frac),
+        end_frac=_float3(end_frac),
+        start_cart=_float3(lattice.get_cartesian_coords(start_frac)),
+        end_cart=_float3(lattice.get_cartesian_coords(end_frac)),
+        max_hop=limit,
+        max_hop_automatic=automatic,
+        **fields,
+    )
+
+
+def _float3(values: np.ndarray) -> Vector:
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+def _int3(values: np.ndarray) -> Image:
+    return (int(values[0]), int(values[1]), int(values[2]))
