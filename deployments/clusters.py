@@ -1,0 +1,262 @@
+"""Dask cluster profiles (deployments/clusters.yaml): LocalCluster or dask-jobqueue SLURMCluster arguments for
+prefect_dask's DaskTaskRunner, chosen by name (`HOPFLOW_DASK_PROFILE`, per deployment through its job variables)."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal
+
+import dask
+import dask_jobqueue  # noqa: F401  (registers dask-jobqueue's own configuration defaults in dask.config)
+import yaml
+from dask_jobqueue.slurm import SLURMJob
+from distributed import LocalCluster
+from distributed.deploy.adaptive import Adaptive
+
+from hopflow.errors import HopflowError
+from hopflow.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from prefect_dask import DaskTaskRunner
+
+DEFAULT_PROFILES_PATH = Path(__file__).with_name("clusters.yaml")
+ClusterKind = Literal["local", "slurm"]
+CLUSTER_CLASSES: Mapping[str, str] = MappingProxyType(
+    {"local": "distributed.LocalCluster", "slurm": "dask_jobqueue.SLURMCluster"}
+)
+PROFILE_KEYS = frozenset({"description", "cluster", "local", "jobqueue", "adapt"})
+OPTIONS_SECTION: Mapping[str, str] = MappingProxyType({"local": "local", "slurm": "jobqueue"})
+
+# Environment overrides applied to every SLURM profile (site specifics that should not be edited into the YAML).
+QUEUE_ENV = "HOPFLOW_SLURM_QUEUE"
+ACCOUNT_ENV = "HOPFLOW_SLURM_ACCOUNT"
+INTERFACE_ENV = "HOPFLOW_DASK_INTERFACE"
+
+# dask-jobqueue configuration keys whose keyword argument has another name, and deprecated ones with their successor.
+JOBQUEUE_KEY_TO_KWARG: Mapping[str, str] = MappingProxyType({"name": "job_name"})
+DEPRECATED_JOBQUEUE_KEYS: Mapping[str, str] = MappingProxyType(
+    {
+        "extra": "worker-extra-args",
+        "env-extra": "job-script-prologue",
+        "job-extra": "job-extra-directives",
+        "header-skip": "job-directives-skip",
+        "project": "account",
+    }
+)
+# SLURMCluster arguments that belong to the cluster (scheduler side), not to each job.
+CLUSTER_ONLY_KWARGS = frozenset({"scheduler_options", "shared_temp_directory"})
+DEFAULT_LOG_SUBDIR = Path("logs") / "dask"
+
+
+class ProfileError(HopflowError, ValueError):
+    """A cluster profile is missing or malformed (unknown key, wrong cluster kind ...)."""
+
+
+@dataclass(frozen=True)
+class ClusterProfile:
+    """One named profile: the cluster class and its keyword arguments, plus optional adaptive scaling."""
+
+    name: str
+    cluster: ClusterKind
+    description: str
+    cluster_kwargs: Mapping[str, Any]
+    adapt_kwargs: Mapping[str, Any] | None
+
+    @property
+    def cluster_class(self) -> str:
+        """Dotted name of the Dask cluster class."""
+        return CLUSTER_CLASSES[self.cluster]
+
+
+@dataclass(frozen=True)
+class WorkerProbe:
+    """Where a task ran: host, process, SLURM job and thread settings of the worker."""
+
+    hostname: str
+    pid: int
+    slurm_job_id: str | None
+    omp_num_threads: str | None
+
+
+def probe_worker() -> WorkerProbe:
+    """Describe the process this runs in; submit it to a cluster to see where its workers live."""
+    return WorkerProbe(
+        hostname=socket.gethostname(),
+        pid=os.getpid(),
+        slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+        omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+    )
+
+
+@lru_cache(maxsize=1)
+def _jobqueue_kwargs() -> frozenset[str]:
+    config_keys = dask.config.get("jobqueue.slurm").keys()
+    return frozenset(JOBQUEUE_KEY_TO_KWARG.get(key, key.replace("-", "_")) for key in config_keys)
+
+
+@lru_cache(maxsize=1)
+def _local_kwargs() -> frozenset[str]:
+    params = inspect.signature(LocalCluster.__init__).parameters.values()
+    return frozenset(p.name for p in params if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD) - {"self"}
+
+
+@lru_cache(maxsize=2)
+def _adapt_kwargs(kind: ClusterKind) -> frozenset[str]:
+    params = set(inspect.signature(Adaptive.__init__).parameters) - {"self", "cluster", "kwargs", "worker_key"}
+    if kind == "slurm":
+        params |= {"minimum_jobs", "maximum_jobs"}
+    return frozenset(params)
+
+
+def _to_kwargs(
+    where: str, options: Mapping[str, Any], allowed: frozenset[str], jobqueue: bool
+) -> dict[str, Any]:
+    """Map configuration keys (hyphenated, as dask-jobqueue writes them, or underscored) to checked kwargs."""
+    if not isinstance(options, Mapping):
+        raise ProfileError(f"{where}: expected a mapping, got {type(options).__name__}")
+    kwargs: dict[str, Any] = {}
+    for key, value in options.items():
+        key = str(key)
+        if jobqueue and key.replace("_", "-") in DEPRECATED_JOBQUEUE_KEYS:
+            new = DEPRECATED_JOBQUEUE_KEYS[key.replace("_", "-")]
+            raise ProfileError(f"{where}: {key!r} is deprecated in dask-jobqueue, use {new!r}")
+        name = JOBQUEUE_KEY_TO_KWARG.get(key, key.replace("-", "_")) if jobqueue else key.replace("-", "_")
+        if name not in allowed:
+            raise ProfileError(f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(allowed))})")
+        kwargs[name] = value
+    return kwargs
+
+
+def _parse_profile(name: str, raw: Any) -> ClusterProfile:
+    where = f"profile {name!r}"
+    if not isinstance(raw, Mapping):
+        raise ProfileError(f"{where}: expected a mapping")
+    unknown = set(raw) - PROFILE_KEYS
+    if unknown:
+        raise ProfileError(f"{where}: unknown keys {sorted(unknown)} (allowed: {sorted(PROFILE_KEYS)})")
+    kind = raw.get("cluster")
+    if kind not in CLUSTER_CLASSES:
+        raise ProfileError(f"{where}: cluster must be one of {sorted(CLUSTER_CLASSES)}, got {kind!r}")
+    section = OPTIONS_SECTION[kind]
+    other = next(s for s in OPTIONS_SECTION.values() if s != section)
+    if other in raw:
+        raise ProfileError(f"{where}: a {kind} profile takes `{section}:` options, not `{other}:`")
+    allowed = _jobqueue_kwargs() if kind == "slurm" else _local_kwargs()
+    cluster_kwargs = _to_kwargs(f"{where} {section}", raw.get(section) or {}, allowed, jobqueue=kind == "slurm")
+    adapt = raw.get("adapt")
+    adapt_kwargs = None if adapt is None else _to_kwargs(f"{where} adapt", adapt, _adapt_kwargs(kind), jobqueue=False)
+    return ClusterProfile(
+        name=name,
+        cluster=kind,
+        description=str(raw.get("description", "")),
+        cluster_kwargs=MappingProxyType(cluster_kwargs),
+        adapt_kwargs=None if adapt_kwargs is None else MappingProxyType(adapt_kwargs),
+    )
+
+
+def profiles_path(settings: Settings | None = None) -> Path:
+    """The profile file in use: `HOPFLOW_CLUSTER_PROFILES`, else the one shipped beside this module."""
+    settings = settings or get_settings()
+    return settings.cluster_profiles or DEFAULT_PROFILES_PATH
+
+
+def load_profiles(path: Path | str | None = None) -> dict[str, ClusterProfile]:
+    """Read and check every profile of a profile file (default: `profiles_path()`)."""
+    path = Path(path) if path is not None else profiles_path()
+    try:
+        document = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ProfileError(f"cannot read cluster profiles {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"cluster profiles {path} are not valid YAML: {exc}") from exc
+    if not isinstance(document, Mapping) or not isinstance(document.get("profiles"), Mapping):
+        raise ProfileError(f"cluster profiles {path}: expected a top-level `profiles:` mapping")
+    return {str(name): _parse_profile(str(name), raw) for name, raw in document["profiles"].items()}
+
+
+def get_profile(name: str | None = None, path: Path | str | None = None) -> ClusterProfile:
+    """One profile by name (default: the `dask_profile` setting)."""
+    name = name or get_settings().dask_profile
+    profiles = load_profiles(path)
+    if name not in profiles:
+        raise ProfileError(f"no cluster profile {name!r} in {path or profiles_path()} (have: {', '.join(profiles)})")
+    return profiles[name]
+
+
+def _environment_overrides(profile: ClusterProfile, settings: Settings) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if profile.cluster == "local":
+        if "dask_workers" in settings.model_fields_set:
+            overrides["n_workers"] = settings.dask_workers
+        return overrides
+    for env, key in ((QUEUE_ENV, "queue"), (ACCOUNT_ENV, "account")):
+        if os.environ.get(env):
+            overrides[key] = os.environ[env]
+    interface = os.environ.get(INTERFACE_ENV)
+    if interface:
+        overrides["interface"] = interface
+        options = dict(profile.cluster_kwargs.get("scheduler_options") or {})
+        options["interface"] = interface
+        options.pop("host", None)
+        overrides["scheduler_options"] = options
+    if not profile.cluster_kwargs.get("log_directory"):
+        overrides["log_directory"] = str(settings.home / DEFAULT_LOG_SUBDIR)
+    return overrides
+
+
+def task_runner_kwargs(
+    profile_name: str | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    adapt_overrides: Mapping[str, Any] | None = None,
+    path: Path | str | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments for `prefect_dask.DaskTaskRunner` (cluster_class, cluster_kwargs, adapt_kwargs).
+
+    Precedence: the profile file < environment (queue, account, interface, local workers) < `overrides`, which use
+    the profile's own keys (dask-jobqueue's for SLURM, LocalCluster's for local) and are checked the same way.
+    """
+    settings = get_settings()
+    profile = get_profile(profile_name, path)
+    allowed = _jobqueue_kwargs() if profile.cluster == "slurm" else _local_kwargs()
+    cluster_kwargs = dict(profile.cluster_kwargs)
+    cluster_kwargs.update(_environment_overrides(profile, settings))
+    if overrides:
+        where = f"overrides of profile {profile.name!r}"
+        cluster_kwargs.update(_to_kwargs(where, overrides, allowed, jobqueue=profile.cluster == "slurm"))
+    adapt_kwargs = dict(profile.adapt_kwargs) if profile.adapt_kwargs is not None else None
+    if adapt_overrides:
+        where = f"adapt overrides of profile {profile.name!r}"
+        adapt_kwargs = (adapt_kwargs or {}) | _to_kwargs(where, adapt_overrides, _adapt_kwargs(profile.cluster), False)
+    return {"cluster_class": profile.cluster_class, "cluster_kwargs": cluster_kwargs, "adapt_kwargs": adapt_kwargs}
+
+
+def task_runner(
+    profile_name: str | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    adapt_overrides: Mapping[str, Any] | None = None,
+    path: Path | str | None = None,
+) -> DaskTaskRunner:
+    """A `DaskTaskRunner` that starts the profile's cluster for each flow run (see `task_runner_kwargs`)."""
+    from prefect_dask import DaskTaskRunner
+
+    return DaskTaskRunner(
+        **task_runner_kwargs(profile_name, overrides=overrides, adapt_overrides=adapt_overrides, path=path)
+    )
+
+
+def job_script(profile_name: str, *, overrides: Mapping[str, Any] | None = None, path: Path | str | None = None) -> str:
+    """The sbatch script a SLURM profile submits per job (scheduler address left as a placeholder)."""
+    kwargs = task_runner_kwargs(profile_name, overrides=overrides, path=path)
+    if kwargs["cluster_class"] != CLUSTER_CLASSES["slurm"]:
+        raise ProfileError(f"profile {profile_name!r} is not a SLURM profile: it submits no job script")
+    job_kwargs = {k: v for k, v in kwargs["cluster_kwargs"].items() if k not in CLUSTER_ONLY_KWARGS}
+    return SLURMJob(scheduler="tcp://<scheduler-address>:8786", name="<worker-name>", **job_kwargs).job_script()
