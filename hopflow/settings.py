@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     # compute
     dask_profile: str = Field(default="local", description="Dask cluster profile name from deployments/clusters.yaml.")
     dask_workers: int = Field(default=2, description="Worker processes of the local Dask cluster.")
+    cluster_profiles: Path | None = Field(
+        default=None, description="Dask cluster profile file; None uses deployments/clusters.yaml shipped with hopflow."
+    )
 
     @property
     def url(self) -> str:
