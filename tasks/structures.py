@@ -1,0 +1,551 @@
+"""Structure import as pure functions: read sources (bundled set, files, Materials Project), parse, sanitize, dedupe.
+
+No database work here: the import stage stores what these functions return.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pymatgen.analysis.bond_valence import BVAnalyzer
+from pymatgen.analysis.structure_matcher import ElementComparator, StructureMatcher
+from pymatgen.core import Element, Lattice, Structure
+from pymatgen.io.cif import CifParser
+from pymatgen.io.vasp import Poscar
+from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+from hopflow.errors import HopflowError, InputError
+from hopflow.settings import get_settings
+
+InputKind = Literal["bundled", "file", "mp"]
+InputFormat = Literal["bundled", "cif", "poscar", "json", "mp-json"]
+OxidationMethod = Literal["bond-valence", "guess"]
+
+BUNDLED_PACKAGE = "hopflow"
+BUNDLED_RESOURCE = "data/bundled_structures.json"
+
+SYMPREC = 0.1  # Å, spglib tolerance for the recorded space group (loose: experimental and relaxed cells alike)
+MIN_SITE_DISTANCE = 0.5  # Å; closer sites are overlapping atoms, not a crystal
+PRIMITIVE_TOLERANCE = 0.25  # Å, pymatgen's default for get_primitive_structure
+FINGERPRINT_VOLUME_DECIMALS = 1  # Å^3 per atom, rounding in the fingerprint
+CHARGE_TOLERANCE = 1e-6  # |sum of oxidation states| accepted as neutral
+
+CIF_SUFFIXES = (".cif", ".mcif")
+POSCAR_SUFFIXES = (".vasp", ".poscar")
+POSCAR_PREFIXES = ("POSCAR", "CONTCAR")
+JSON_SUFFIXES = (".json",)
+
+
+class MissingAPIKeyError(HopflowError, RuntimeError):
+    """No Materials Project API key is configured (the message never contains a key)."""
+
+
+@dataclass(frozen=True)
+class SourceMetadata:
+    """What a source says about its structure besides the structure itself."""
+
+    reference: str | None = None
+    database: str | None = None
+    structure_type: str | None = None
+    material_id: str | None = None
+    energy_above_hull: float | None = None
+
+
+@dataclass(frozen=True)
+class RawInput:
+    """One unparsed input: its identity (`key`), where it came from and its text.
+
+    `key` is the sha256 of the content for files and bundled entries, the MP id for Materials Project documents.
+    `read_error` is set when the file could not be read or decoded; `parse_input` turns it into an `InputError`.
+    """
+
+    kind: InputKind
+    key: str
+    location: str
+    payload: str
+    format: InputFormat | None = None
+    metadata: SourceMetadata = field(default_factory=SourceMetadata)
+    read_error: str | None = None
+
+
+@dataclass(frozen=True)
+class SanitizedStructure:
+    """A structure ready to store: reduced (primitive, LLL) cell, oxidation states when known, symmetry and sizes.
+
+    `fingerprint` = "<reduced formula>|<space group number>|<volume per atom, 0.1 Å^3>": a cheap cache and pre-filter
+    key only. Equal fingerprints do not prove two structures equivalent (use `find_duplicate`), and two equivalent
+    structures can differ in it when the volume rounds across a boundary or the symmetry tolerance is met differently.
+    """
+
+    structure: Structure
+    formula: str
+    chemsys: str
+    spacegroup_symbol: str
+    spacegroup_number: int
+    nsites: int
+    oxidation_states: Mapping[str, float] | None
+    oxidation_method: OxidationMethod | None
+    density: float
+    volume: float
+    fingerprint: str
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _bundled_entries() -> list[dict[str, Any]]:
+    text = resources.files(BUNDLED_PACKAGE).joinpath(BUNDLED_RESOURCE).read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def bundled_inputs() -> list[RawInput]:
+    """The bundled fluoride set shipped inside the package, one input per entry."""
+    inputs = []
+    for entry in _bundled_entries():
+        payload = json.dumps(entry, sort_keys=True)
+        metadata = SourceMetadata(
+            reference=entry.get("reference"),
+            database=entry.get("database"),
+            structure_type=entry.get("structure_type"),
+        )
+        inputs.append(
+            RawInput(
+                kind="bundled",
+                key=_sha256(payload.encode()),
+                location=entry["name"],
+                payload=payload,
+                format="bundled",
+                metadata=metadata,
+            )
+        )
+    return inputs
+
+
+def _expand_paths(paths: Iterable[str | Path]) -> Iterator[tuple[Path, str | None]]:
+    """Files named by `paths` (files, directories recursively, glob patterns), each with an error if it has none."""
+    for item in paths:
+        path = Path(item)
+        if path.is_dir():
+            for child in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+                yield child, None
+        elif path.exists():
+            yield path, None
+        else:
+            matches = sorted(glob.glob(str(item), recursive=True))
+            files = [Path(m) for m in matches if Path(m).is_file()]
+            if not files:
+                yield path, "no such file, directory or matching glob pattern"
+            yield from ((f, None) for f in files)
+
+
+def _read_file(path: Path) -> RawInput:
+    location = str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        reason = f"cannot read file ({exc.strerror or type(exc).__name__})"
+        return RawInput("file", _sha256(f"unreadable:{path.resolve()}".encode()), location, "", read_error=reason)
+    key = _sha256(data)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        reason = f"not UTF-8 text (undecodable byte at offset {exc.start})"
+        return RawInput("file", key, location, "", read_error=reason)
+    return RawInput("file", key, location, text, format=detect_format(path.name, text))
+
+
+def file_inputs(paths: Iterable[str | Path]) -> list[RawInput]:
+    """Inputs for single files, directories (recursively) and glob patterns; a bad file gives an input that fails."""
+    inputs: list[RawInput] = []
+    seen: set[Path] = set()
+    for path, error in _expand_paths(paths):
+        resolved = path.resolve()
+        if resolved in seen:
+            continue
+        seen.add(resolved)
+        if error is not None:
+            inputs.append(RawInput("file", _sha256(f"missing:{resolved}".encode()), str(path), "", read_error=error))
+        else:
+            inputs.append(_read_file(path))
+    return inputs
+
+
+def detect_format(name: str, text: str) -> InputFormat | None:
+    """The format of a file from its name, else from its content; None when neither tells."""
+    lower = name.lower()
+    if lower.endswith(CIF_SUFFIXES):
+        return "cif"
+    if lower.endswith(POSCAR_SUFFIXES) or name.startswith(POSCAR_PREFIXES):
+        return "poscar"
+    if lower.endswith(JSON_SUFFIXES):
+        return "json"
+    stripped = text.lstrip()
+    if stripped.startswith(("{", "[")):
+        return "json"
+    if "_cell_length_a" in text and "data_" in text:
+        return "cif"
+    return None
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _check_structure(structure: Structure, location: str) -> Structure:
+    if len(structure) == 0:
+        raise InputError(f"{location}: structure has no sites")
+    matrix = structure.lattice.matrix
+    if not np.all(np.isfinite(matrix)):
+        raise InputError(f"{location}: lattice has NaN or infinite entries")
+    if not np.all(np.isfinite(structure.frac_coords)):
+        raise InputError(f"{location}: site coordinates contain NaN or infinite values")
+    volume = structure.volume
+    if not math.isfinite(volume) or volume <= 0:
+        raise InputError(f"{location}: lattice has zero or undefined volume")
+    return structure
+
+
+def _parse_cif(text: str, location: str) -> Structure:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            parser = CifParser.from_str(text)
+            structures = parser.parse_structures(primitive=False, on_error="ignore")
+        except Exception as exc:  # pymatgen raises many types on broken CIFs
+            raise InputError(f"{location}: unreadable CIF ({_short(exc)})") from exc
+        if len(structures) > 1:
+            raise InputError(f"{location}: CIF holds {len(structures)} structures; give one per file")
+        # a CIF cut off between atom rows still parses: its formula no longer matches the atoms read
+        if (problem := parser.check(structures[0])) is not None:
+            raise InputError(f"{location}: atoms do not match the CIF's formula, truncated file? ({_short(problem)})")
+    return structures[0]
+
+
+def _parse_poscar(text: str, location: str) -> Structure:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return Poscar.from_str(text).structure
+        except Exception as exc:  # noqa: BLE001 - any parser failure is a bad input
+            raise InputError(f"{location}: unreadable POSCAR ({_short(exc)})") from exc
+
+
+def _structure_from_dict(data: Mapping[str, Any], location: str) -> Structure:
+    try:
+        return Structure.from_dict(data)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"{location}: JSON is not a pymatgen Structure ({_short(exc)})") from exc
+
+
+def _parse_json(text: str, location: str) -> Structure:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{location}: invalid JSON ({exc.msg} at line {exc.lineno})") from exc
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        raise InputError(f"{location}: JSON must be one object (a Structure or an MP document), got a {kind}")
+    if "structure" in data and "material_id" in data:
+        structure = data["structure"]
+        if not isinstance(structure, dict):
+            raise InputError(f"{location}: MP document has no structure object")
+        return _structure_from_dict(structure, location)
+    if "lattice" in data and "sites" in data:
+        return _structure_from_dict(data, location)
+    raise InputError(f"{location}: JSON is neither a pymatgen Structure nor a Materials Project document")
+
+
+def _parse_bundled(text: str, location: str) -> Structure:
+    entry = json.loads(text)
+    try:
+        lat = entry["lattice"]
+        lattice = Lattice.from_parameters(lat["a"], lat["b"], lat["c"], lat["alpha"], lat["beta"], lat["gamma"])
+        species = [site["species"] for site in entry["sites"]]
+        coords = [site["coords"] for site in entry["sites"]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # full Hermann-Mauguin symbols such as P12_1/n1 warn needlessly
+            return Structure.from_spacegroup(entry["spacegroup"], lattice, species, coords)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{location}: bad bundled entry ({_short(exc)})") from exc
+
+
+_PARSERS = {
+    "cif": _parse_cif,
+    "poscar": _parse_poscar,
+    "json": _parse_json,
+    "mp-json": _parse_json,
+    "bundled": _parse_bundled,
+}
+
+
+def _short(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def parse_input(raw: RawInput) -> Structure:
+    """The structure in `raw`; raises `InputError` naming the input and the reason when there is none."""
+    if raw.read_error is not None:
+        raise InputError(f"{raw.location}: {raw.read_error}")
+    if not raw.payload.strip():
+        raise InputError(f"{raw.location}: empty file")
+    if raw.format is None:
+        raise InputError(f"{raw.location}: unknown format (expected CIF, POSCAR/CONTCAR/*.vasp, or JSON)")
+    structure = _PARSERS[raw.format](raw.payload, raw.location)
+    return _check_structure(structure, raw.location)
+
+
+# ---------------------------------------------------------------- sanitizing
+
+
+def _min_distance(structure: Structure) -> float:
+    if len(structure) == 1:
+        return min(structure.lattice.abc)
+    dists = structure.distance_matrix + np.diag(np.full(len(structure), np.inf))
+    return float(min(dists.min(), min(structure.lattice.abc)))
+
+
+def _bond_valence(structure: Structure) -> Structure | None:
+    try:
+        return BVAnalyzer().get_oxi_state_decorated_structure(structure)
+    except (ValueError, KeyError):  # no charge-balanced assignment, or an element without bond-valence parameters
+        return None
+
+
+def _guess(structure: Structure) -> Structure | None:
+    guessed = structure.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        guessed.add_oxidation_state_by_guess()
+    states = [site.specie.oxi_state for site in guessed]
+    # add_oxidation_state_by_guess silently falls back to all-zero states when it finds no guess
+    if all(state == 0 for state in states) or abs(sum(states)) > CHARGE_TOLERANCE:
+        return None
+    return guessed
+
+
+def assign_oxidation_states(structure: Structure) -> tuple[Structure, OxidationMethod | None]:
+    """The structure decorated with oxidation states (bond valence first, then guessing) and the method used.
+
+    Returns the undecorated structure and None when neither method gives a charge-balanced assignment.
+    """
+    plain = structure.copy()
+    plain.remove_oxidation_states()
+    if (decorated := _bond_valence(plain)) is not None:
+        return decorated, "bond-valence"
+    if (decorated := _guess(plain)) is not None:
+        return decorated, "guess"
+    return plain, None
+
+
+def _mean_oxidation_states(structure: Structure) -> dict[str, float]:
+    totals: dict[str, list[float]] = {}
+    for site in structure:
+        totals.setdefault(site.specie.symbol, []).append(float(site.specie.oxi_state))
+    return {element: sum(values) / len(values) for element, values in sorted(totals.items())}
+
+
+def _ion_element(ion: str) -> Element:
+    try:
+        return Element(ion)
+    except ValueError as exc:
+        raise InputError(f"migrating ion {ion!r} is not an element symbol") from exc
+
+
+def sanitize(structure: Structure, *, ion: str, max_sites: int, name: str | None = None) -> SanitizedStructure:
+    """Check and reduce a parsed structure; raises `InputError` with the reason when it cannot be screened.
+
+    Refused: disorder or partial occupancy, no `ion` sites, more than `max_sites` sites in the input cell (checked
+    before any symmetry work, so a large supercell is refused even if its primitive cell would fit), overlapping atoms.
+    Oxidation states come from bond valence, else guessing; when both fail the structure is kept with
+    `oxidation_method=None` and stages that need oxidation states must record an error for it.
+    """
+    label = name or structure.composition.reduced_formula
+    if not structure.is_ordered:
+        raise InputError(f"{label}: disordered or partially occupied sites are not supported")
+    element = _ion_element(ion)
+    if element not in structure.composition.element_composition:
+        raise InputError(f"{label}: no {ion} sites (migrating ion) in {structure.composition.reduced_formula}")
+    if len(structure) > max_sites:
+        raise InputError(f"{label}: {len(structure)} sites exceed the limit of {max_sites}")
+    if (closest := _min_distance(structure)) < MIN_SITE_DISTANCE:
+        raise InputError(f"{label}: overlapping atoms ({closest:.2f} Å apart, minimum {MIN_SITE_DISTANCE} Å)")
+
+    reduced = structure.get_primitive_structure(tolerance=PRIMITIVE_TOLERANCE).get_reduced_structure("LLL")
+    decorated, method = assign_oxidation_states(reduced)
+    try:
+        sga = SpacegroupAnalyzer(decorated, symprec=SYMPREC)
+        symbol, number = sga.get_space_group_symbol(), sga.get_space_group_number()
+    except Exception as exc:  # noqa: BLE001 - spglib failure is a property of this input
+        raise InputError(f"{label}: symmetry analysis failed ({_short(exc)})") from exc
+
+    formula = decorated.composition.reduced_formula
+    volume = float(decorated.volume)
+    volume_per_atom = round(volume / len(decorated), FINGERPRINT_VOLUME_DECIMALS)
+    return SanitizedStructure(
+        structure=decorated,
+        formula=formula,
+        chemsys=decorated.composition.chemical_system,
+        spacegroup_symbol=symbol,
+        spacegroup_number=number,
+        nsites=len(decorated),
+        oxidation_states=_mean_oxidation_states(decorated) if method else None,
+        oxidation_method=method,
+        density=float(decorated.density),
+        volume=volume,
+        fingerprint=f"{formula}|{number}|{volume_per_atom:.{FINGERPRINT_VOLUME_DECIMALS}f}",
+    )
+
+
+# ---------------------------------------------------------------- dedupe
+
+
+def find_duplicate(candidate: Structure, stored: Iterable[tuple[int, Structure]]) -> int | None:
+    """The id of the first stored structure equivalent to `candidate`, or None.
+
+    pymatgen's StructureMatcher with its default tolerances; species are compared by element so that a structure
+    with oxidation states matches the same structure without. The caller pre-filters `stored` by reduced formula.
+    """
+    matcher = StructureMatcher(comparator=ElementComparator())
+    for structure_id, other in stored:
+        if matcher.fit(candidate, other):
+            return structure_id
+    return None
+
+
+# ---------------------------------------------------------------- Materials Project
+
+
+class MPCriteria(BaseModel):
+    """A Materials Project query: elements that must be present, excluded elements and size/stability limits."""
+
+    model_config = ConfigDict(frozen=True)
+
+    elements: tuple[str, ...] = Field(default=("F",), description="Elements every result must contain.")
+    exclude_elements: tuple[str, ...] = Field(default=(), description="Elements no result may contain.")
+    energy_above_hull_max: float | None = Field(default=0.1, ge=0, description="Largest energy above hull, eV/atom.")
+    nsites_max: int | None = Field(default=None, gt=0, description="Most sites in the MP cell.")
+    num_elements: tuple[int, int] | None = Field(default=None, description="Inclusive range of the number of elements.")
+    limit: int | None = Field(default=None, gt=0, description="Most documents returned (None: all).")
+
+    def matches(self, structure: Structure, energy_above_hull: float | None) -> bool:
+        """Whether a structure meets these criteria (what the server filters; used by the stand-in client)."""
+        present = {el.symbol for el in structure.composition.elements}
+        if not set(self.elements) <= present or present & set(self.exclude_elements):
+            return False
+        if self.energy_above_hull_max is not None and (
+            energy_above_hull is None or energy_above_hull > self.energy_above_hull_max
+        ):
+            return False
+        if self.nsites_max is not None and len(structure) > self.nsites_max:
+            return False
+        if self.num_elements is not None and not self.num_elements[0] <= len(present) <= self.num_elements[1]:
+            return False
+        return True
+
+
+class MaterialsProjectClient(Protocol):
+    """Anything that turns MP criteria into raw inputs (the real API client or the test stand-in)."""
+
+    def search(self, criteria: MPCriteria) -> list[RawInput]:
+        """Raw inputs (kind "mp", key = MP id) for every document matching `criteria`."""
+        ...
+
+
+def mp_raw_input(material_id: str, structure: Structure, energy_above_hull: float | None) -> RawInput:
+    """A raw input holding one Materials Project document (material id, structure, energy above hull)."""
+    document = {
+        "material_id": material_id,
+        "energy_above_hull": energy_above_hull,
+        "structure": structure.as_dict(),
+    }
+    return RawInput(
+        kind="mp",
+        key=material_id,
+        location=material_id,
+        payload=json.dumps(document),
+        format="mp-json",
+        metadata=SourceMetadata(
+            database=f"Materials Project {material_id}",
+            material_id=material_id,
+            energy_above_hull=energy_above_hull,
+        ),
+    )
+
+
+MP_FIELDS = ["material_id", "structure", "energy_above_hull"]
+
+
+class MPApiClient:
+    """Materials Project client on mp-api (`MPRester().materials.summary.search`); needs an API key."""
+
+    def __init__(self, api_key: SecretStr | None = None) -> None:
+        key = api_key if api_key is not None else get_settings().mp_api_key
+        if key is None or not key.get_secret_value().strip():
+            raise MissingAPIKeyError(
+                "no Materials Project API key: set MP_API_KEY (or HOPFLOW_MP_API_KEY) to import from Materials Project"
+            )
+        self._api_key = key
+
+    def __repr__(self) -> str:
+        return "MPApiClient(api_key=SecretStr('**********'))"
+
+    def _query(self, criteria: MPCriteria) -> dict[str, Any]:
+        query: dict[str, Any] = {"elements": list(criteria.elements), "fields": MP_FIELDS}
+        if criteria.exclude_elements:
+            query["exclude_elements"] = list(criteria.exclude_elements)
+        if criteria.energy_above_hull_max is not None:
+            query["energy_above_hull"] = (0.0, criteria.energy_above_hull_max)
+        if criteria.nsites_max is not None:
+            query["num_sites"] = (1, criteria.nsites_max)
+        if criteria.num_elements is not None:
+            query["num_elements"] = criteria.num_elements
+        return query
+
+    def search(self, criteria: MPCriteria) -> list[RawInput]:
+        """Query the MP summary endpoint; each document becomes one raw input keyed by its MP id."""
+        from mp_api.client import MPRester  # imported here: slow, and only needed with a key
+
+        with MPRester(api_key=self._api_key.get_secret_value(), mute_progress_bars=True) as rester:
+            docs = rester.materials.summary.search(**self._query(criteria))
+        inputs = []
+        for doc in docs[: criteria.limit] if criteria.limit else docs:
+            structure = doc.structure if isinstance(doc.structure, Structure) else Structure.from_dict(doc.structure)
+            inputs.append(mp_raw_input(str(doc.material_id), structure, doc.energy_above_hull))
+        return inputs
+
+
+class FakeMaterialsProject:
+    """TEST STAND-IN for the Materials Project (no network): serves documents built from pymatgen structures.
+
+    Filters by the same criteria the server applies, so callers exercise the real query path.
+    """
+
+    def __init__(self, documents: Sequence[tuple[str, Structure, float | None]]) -> None:
+        self._documents = list(documents)
+        self.queries: list[MPCriteria] = []
+
+    @classmethod
+    def from_structures(cls, structures: Iterable[Structure], energy_above_hull: float = 0.0) -> FakeMaterialsProject:
+        """Documents with ids mp-fake-1, mp-fake-2 ... and one energy above hull for all."""
+        return cls([(f"mp-fake-{i}", s, energy_above_hull) for i, s in enumerate(structures, start=1)])
+
+    def search(self, criteria: MPCriteria) -> list[RawInput]:
+        """Raw inputs for the stored documents that match `criteria`."""
+        self.queries.append(criteria)
+        hits = [mp_raw_input(mid, s, e) for mid, s, e in self._documents if criteria.matches(s, e)]
+        return hits[: criteria.limit] if criteria.limit else hits
