@@ -51,6 +51,10 @@ class MissingAPIKeyError(HopflowError, RuntimeError):
     """No Materials Project API key is configured (the message never contains a key)."""
 
 
+class MaterialsProjectError(HopflowError, RuntimeError):
+    """A Materials Project query failed (network, authentication, server); the message never contains the key."""
+
+
 @dataclass(frozen=True)
 class SourceMetadata:
     """What a source says about its structure besides the structure itself."""
@@ -520,8 +524,13 @@ class MPApiClient:
         """Query the MP summary endpoint; each document becomes one raw input keyed by its MP id."""
         from mp_api.client import MPRester  # imported here: slow, and only needed with a key
 
-        with MPRester(api_key=self._api_key.get_secret_value(), mute_progress_bars=True) as rester:
-            docs = rester.materials.summary.search(**self._query(criteria))
+        secret = self._api_key.get_secret_value()
+        try:
+            with MPRester(api_key=secret, mute_progress_bars=True) as rester:  # contacts the server at once
+                docs = rester.materials.summary.search(**self._query(criteria))
+        except Exception as exc:  # requests and mp-api raise many types; all mean "the query failed"
+            reason = _short(exc).replace(secret, "**********")
+            raise MaterialsProjectError(f"Materials Project query failed: {reason}") from None
         inputs = []
         for doc in docs[: criteria.limit] if criteria.limit else docs:
             structure = doc.structure if isinstance(doc.structure, Structure) else Structure.from_dict(doc.structure)

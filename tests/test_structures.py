@@ -17,6 +17,7 @@ from hopflow.settings import get_settings
 from tasks.structures import (
     FakeMaterialsProject,
     MaterialsProjectClient,
+    MaterialsProjectError,
     MissingAPIKeyError,
     MPApiClient,
     MPCriteria,
@@ -314,3 +315,11 @@ def test_mp_api_client_without_key_is_a_clear_error_that_leaks_no_key(monkeypatc
         assert FAKE_KEY not in repr(get_settings())
     finally:
         get_settings.cache_clear()
+
+
+def test_mp_api_client_failure_is_a_clear_error_without_the_key():
+    # No network here (and a fake key anywhere): the real mp-api client fails; the error names MP, not the key.
+    client = MPApiClient(api_key=SecretStr(FAKE_KEY))
+    with pytest.raises(MaterialsProjectError, match="Materials Project query failed") as info:
+        client.search(MPCriteria(elements=("F",), energy_above_hull_max=0.0, nsites_max=4))
+    assert FAKE_KEY not in str(info.value)
