@@ -70,7 +70,8 @@ class SourceMetadata:
 class RawInput:
     """One unparsed input: its identity (`key`), where it came from and its text.
 
-    `key` is the sha256 of the content for files and bundled entries, the MP id for Materials Project documents.
+    `key` is the sha256 of the content for files and bundled entries (of a marker and the path for a file that
+    cannot be read or does not exist), the MP id for Materials Project documents.
     `read_error` is set when the file could not be read or decoded; `parse_input` turns it into an `InputError`.
     """
 
@@ -140,21 +141,23 @@ def bundled_inputs() -> list[RawInput]:
     return inputs
 
 
+def _files_under(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return [path]
+
+
 def _expand_paths(paths: Iterable[str | Path]) -> Iterator[tuple[Path, str | None]]:
     """Files named by `paths` (files, directories recursively, glob patterns), each with an error if it has none."""
     for item in paths:
         path = Path(item)
-        if path.is_dir():
-            for child in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
-                yield child, None
-        elif path.exists():
-            yield path, None
-        else:
-            matches = sorted(glob.glob(str(item), recursive=True))
-            files = [Path(m) for m in matches if Path(m).is_file()]
-            if not files:
-                yield path, "no such file, directory or matching glob pattern"
-            yield from ((f, None) for f in files)
+        if path.exists():
+            yield from ((f, None) for f in _files_under(path))
+            continue
+        files = [f for match in sorted(glob.glob(str(item), recursive=True)) for f in _files_under(Path(match))]
+        if not files:
+            yield path, "no such file, directory or matching glob pattern"
+        yield from ((f, None) for f in files)
 
 
 def _read_file(path: Path) -> RawInput:
@@ -166,7 +169,7 @@ def _read_file(path: Path) -> RawInput:
         return RawInput("file", _sha256(f"unreadable:{path.resolve()}".encode()), location, "", read_error=reason)
     key = _sha256(data)
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # tolerates a byte-order mark
     except UnicodeDecodeError as exc:
         reason = f"not UTF-8 text (undecodable byte at offset {exc.start})"
         return RawInput("file", key, location, "", read_error=reason)
