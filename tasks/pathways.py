@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
+import spglib
 from pymatgen.analysis.diffusion.neb.full_path_mapper import MigrationGraph
 from pymatgen.analysis.diffusion.neb.pathfinder import DistinctPathFinder, MigrationHop
 from pymatgen.analysis.dimensionality import get_dimensionality_larsen
@@ -22,6 +23,8 @@ from hopflow.settings import get_settings
 
 SYMPREC = 0.1
 """Symmetry tolerance in Å (MigrationGraph's default): decides which hops are equivalent."""
+ANGLE_TOL = 5.0
+"""Degrees: spglib's angle tolerance, as pymatgen's SpacegroupAnalyzer uses it."""
 LENGTH_TOL = 1e-3
 """Å: two hop lengths closer than this are equal; also the slack added to the hop-length limit."""
 SITE_MATCH_TOL = 1e-3
@@ -154,13 +157,13 @@ def find_pathways(
     counts = Counter(label for *_, label in edges)
     lengths = {label: float(d["hop"].length) for label, d in unique.items()}
     classes = _length_classes(lengths)
-    conv_ratio = len(SpacegroupAnalyzer(prim, symprec=SYMPREC).get_conventional_standard_structure()) / len(prim)
+    site_labels = wyckoff_labels(prim, ion)
 
     candidates = []
     for label, data in unique.items():
         hop: MigrationHop = data["hop"]
         start, end = np.array(hop.isite.coords), np.array(hop.esite.coords)
-        start_label, end_label = (_site_label(hop, index, conv_ratio) for index in (hop.iindex, hop.eindex))
+        start_label, end_label = (site_labels[_match_site(prim, ion, point)[0]] for point in (start, end))
         start_fp, end_fp = _fingerprint(prim, start), _fingerprint(prim, end)
         if (end_label, end_fp) < (start_label, start_fp):
             start, end, start_label, end_label, start_fp, end_fp = end, start, end_label, start_label, end_fp, start_fp
@@ -203,6 +206,40 @@ def automatic_max_hop(structure: Structure, ion: str) -> float:
     return float(DistinctPathFinder(structure, ion, max_path_length=None, symprec=SYMPREC).max_path_length)
 
 
+def wyckoff_labels(structure: Structure, ion: str) -> list[str]:
+    """Per site: element and Wyckoff position of the standard conventional cell (e.g. 'F 8c') in a canonical origin.
+
+    spglib's letters depend on which of several equivalent origins it picks (Ca 4a or 4b in fluorite, F 4f or 4g in
+    rutile), and that depends on how the cell is placed. Each atom is tried at the origin and the assignment with
+    the earliest letters wins, compared element by element: other elements by decreasing electronegativity, `ion`
+    last. Any placement of a crystal then gets the same letters, mostly the conventional ones (Ca 4a/F 8c,
+    Mg 2a/F 4f, Mg 1a/K 1b/F 3d in KMgF3).
+    """
+    cell_matrix, frac = structure.lattice.matrix, np.array(structure.frac_coords)
+    symbols = [site.specie.symbol for site in structure]
+    numbers = [site.specie.Z for site in structure]
+    elements = sorted(set(structure.composition.elements), key=lambda el: (el.symbol == ion, -(el.X if el.X == el.X else 0.0), el.symbol))
+    best_key, best = None, None
+    for origin in frac:
+        dataset = spglib.get_symmetry_dataset((cell_matrix, frac - origin, numbers), symprec=SYMPREC, angle_tolerance=ANGLE_TOL)
+        if dataset is None:
+            raise InputError(f"{structure.composition.reduced_formula}: spglib found no symmetry ({spglib.get_error_message()})")
+        key = tuple(
+            tuple(sorted(letter for symbol, letter in zip(symbols, dataset.wyckoffs, strict=True) if symbol == el.symbol))
+            for el in elements
+        )
+        if best_key is None or key < best_key:
+            per_cell = len(dataset.std_types) / len(structure)  # conventional cell / this cell
+            orbit_size = Counter(dataset.equivalent_atoms)
+            best_key = key
+            best = [
+                f"{symbol} {round(orbit_size[orbit] * per_cell)}{letter}"
+                for symbol, orbit, letter in zip(symbols, dataset.equivalent_atoms, dataset.wyckoffs, strict=True)
+            ]
+    assert best is not None
+    return best
+
+
 def _check_input(structure: Structure, ion: str) -> None:
     formula = structure.composition.reduced_formula
     if not structure.is_ordered:
@@ -232,14 +269,6 @@ def _length_classes(lengths: dict[int, float]) -> dict[int, int]:
         classes[label] = current
         previous = lengths[label]
     return classes
-
-
-def _site_label(hop: MigrationHop, orbit: int, conv_ratio: float) -> str:
-    """Element plus Wyckoff symbol with the multiplicity of the standard conventional cell (not of this cell)."""
-    symm = hop.symm_structure
-    letter = re.sub(r"^\d+", "", symm.wyckoff_symbols[orbit])
-    multiplicity = round(len(symm.equivalent_sites[orbit]) * conv_ratio)
-    return f"{symm.equivalent_sites[orbit][0].specie.symbol} {multiplicity}{letter}"
 
 
 def _fingerprint(prim: Structure, cart: np.ndarray) -> tuple[tuple[str, float], ...]:

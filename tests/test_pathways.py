@@ -1,0 +1,211 @@
+"""find_pathways against crystallography (fluorite, rutile, rocksalt, olivine) and under every choice of cell."""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pymatgen.core import Lattice, Structure
+from pymatgen.util.testing import MatSciTest
+
+from hopflow.errors import InputError
+from tasks.pathways import PathwayRecord, automatic_max_hop, canonical_cell, find_pathways
+
+CRYSTALS = Path("/work/shared/data/fluoride-crystals.json")
+
+
+@cache
+def _entries() -> dict[str, dict]:
+    return {entry["name"]: entry for entry in json.loads(CRYSTALS.read_text())}
+
+
+def crystal(name: str, *, oxidation_states: bool = False, a: float | None = None) -> Structure:
+    """A verified crystal of the shared data set in its conventional cell (optionally decorated, or with another a)."""
+    entry = _entries()[name]
+    lat = dict(entry["lattice"])
+    if a is not None:
+        lat.update(a=a, b=a, c=a)
+    lattice = Lattice.from_parameters(lat["a"], lat["b"], lat["c"], lat["alpha"], lat["beta"], lat["gamma"])
+    structure = Structure.from_spacegroup(
+        entry["spacegroup"], lattice, [s["species"] for s in entry["sites"]], [s["coords"] for s in entry["sites"]]
+    )
+    if oxidation_states:
+        structure.add_oxidation_state_by_element(entry["oxidation_states"])
+    return structure
+
+
+def lattice_a(name: str) -> float:
+    return float(_entries()[name]["lattice"]["a"])
+
+
+def summary(paths: list[PathwayRecord]) -> list[tuple]:
+    """The cell-independent part of each record (lengths compared apart, with a tolerance)."""
+    return [
+        (p.rank, p.start_label, p.end_label, round(p.multiplicity, 6), p.dimensionality,
+         p.dimensionality_cumlengths, p.max_hop_automatic)
+        for p in paths
+    ]
+
+
+def assert_located(structure: Structure, paths: list[PathwayRecord], ion: str) -> None:
+    """Every record points at real ion sites of `structure`, and the hop vector has the hop's length."""
+    for p in paths:
+        assert structure[p.start_index].specie.symbol == ion
+        assert structure[p.end_index].specie.symbol == ion
+        np.testing.assert_allclose(structure[p.start_index].frac_coords, p.start_frac, atol=1e-9)
+        np.testing.assert_allclose(np.array(structure[p.end_index].frac_coords) + p.end_image, p.end_frac, atol=1e-6)
+        np.testing.assert_allclose(structure.lattice.get_cartesian_coords(p.end_frac), p.end_cart, atol=1e-6)
+        assert np.linalg.norm(p.hop_vector) == pytest.approx(p.length, abs=1e-6)
+
+
+def test_fluorite_caf2_hops_at_4_angstrom() -> None:
+    structure = crystal("CaF2")
+    a = lattice_a("CaF2")
+    paths = find_pathways(structure, ion="F", max_hop=4.0, max_paths=5)
+    # F sublattice is simple cubic with edge a/2: <100> hop a/2 (6 per F), <110> hop a/sqrt2 (12 per F)
+    assert [p.length for p in paths] == pytest.approx([a / 2, a / math.sqrt(2)], abs=1e-4)
+    assert [round(p.length, 3) for p in paths] == [2.732, 3.863]
+    assert [p.multiplicity for p in paths] == [6, 12]
+    assert [p.dimensionality for p in paths] == [3, 3]
+    assert {p.start_label for p in paths} == {"F 8c"}
+    assert [p.rank for p in paths] == [0, 1]
+    assert all(not p.max_hop_automatic and p.max_hop == 4.0 for p in paths)
+    assert_located(structure, paths, "F")
+
+
+def test_fluorite_automatic_limit_gives_the_shortest_hop_only() -> None:
+    paths = find_pathways(crystal("CaF2"), ion="F", max_hop=None, max_paths=5)
+    assert [round(p.length, 3) for p in paths] == [2.732]
+    assert paths[0].max_hop_automatic and paths[0].max_hop == pytest.approx(lattice_a("CaF2") / 2)
+
+
+def test_rutile_mgf2_two_hops_at_the_automatic_limit() -> None:
+    entry = _entries()["MgF2"]
+    a, c = entry["lattice"]["a"], entry["lattice"]["c"]
+    x = entry["sites"][1]["coords"][0]
+    # F at (x,x,0): shared octahedron edge to (1-x,1-x,0), and to (1/2-x,1/2+x,1/2) in the next chain
+    expected = sorted([(1 - 2 * x) * a * math.sqrt(2), math.sqrt(((0.5 - 2 * x) * a) ** 2 + (a / 2) ** 2 + (c / 2) ** 2)])
+    paths = find_pathways(crystal("MgF2"), ion="F", max_hop=None, max_paths=5)
+    assert [p.length for p in paths] == pytest.approx(expected, abs=1e-4)
+    assert [round(p.length, 3) for p in paths] == [2.578, 2.812]
+    # the shared-edge hop only links F pairs (0D); the longer one alone already percolates in 3D
+    assert [(p.multiplicity, p.dimensionality, p.dimensionality_cumlengths) for p in paths] == [(1, 0, 0), (8, 3, 3)]
+
+
+@pytest.mark.parametrize("a", [None, 4.027])
+def test_rocksalt_lif_hop_is_a_over_root_two(a: float | None) -> None:
+    structure = crystal("LiF", a=a)
+    edge = a or lattice_a("LiF")
+    paths = find_pathways(structure, ion="F", max_hop=None, max_paths=5)
+    assert len(paths) == 1
+    assert paths[0].length == pytest.approx(edge / math.sqrt(2), abs=1e-4)
+    assert paths[0].multiplicity == 12  # fcc anion sublattice
+    if a == 4.027:
+        assert round(paths[0].length, 3) == 2.848
+
+
+def test_lifepo4_lithium_has_one_hop_forming_1d_channels() -> None:
+    structure = MatSciTest.get_structure("LiFePO4")
+    paths = find_pathways(structure, ion="Li", max_hop=4.0, max_paths=5)
+    assert len(paths) == 1
+    assert paths[0].length == pytest.approx(3.03, abs=0.01)
+    # olivine: Li chains along b, two neighbours each, one-dimensional diffusion (Morgan et al. 2004)
+    assert (paths[0].multiplicity, paths[0].dimensionality) == (2, 1)
+    assert paths[0].start_label == paths[0].end_label == "Li 4a"
+    assert_located(structure, paths, "Li")
+
+
+def _settings(structure: Structure) -> dict[str, Structure]:
+    """Four cells of one crystal: primitive, conventional, 2x1x1 supercell, and a permuted, un-reduced, shifted cell."""
+    permuted = structure.copy()
+    # cyclic permutation of a, b, c followed by a -> a + b (det +1), then a rigid shift of every atom
+    permuted.make_supercell([[1, 1, 0], [0, 0, 1], [1, 0, 0]])
+    permuted.translate_sites(list(range(len(permuted))), [0.13, 0.27, 0.41])
+    return {
+        "primitive": structure.get_primitive_structure(),
+        "conventional": structure,
+        "supercell_2x1x1": structure * (2, 1, 1),
+        "permuted_unreduced": permuted,
+    }
+
+
+@pytest.mark.parametrize(("name", "max_hop"), [("CaF2", 4.0), ("LiF", 4.5), ("MgF2", None), ("CeF3", None)])
+def test_same_pathways_in_the_same_order_for_every_cell_choice(name: str, max_hop: float | None) -> None:
+    results = {}
+    for setting, structure in _settings(crystal(name)).items():
+        paths = find_pathways(structure, ion="F", max_hop=max_hop, max_paths=5)
+        assert_located(structure, paths, "F")
+        results[setting] = paths
+    reference = results["conventional"]
+    assert len(reference) >= 2
+    for setting, found in results.items():
+        assert summary(found) == summary(reference), setting
+        assert [p.length for p in found] == pytest.approx([p.length for p in reference], abs=1e-6), setting
+        assert [p.max_hop for p in found] == pytest.approx([p.max_hop for p in reference], abs=1e-6), setting
+
+
+@pytest.mark.parametrize("name", ["CaF2", "LiF"])
+def test_cell_choices_are_really_different(name: str) -> None:
+    cells = _settings(crystal(name))
+    assert len({len(s) for s in cells.values()}) == 3  # the permuted cell has the conventional cell's size
+    assert len({tuple(np.round(s.lattice.abc, 3)) for s in cells.values()}) == 4
+    assert len(canonical_cell(cells["permuted_unreduced"])) == len(cells["primitive"])
+
+
+def test_tysonite_cef3_orders_hops_between_different_orbits() -> None:
+    paths = find_pathways(crystal("CeF3"), ion="F", max_hop=None, max_paths=5)
+    assert [p.length for p in paths] == sorted(p.length for p in paths)
+    assert len({p.start_label for p in paths} | {p.end_label for p in paths}) == 3  # 12g, 4d and 2a all involved
+    assert all(p.start_label <= p.end_label for p in paths)
+    # cumulative network never percolates in fewer dimensions than a longer prefix of it
+    cumulative = [p.dimensionality_cumlengths for p in paths]
+    assert cumulative == sorted(cumulative)
+
+
+def test_oxidation_states_do_not_change_pathways() -> None:
+    plain = find_pathways(crystal("CaF2"), ion="F", max_hop=4.0, max_paths=5)
+    decorated_structure = crystal("CaF2", oxidation_states=True)
+    decorated = find_pathways(decorated_structure, ion="F", max_hop=4.0, max_paths=5)
+    assert summary(decorated) == summary(plain)
+    assert [p.length for p in decorated] == [p.length for p in plain]
+    assert decorated[0].as_hop(decorated_structure).length == pytest.approx(decorated[0].length)
+
+
+def test_max_paths_keeps_the_shortest() -> None:
+    paths = find_pathways(crystal("CaF2"), ion="F", max_hop=4.0, max_paths=1)
+    assert [round(p.length, 3) for p in paths] == [2.732]
+
+
+def test_as_hop_rebuilds_the_hop_in_its_structure() -> None:
+    structure = crystal("MgF2")
+    for p in find_pathways(structure, ion="F", max_hop=None, max_paths=5):
+        hop = p.as_hop(structure)
+        assert hop.length == pytest.approx(p.length, abs=1e-6)
+        np.testing.assert_allclose(hop.isite.coords, p.start_cart, atol=1e-6)
+    with pytest.raises(InputError, match="does not belong"):
+        p.as_hop(crystal("CaF2"))
+
+
+def test_automatic_limit_is_the_librarys() -> None:
+    prim = canonical_cell(crystal("MgF2"))
+    assert automatic_max_hop(prim, "F") == pytest.approx(2.8117, abs=1e-3)
+
+
+def test_bad_input_is_an_input_error_with_a_reason() -> None:
+    caf2 = crystal("CaF2")
+    with pytest.raises(InputError, match="no Cl sites in CaF2"):
+        find_pathways(caf2, ion="Cl", max_hop=None, max_paths=5)
+    with pytest.raises(InputError, match="no F-F hop up to 2.000"):
+        find_pathways(caf2, ion="F", max_hop=2.0, max_paths=5)
+    with pytest.raises(InputError, match="primitive cell has 3 sites, more than the limit of 2"):
+        find_pathways(caf2, ion="F", max_hop=None, max_paths=5, max_sites=2)
+    with pytest.raises(InputError, match="hops per cell"):
+        find_pathways(caf2, ion="F", max_hop=80.0, max_paths=5)
+    disordered = caf2.copy()
+    disordered.replace(0, {"Ca": 0.5, "Sr": 0.5})
+    with pytest.raises(InputError, match="disordered"):
+        find_pathways(disordered, ion="F", max_hop=None, max_paths=5)
