@@ -1,0 +1,127 @@
+"""Helpers for tests against the real Prefect server that scripts/test.sh starts (PREFECT_API_URL)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+from sqlalchemy import Engine, insert
+
+from hopflow.db import session_scope
+from hopflow.models import SyntheticItem
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PREFECT_BIN = Path(sys.executable).with_name("prefect")
+
+
+def prefect_api_url() -> str:
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        raise RuntimeError("PREFECT_API_URL is not set: run the tests through scripts/test.sh, which starts Prefect")
+    return url
+
+
+@pytest.fixture
+def prefect_client() -> Iterator[SyncPrefectClient]:
+    """A sync client of the test server."""
+    prefect_api_url()
+    with get_client(sync_client=True) as client:
+        yield client
+
+
+def create_deployment(client: SyncPrefectClient, flow_name: str = "synthetic", *,
+                      schema: dict[str, Any] | None = None, enforce: bool = False) -> tuple[str, Any]:
+    """A deployment of `flow_name` on no work pool (its runs stay scheduled): (`flow/deployment` name, id)."""
+    flow_id = client.create_flow_from_name(flow_name)
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    deployment_id = client.create_deployment(flow_id=flow_id, name=name, parameter_openapi_schema=schema,
+                                             enforce_parameter_schema=enforce)
+    return f"{flow_name}/{name}", deployment_id
+
+
+def delete_deployment(client: SyncPrefectClient, deployment_id: Any) -> None:
+    """Delete a test deployment and every flow run it made (so no worker ever picks them up)."""
+    for run in deployment_flow_runs(client, deployment_id):
+        client.delete_flow_run(run.id)
+    client.delete_deployment(deployment_id)
+
+
+def deployment_flow_runs(client: SyncPrefectClient, deployment_id: Any) -> list[Any]:
+    runs: list[Any] = []
+    while True:
+        page = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id])), limit=200, offset=len(runs))
+        runs += page
+        if len(page) < 200:
+            return runs
+
+
+def add_synthetic_items(engine: Engine, n: int, *, cpu_ms: float = 1.0, sleep_ms: float = 0.0,
+                        priorities: Sequence[float] | None = None) -> list[int]:
+    """Insert `n` synthetic items (priority = position unless given); returns their ids."""
+    rows = [{"cpu_ms": cpu_ms, "sleep_ms": sleep_ms, "failure": "none", "fail_attempts": 0,
+             "priority": float(priorities[i]) if priorities is not None else float(i)} for i in range(n)]
+    with session_scope(engine, write=True) as session:
+        result = session.execute(insert(SyntheticItem).returning(SyntheticItem.id), rows)
+        return sorted(result.scalars())
+
+
+def start_worker(pool: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """A real `prefect worker start --pool POOL` process (own process group, output to `log`)."""
+    handle = log.open("wb")
+    return subprocess.Popen([str(PREFECT_BIN), "worker", "start", "--pool", pool, "--type", "process"],
+                            cwd=PROJECT_ROOT, env={**os.environ, **env}, stdout=handle, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop_process_group(proc: subprocess.Popen[bytes], wait_s: float = 20.0) -> None:
+    """Stop a process started with its own session: SIGTERM to the group, then SIGKILL."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(wait_s)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # flow-run children left behind, if any
+    except ProcessLookupError:
+        pass
+
+
+def flow_run_pids(flow_run_id: str) -> list[int]:
+    """Processes whose environment names this flow run (the process worker's flow-run process)."""
+    found = []
+    needle = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def wait_for(predicate: Any, timeout: float, interval: float = 0.2, what: str = "condition") -> Any:
+    """Poll `predicate` until it returns something truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+

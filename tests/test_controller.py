@@ -1,0 +1,293 @@
+"""The controller tick against the real Prefect server: targets kept, lost work swept, failed submissions released,
+settings mirrored to Prefect Variables and read back, manual submission through the queue, artifacts published."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from datetime import timedelta
+
+import pytest
+from prefect.client.schemas.actions import VariableUpdate
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.sorting import ArtifactSort
+from prefect.states import Crashed
+from sqlalchemy import select, update
+
+from flows import controller as ctl
+from hopflow import queue
+from hopflow.db import session_scope, utcnow
+from hopflow.models import Run, RunState, StageSetting
+from hopflow.registry import STAGES, Cutoff, get_stage, register
+from prefect_helpers import (  # noqa: F401  (prefect_client is a fixture)
+    add_synthetic_items,
+    create_deployment,
+    delete_deployment,
+    deployment_flow_runs,
+    prefect_client,
+)
+
+pytestmark = pytest.mark.prefect
+SYNTHETIC = "synthetic"
+BATCH = 20  # the synthetic stage's batch size
+
+
+@pytest.fixture
+def deployment(prefect_client):
+    name, deployment_id = create_deployment(prefect_client)
+    yield name, deployment_id
+    delete_deployment(prefect_client, deployment_id)
+
+
+@pytest.fixture
+def cut_stage():
+    """A copy of the synthetic stage with a broadenable cutoff on the item priority (registered for one test)."""
+    stage = dataclasses.replace(
+        get_stage(SYNTHETIC), name="synthetic-cut",
+        cutoffs=(Cutoff("max_priority", "items with priority at most this", default=10.0,
+                        criterion=lambda c, v: c.priority <= v, broaden_step=10.0, broaden_limit=40.0),))
+    register(stage)
+    yield stage
+    STAGES.pop(stage.name)
+
+
+def _tick(client, engine, deployment_name: str, stage: str = SYNTHETIC, **kwargs) -> ctl.StageTick:
+    report = ctl.tick(client, engine=engine, stages=[stage], deployments={stage: deployment_name},
+                      mirror=False, publish=False, **kwargs)
+    (stage_tick,) = report.stages
+    return stage_tick
+
+
+def _set_target(engine, n: int, stage: str = SYNTHETIC) -> None:
+    with session_scope(engine, write=True) as session:
+        queue.set_target(session, get_stage(stage), n)
+
+
+def _runs(engine, stage: str = SYNTHETIC) -> list[Run]:
+    with session_scope(engine) as session:
+        return list(session.scalars(select(Run).where(Run.stage == stage).order_by(Run.id)))
+
+
+def test_tick_keeps_the_target_of_live_flow_runs(engine, prefect_client, deployment):
+    name, deployment_id = deployment
+    items = add_synthetic_items(engine, 100)
+    _set_target(engine, 3)
+
+    first = _tick(prefect_client, engine, name)
+    assert (first.live, len(first.submitted), first.claimed, first.error) == (0, 3, 3 * BATCH, None)
+    claimed = [r for r in _runs(engine) if r.state == RunState.CLAIMED]
+    assert sorted(r.input_id for r in claimed) == items[:3 * BATCH]  # the best-ranked items (lowest priority)
+    flow_runs = deployment_flow_runs(prefect_client, deployment_id)
+    assert sorted(str(f.id) for f in flow_runs) == sorted(first.submitted)
+    for flow_run in flow_runs:
+        ids = flow_run.parameters["run_ids"]
+        assert len(ids) == BATCH
+        assert {r.flow_run_id for r in claimed if r.id in ids} == {str(flow_run.id)}
+    assert len({f.idempotency_key for f in flow_runs}) == 3
+
+    second = _tick(prefect_client, engine, name)
+    assert (second.live, second.submitted, second.claimed) == (3, (), 0)
+
+    _set_target(engine, 5)
+    third = _tick(prefect_client, engine, name)
+    assert (third.live, len(third.submitted), third.claimed) == (3, 2, 2 * BATCH)
+
+    _set_target(engine, 6)  # one run missing but every item is claimed: nothing to submit, no error
+    fourth = _tick(prefect_client, engine, name)
+    assert (fourth.live, fourth.submitted, fourth.error) == (5, (), None)
+
+    _set_target(engine, 1)
+    assert _tick(prefect_client, engine, name).submitted == ()
+    assert len(deployment_flow_runs(prefect_client, deployment_id)) == 5
+
+
+def test_tick_requeues_work_of_crashed_flow_runs_and_expired_leases(engine, prefect_client, deployment):
+    name, _ = deployment
+    add_synthetic_items(engine, 50)
+    _set_target(engine, 2)
+    crashed, survivor = _tick(prefect_client, engine, name).submitted
+    prefect_client.set_flow_run_state(crashed, Crashed(message="worker lost"), force=True)
+    expired_id = next(r.id for r in _runs(engine) if r.flow_run_id == survivor)
+    with session_scope(engine, write=True) as session:
+        session.execute(update(Run).where(Run.id == expired_id).values(lease_expires_at=utcnow() - timedelta(minutes=1)))
+    crashed_ids = {r.id for r in _runs(engine) if r.flow_run_id == crashed}
+
+    report = ctl.tick(prefect_client, engine=engine, stages=[SYNTHETIC], deployments={SYNTHETIC: name},
+                      mirror=False, publish=False)
+
+    assert report.lost_flow_runs == {crashed: "Crashed"}
+    assert set(report.requeued) == crashed_ids | {expired_id}
+    (stage_tick,) = report.stages
+    assert (stage_tick.live, len(stage_tick.submitted)) == (1, 1)
+    (replacement,) = stage_tick.submitted
+    runs = {r.id: r for r in _runs(engine)}
+    for run_id in crashed_ids:
+        run = runs[run_id]
+        assert (run.state, run.attempts, run.flow_run_id) == (RunState.CLAIMED, 2, replacement)
+        assert f"flow run {crashed} ended Crashed" in run.history[-1]["error"]
+    expired = runs[expired_id]  # requeued; ranked behind the crashed batch, so still waiting
+    assert (expired.state, expired.attempts, expired.flow_run_id) == (RunState.QUEUED, 1, None)
+    assert "lease expired" in expired.history[-1]["error"]
+
+
+def test_failed_submission_gives_the_claims_back(engine, prefect_client):
+    strict = {"type": "object", "required": ["run_ids"],
+              "properties": {"run_ids": {"type": "array", "items": {"type": "string"}}}}
+    name, deployment_id = create_deployment(prefect_client, schema=strict, enforce=True)
+    try:
+        add_synthetic_items(engine, 30)
+        _set_target(engine, 2)
+        stage_tick = _tick(prefect_client, engine, name)
+        assert stage_tick.submitted == () and stage_tick.released == BATCH
+        assert "submitting" in stage_tick.error
+        assert deployment_flow_runs(prefect_client, deployment_id) == []
+    finally:
+        delete_deployment(prefect_client, deployment_id)
+    runs = _runs(engine)
+    assert len(runs) == 30
+    assert {(r.state, r.attempts, r.flow_run_id, r.claimant) for r in runs} == {(RunState.QUEUED, 0, None, None)}
+
+    missing = _tick(prefect_client, engine, "synthetic/no-such-deployment")
+    assert "not found" in missing.error and missing.claimed == 0
+    assert {r.state for r in _runs(engine)} == {RunState.QUEUED}
+
+
+def test_a_retried_submission_of_one_claim_makes_one_flow_run(engine, prefect_client, deployment):
+    name, deployment_id = deployment
+    add_synthetic_items(engine, 5)
+    ids = [c.id for c in queue.claim(SYNTHETIC, 5, engine=engine, refresh=True)]
+    first = ctl.submit_batch(engine, SYNTHETIC, name, ids)
+    again = ctl.submit_batch(engine, SYNTHETIC, name, ids)
+    assert first == again
+    with session_scope(engine, write=True) as session:
+        queue.release(session, ids)
+    reclaimed = [c.id for c in queue.claim(SYNTHETIC, 5, engine=engine)]
+    assert sorted(reclaimed) == sorted(ids)
+    assert ctl.submit_batch(engine, SYNTHETIC, name, reclaimed) != first  # a new claim is a new batch
+    assert len(deployment_flow_runs(prefect_client, deployment_id)) == 2
+
+
+def test_manual_submission_never_duplicates_the_controllers_claims(engine, prefect_client, deployment):
+    name, deployment_id = deployment
+    items = add_synthetic_items(engine, 30)
+    _set_target(engine, 1)
+    controller_tick = _tick(prefect_client, engine, name)
+    assert controller_tick.claimed == BATCH  # items[:20] belong to the controller's flow run
+    chosen = [items[5], items[22], items[23], 999_999]
+
+    report = ctl.submit_items(prefect_client, SYNTHETIC, chosen, engine=engine, deployment=name, batch_size=1)
+
+    assert report.skipped == (items[5], 999_999)
+    assert len(report.flow_runs) == 2 and report.error is None
+    runs = {r.id: r for r in _runs(engine)}
+    assert sorted(runs[i].input_id for i in report.run_ids) == [items[22], items[23]]
+    assert {runs[i].ranker for i in report.run_ids} == {"manual"}
+    assert runs[next(r for r in runs if runs[r].input_id == items[5])].flow_run_id == controller_tick.submitted[0]
+
+    repeat = ctl.submit_items(prefect_client, SYNTHETIC, chosen, engine=engine, deployment=name)
+    assert (repeat.run_ids, repeat.flow_runs) == ((), ())
+    assert len(deployment_flow_runs(prefect_client, deployment_id)) == 3
+    _set_target(engine, 2)
+    assert _tick(prefect_client, engine, name).live == 3  # manual runs count against the target too
+
+
+def _variable(client, name: str):
+    return client.read_variable_by_name(name).value
+
+
+def test_settings_mirror_round_trip(engine, prefect_client, cut_stage):
+    with session_scope(engine, write=True) as session:
+        first = ctl.mirror_settings(prefect_client, session)
+    assert first.read_back == () and set(first.pushed) <= {ctl.TARGETS_VARIABLE, ctl.CUTOFFS_VARIABLE}
+    assert _variable(prefect_client, ctl.TARGETS_VARIABLE)[SYNTHETIC] == 0
+    assert _variable(prefect_client, ctl.CUTOFFS_VARIABLE)["synthetic-cut"] == {"max_priority": 10.0}
+
+    targets = {**_variable(prefect_client, ctl.TARGETS_VARIABLE), SYNTHETIC: 4}  # edits in the UI
+    prefect_client.update_variable(VariableUpdate(name=ctl.TARGETS_VARIABLE, value=targets))
+    prefect_client.update_variable(VariableUpdate(name=ctl.CUTOFFS_VARIABLE,
+                                                  value={"synthetic-cut": {"max_priority": 25.0}}))
+    with session_scope(engine, write=True) as session:
+        read = ctl.mirror_settings(prefect_client, session)
+        assert queue.target(session, get_stage(SYNTHETIC)) == 4
+        assert queue.cutoff_values(session, cut_stage) == {"max_priority": 25.0}
+        reasons = session.scalars(select(StageSetting.reason).where(StageSetting.stage == SYNTHETIC)).all()
+    assert sorted(read.read_back) == sorted([f"{ctl.TARGETS_VARIABLE}: {SYNTHETIC}=4",
+                                             f"{ctl.CUTOFFS_VARIABLE}: synthetic-cut.max_priority=25.0"])
+    assert reasons == [f"edited in the Prefect UI (variable {ctl.TARGETS_VARIABLE})"]
+
+    _set_target(engine, 2)  # `hopflow target synthetic 2`: the database wins over the unchanged Variable
+    with session_scope(engine, write=True) as session:
+        pushed = ctl.mirror_settings(prefect_client, session)
+    assert pushed.read_back == () and ctl.TARGETS_VARIABLE in pushed.pushed
+    assert _variable(prefect_client, ctl.TARGETS_VARIABLE)[SYNTHETIC] == 2
+
+    bad = {**_variable(prefect_client, ctl.TARGETS_VARIABLE), SYNTHETIC: -1, "synthetic-cut": "x", "nope": 3}
+    prefect_client.update_variable(VariableUpdate(name=ctl.TARGETS_VARIABLE, value=bad))
+    prefect_client.delete_variable_by_name(ctl.CUTOFFS_VARIABLE)
+    with session_scope(engine, write=True) as session:
+        rejected = ctl.mirror_settings(prefect_client, session)
+        assert queue.target(session, get_stage(SYNTHETIC)) == 2
+    assert len(rejected.rejected) == 3 and rejected.read_back == ()
+    assert any("nope" in line and "unknown stage" in line for line in rejected.rejected)
+    fixed = _variable(prefect_client, ctl.TARGETS_VARIABLE)
+    assert fixed[SYNTHETIC] == 2 and "nope" not in fixed and fixed["synthetic-cut"] == 0
+    assert _variable(prefect_client, ctl.CUTOFFS_VARIABLE) == {"synthetic-cut": {"max_priority": 25.0}}
+
+
+def test_tick_broadens_a_cutoff_that_holds_everything_back(engine, prefect_client, deployment, cut_stage):
+    name, _ = deployment
+    add_synthetic_items(engine, 50)
+    with session_scope(engine, write=True) as session:
+        queue.set_cutoff(session, cut_stage, "max_priority", -1.0)
+    _set_target(engine, 1, cut_stage.name)
+    stage_tick = _tick(prefect_client, engine, name, stage=cut_stage.name)
+    assert stage_tick.broadened == {"max_priority": 9.0}
+    assert stage_tick.claimed == 10 and len(stage_tick.submitted) == 1  # priorities 0..9 are eligible now
+
+
+@dataclass(frozen=True)
+class BoardRow:
+    formula: str
+    barrier_ev: float
+
+
+def board(_session, limit: int) -> list[BoardRow]:
+    """A leaderboard provider for the artifact test (the real one is hopflow's, once it exists)."""
+    return [BoardRow("CaF2", 0.31), BoardRow("PbSnF4", 0.29)][:limit]
+
+
+def _latest_artifact(client, key: str):
+    (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                        sort=ArtifactSort.CREATED_DESC, limit=1)
+    return artifact
+
+
+def test_tick_publishes_progress_and_leaderboard(engine, prefect_client, deployment, monkeypatch):
+    name, _ = deployment
+    monkeypatch.setattr(ctl, "LEADERBOARD_PROVIDER", f"{__name__}:board")
+    add_synthetic_items(engine, 30)
+    _set_target(engine, 1)
+    ctl.tick(prefect_client, engine=engine, stages=[SYNTHETIC], deployments={SYNTHETIC: name}, mirror=False)
+
+    progress = {row["stage"]: row for row in json.loads(_latest_artifact(prefect_client, ctl.PROGRESS_KEY).data)}
+    assert progress[SYNTHETIC] | {"note": ""} == {
+        "stage": SYNTHETIC, "target": 1, "live_flow_runs": 0, "queued": 10, "claimed": BATCH, "running": 0,
+        "done": 0, "failed": 0, "submitted": 1, "note": ""}
+    leaders = json.loads(_latest_artifact(prefect_client, ctl.LEADERBOARD_KEY).data)
+    assert leaders == [{"formula": "CaF2", "barrier_ev": 0.31}, {"formula": "PbSnF4", "barrier_ev": 0.29}]
+
+
+def test_without_a_leaderboard_source_there_is_no_leaderboard(engine, monkeypatch):
+    monkeypatch.setattr(ctl, "LEADERBOARD_PROVIDER", "hopflow.no_such_module:leaderboard")
+    with session_scope(engine) as session:
+        assert ctl.leaderboard_rows(session) is None
+
+
+def test_controller_flow_runs_a_tick_and_links_its_artifact(engine, prefect_client):
+    state = ctl.controller(publish=True, return_state=True)
+    assert state.is_completed()
+    report = state.result()
+    assert isinstance(report, ctl.TickReport) and report.stages == ()  # no stage has a target in a fresh database
+    artifact = _latest_artifact(prefect_client, ctl.PROGRESS_KEY)
+    assert artifact.flow_run_id == state.state_details.flow_run_id
