@@ -111,6 +111,8 @@ class PathwayRecord:
             or end.specie.symbol != self.ion
             or np.abs(np.array(start.frac_coords) - self.start_frac).max() > 1e-6
             or np.abs(expected_end - self.end_frac).max() > 1e-6
+            or abs(np.linalg.norm(structure.lattice.get_cartesian_coords(expected_end - start.frac_coords)) - self.length)
+            > LENGTH_TOL
         ):
             raise InputError(f"pathway {self.rank} ({self.ion}, {self.length:.3f} Å) does not belong to this structure")
         symm = SpacegroupAnalyzer(structure, symprec=symprec).get_symmetrized_structure()
