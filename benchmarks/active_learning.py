@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pymatgen.core import Element, Structure
 
 from hopflow.learning import (
     ModelParams,
@@ -33,6 +34,9 @@ from hopflow.learning import (
     train,
     uncertain_scores,
 )
+from hopflow.settings import get_settings
+from tasks.pathways import PathwayRecord, find_pathways
+from tasks.structures import bundled_inputs, parse_input, sanitize
 
 ROOT = Path(__file__).resolve().parents[1]
 FEATURES_CSV = ROOT / "tests" / "data" / "bundled_pathway_features.csv"
@@ -53,6 +57,8 @@ BARRIER_BASE, BARRIER_SPAN = 0.15, 0.6
 LOW_FRACTION = 0.10
 """The targets: the pathways with the lowest 10 % of barriers."""
 SEEDS = tuple(range(10))
+DESCRIPTOR_RADIUS = 4.0
+"""Å: neighbourhood of a hop's midpoint that the quick descriptors look at."""
 # a small, fast ensemble: 10 seeds x 2 hidden functions x 3 retrainings must run in minutes on 2 shared cores
 BENCH_PARAMS = ModelParams(n_estimators=100)
 BENCH_FOLDS = 3
@@ -224,9 +230,50 @@ def report(hidden: HiddenFunction, results: Sequence[SeedResult], strategy: str,
     return "\n".join(lines)
 
 
+def bundled_pathways() -> list[tuple[str, Structure, list[PathwayRecord]]]:
+    """The bundled structures (sanitized as the import stage does) and their distinct F pathways (default settings)."""
+    settings = get_settings()
+    found = []
+    for raw in bundled_inputs():
+        sanitized = sanitize(parse_input(raw), ion=settings.migrating_ion, max_sites=settings.max_sites, name=raw.location)
+        records = find_pathways(
+            sanitized.structure, ion=settings.migrating_ion, max_hop=settings.max_hop, max_paths=settings.max_paths
+        )
+        found.append((raw.location, sanitized.structure, records))
+    return found
+
+
+def pathway_descriptors(structure: Structure, record: PathwayRecord) -> dict[str, float]:
+    """Quick per-pathway descriptors: the hop's own (length, multiplicity, dimensionality) and its surroundings."""
+    midpoint = (np.array(record.start_cart) + np.array(record.end_cart)) / 2
+    around = structure.get_sites_in_sphere(midpoint, DESCRIPTOR_RADIUS)
+    cation_distances = [n.nn_distance for n in around if n.specie.symbol != record.ion]
+    cations = [site.specie for site in structure if site.specie.symbol != record.ion]
+    return {
+        "length": record.length,
+        "multiplicity": record.multiplicity,
+        "dimensionality": float(record.dimensionality),
+        "dimensionality_cumlengths": float(record.dimensionality_cumlengths),
+        "volume_per_atom": structure.volume / len(structure),
+        "f_fraction": structure.composition.get_atomic_fraction(record.ion),
+        "mid_cation_min": min(cation_distances, default=DESCRIPTOR_RADIUS),
+        "mid_n_within3": float(sum(1 for n in around if n.nn_distance < 3.0)),
+        "cation_en": float(np.mean([Element(c.symbol).X for c in cations])),
+    }
+
+
 def regenerate_features(path: Path = FEATURES_CSV) -> int:
-    """Recompute the fixture from the bundled structures' pathways (tasks.pathways + tasks.features); returns rows."""
-    raise NotImplementedError  # filled in once tasks/features.py lands
+    """Recompute the fixture from the bundled structures' pathways; returns the number of rows written."""
+    rows = []
+    for name, structure, records in bundled_pathways():
+        for record in records:
+            rows.append({"structure": name, "rank": record.rank, **pathway_descriptors(structure, record)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return len(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
