@@ -144,7 +144,7 @@ def synthetic_pathways(real: RealFeatures, n: int, seed: int, noise: float = FEA
 
 
 def synthetic_barriers(real: RealFeatures, X: np.ndarray, hidden: HiddenFunction, seed: int) -> np.ndarray:
-    """The synthetic engine: 0.15 + 0.6 sigmoid(z(X)) eV plus Gaussian noise, z on features standardized as the real set."""
+    """The synthetic engine: 0.15 + 0.6 sigmoid(z) eV plus Gaussian noise; z of X standardized as the real set."""
     Z = standardize(X, real.matrix)
     column = {name: Z[:, j] for j, name in enumerate(real.names)}
     z = hidden.z(lambda name: column[name])
@@ -204,7 +204,9 @@ def run_seed(real: RealFeatures, hidden: HiddenFunction, seed: int, strategy: st
     )
 
 
-def run_benchmark(hidden: HiddenFunction, seeds: Sequence[int] = SEEDS, strategy: str = "predicted") -> list[SeedResult]:
+def run_benchmark(
+    hidden: HiddenFunction, seeds: Sequence[int] = SEEDS, strategy: str = "predicted"
+) -> list[SeedResult]:
     """Every seed's figures for one hidden function."""
     real = load_real_features()
     return [run_seed(real, hidden, seed, strategy) for seed in seeds]
@@ -214,17 +216,17 @@ def report(hidden: HiddenFunction, results: Sequence[SeedResult], strategy: str,
     """A per-seed table with the acceptance checks."""
     lines = [
         f"hidden function {hidden.name}: {hidden.formula}",
-        f"{'seed':>4} {'targets':>7} {'random':>6} {strategy:>9} {'ratio':>6} {'kc-random':>9} {'kc-diverse':>10} {'cv-mae':>7}",
+        f"{'seed':>4} {'targets':>7} {'random':>6} {strategy:>9} {'ratio':>6} "
+        f"{'kc-random':>9} {'kc-diverse':>10} {'cv-mae':>7}",
     ]
     for r in results:
         lines.append(
             f"{r.seed:>4} {r.targets:>7} {r.hits_random:>6} {r.hits_model:>9} {r.ratio:>6.2f} "
             f"{r.kcentre_random:>9.3f} {r.kcentre_diverse:>10.3f} {r.final_cv_mae:>7.3f}"
         )
-    mean_ratio = np.mean([r.hits_model for r in results]) / np.mean([r.hits_random for r in results])
+    hits_model, hits_random = np.mean([r.hits_model for r in results]), np.mean([r.hits_random for r in results])
     lines.append(
-        f"mean hits {np.mean([r.hits_model for r in results]):.1f} vs random {np.mean([r.hits_random for r in results]):.1f}"
-        f" (x{mean_ratio:.2f}); min ratio {min(r.ratio for r in results):.2f}; diverse k-centre below random in "
+        f"mean hits {hits_model:.1f} vs random {hits_random:.1f} (x{hits_model / hits_random:.2f}); min ratio {min(r.ratio for r in results):.2f}; diverse k-centre below random in "
         f"{sum(r.kcentre_diverse < r.kcentre_random for r in results)}/{len(results)} seeds; {seconds:.1f} s"
     )
     return "\n".join(lines)
@@ -235,7 +237,8 @@ def bundled_pathways() -> list[tuple[str, Structure, list[PathwayRecord]]]:
     settings = get_settings()
     found = []
     for raw in bundled_inputs():
-        sanitized = sanitize(parse_input(raw), ion=settings.migrating_ion, max_sites=settings.max_sites, name=raw.location)
+        structure = parse_input(raw)
+        sanitized = sanitize(structure, ion=settings.migrating_ion, max_sites=settings.max_sites, name=raw.location)
         records = find_pathways(
             sanitized.structure, ion=settings.migrating_ion, max_hop=settings.max_hop, max_paths=settings.max_paths
         )
@@ -278,7 +281,9 @@ def regenerate_features(path: Path = FEATURES_CSV) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--regenerate-features", action="store_true", help="recompute the real-feature fixture and exit")
+    parser.add_argument(
+        "--regenerate-features", action="store_true", help="recompute the real-feature fixture and exit"
+    )
     parser.add_argument("--strategy", default="predicted", choices=sorted(STRATEGIES))
     parser.add_argument("--seeds", type=int, default=len(SEEDS))
     args = parser.parse_args(argv)

@@ -121,7 +121,9 @@ def _check_training_data(X: ArrayLike, y: ArrayLike) -> tuple[np.ndarray, np.nda
     if len(X) != len(y):
         raise ValueError(f"{len(X)} feature rows but {len(y)} barriers")
     if len(y) < MIN_TRAINING_SIZE:
-        raise InsufficientDataError(f"{len(y)} barriers are too few to train a model (need at least {MIN_TRAINING_SIZE})")
+        raise InsufficientDataError(
+            f"{len(y)} barriers are too few to train a model (need at least {MIN_TRAINING_SIZE})"
+        )
     if not np.isfinite(y).all():
         raise InsufficientDataError(f"{int((~np.isfinite(y)).sum())} of {len(y)} barriers are not finite numbers")
     if np.ptp(y) == 0:
@@ -368,6 +370,40 @@ def mixed_scores(model: TrainedModel | BarrierModel, X: ArrayLike, weight: float
     return pred.mean - weight * pred.std
 
 
+MODEL_RANKERS = ("predicted", "uncertain", "mixed")
+"""Rankers that need a trained model."""
+RANKERS = (*MODEL_RANKERS, "diverse")
+"""Every learning ranker, by the name a stage's ranker setting uses."""
+
+
+def ranker_scores(
+    name: str,
+    X: ArrayLike,
+    model: TrainedModel | BarrierModel | None = None,
+    *,
+    chosen: ArrayLike | None = None,
+    weight: float = MIXED_WEIGHT,
+    seed: int = 0,
+) -> np.ndarray:
+    """Scores of the named ranker for the rows of X (lower = claimed first).
+
+    `diverse` needs no model and uses `chosen` (features of items already computed); the others need `model`.
+    """
+    if name not in RANKERS:
+        raise ValueError(f"unknown learning ranker {name!r}; choose one of {list(RANKERS)}")
+    if name == "diverse":
+        return diverse_order(X, chosen=chosen, seed=seed)
+    if model is None:
+        raise InsufficientDataError(
+            f"ranker {name!r} needs a trained model and none is available: use 'diverse' until one is"
+        )
+    if name == "predicted":
+        return predicted_scores(model, X)
+    if name == "uncertain":
+        return uncertain_scores(model, X)
+    return mixed_scores(model, X, weight)
+
+
 def standardize(X: ArrayLike, reference: ArrayLike | None = None) -> np.ndarray:
     """Scale each column to zero mean and unit spread over `reference` (default X); NaN -> 0 (the mean)."""
     X = _as_matrix(X)
@@ -481,7 +517,9 @@ def fit_calibration(
     keep = np.isfinite(x) & np.isfinite(y)
     x, y, kept_ids = x[keep], y[keep], tuple(int(i) for i, k in zip(ids, keep, strict=True) if k)
     if len(x) < max(min_count, 2):
-        raise InsufficientDataError(f"{len(x)} pairs of {source} and {reference} barriers are too few to calibrate (need {min_count})")
+        raise InsufficientDataError(
+            f"{len(x)} pairs of {source} and {reference} barriers are too few to calibrate (need {min_count})"
+        )
     if np.ptp(x) == 0:
         raise InsufficientDataError(f"all {len(x)} {source} barriers are equal: the calibration slope is undefined")
     slope, intercept = np.polyfit(x, y, 1)
@@ -519,12 +557,18 @@ def parity_plot(
     pad = 0.05 * (hi - lo or 1.0)
     ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k--", lw=0.8)
     mae = float(np.nanmean(np.abs(y_pred - y_true))) if len(y_true) else math.nan
-    ax.set(xlabel="computed barrier (eV)", ylabel="predicted barrier (eV)", title=f"{title}: MAE {mae:.3f} eV, n={len(y_true)}")
+    ax.set(
+        xlabel="computed barrier (eV)",
+        ylabel="predicted barrier (eV)",
+        title=f"{title}: MAE {mae:.3f} eV, n={len(y_true)}",
+    )
     ax.set_aspect("equal", adjustable="datalim")
     return _save(fig, path)
 
 
-def learning_curve_plot(sizes: Sequence[int], errors: Sequence[float], path: str | Path, *, title: str = "learning curve") -> Path:
+def learning_curve_plot(
+    sizes: Sequence[int], errors: Sequence[float], path: str | Path, *, title: str = "learning curve"
+) -> Path:
     """Cross-validated MAE (eV) against the number of training barriers (log x axis); writes a PNG."""
     if len(sizes) != len(errors):
         raise ValueError(f"{len(sizes)} sizes but {len(errors)} errors")
@@ -548,6 +592,8 @@ def _save(fig: Figure, path: str | Path) -> Path:
 
 
 __all__ = [
+    "MODEL_RANKERS",
+    "RANKERS",
     "BarrierModel",
     "Calibration",
     "CrossValidation",
@@ -567,6 +613,7 @@ __all__ = [
     "mixed_scores",
     "parity_plot",
     "predicted_scores",
+    "ranker_scores",
     "standardize",
     "train",
     "uncertain_scores",

@@ -1,4 +1,4 @@
-"""The learning loop's machine learning: barrier model, rankers, calibration, plots, and the active-learning benchmark."""
+"""The learning loop's machine learning: barrier model, rankers, calibration, plots, active-learning benchmark."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from hopflow.learning import (
     mixed_scores,
     parity_plot,
     predicted_scores,
+    ranker_scores,
     standardize,
     train,
     uncertain_scores,
@@ -164,6 +165,15 @@ def test_rankers_order_by_mean_by_uncertainty_and_by_their_mix(data, trained):
     assert np.argmin(uncertain_scores(trained, X[200:])) == np.argmax(pred.std)
     with pytest.raises(ValueError, match="must not be negative"):
         mixed_scores(trained, X[200:], -1.0)
+    # the same rankers by name, as a stage's ranker setting selects them
+    np.testing.assert_array_equal(ranker_scores("predicted", X[200:], trained), pred.mean)
+    np.testing.assert_array_equal(ranker_scores("uncertain", X[200:], trained), -pred.std)
+    np.testing.assert_allclose(ranker_scores("mixed", X[200:], trained, weight=0.5), pred.mean - 0.5 * pred.std)
+    np.testing.assert_array_equal(ranker_scores("diverse", X[200:], seed=2), diverse_order(X[200:], seed=2))
+    with pytest.raises(InsufficientDataError, match="needs a trained model"):
+        ranker_scores("predicted", X[200:], None)
+    with pytest.raises(ValueError, match="unknown learning ranker 'best'"):
+        ranker_scores("best", X[200:], trained)
 
 
 def grid(n: int = 10) -> np.ndarray:
