@@ -104,8 +104,13 @@ def active_ranker(session: Session, stage: Stage) -> str:
 
 
 def set_active_ranker(session: Session, stage: Stage, name: str, reason: str = "set by user") -> bool:
+    """Make `name` the ranker the stage's claims use; queued runs take its scores as their priority at once."""
     stage.ranker(name)
-    return set_stage_setting(session, stage.name, RANKER_KEY, name, reason)
+    changed = set_stage_setting(session, stage.name, RANKER_KEY, name, reason)
+    if changed:
+        rank(session, stage, name, refresh=False)
+        sync_priority(session, stage)
+    return changed
 
 
 def target(session: Session, stage: Stage) -> int:
@@ -134,6 +139,7 @@ def _insert(session: Session, table: Any) -> Any:
 
 def enqueue(session: Session, stage: Stage, parameters: Mapping[str, Any] | None = None) -> int:
     """Queue a run for every input item that has none under this parameter set; rank the new items. Returns count."""
+    session.flush()
     params = stage_parameters(stage, parameters)
     phash = param_hash(params)
     items = stage.inputs().subquery()
@@ -150,6 +156,17 @@ def enqueue(session: Session, stage: Stage, parameters: Mapping[str, Any] | None
     return added
 
 
+def sync_priority(session: Session, stage: Stage, *, only_unset: bool = False) -> None:
+    """Copy the active ranker's scores onto queued runs (`runs.priority`), which the claim's index orders by."""
+    ranker = active_ranker(session, stage)
+    score = (select(Score.score).where(Score.stage == stage.name, Score.ranker == ranker,
+                                       Score.item_id == Run.input_id).scalar_subquery())
+    where = [Run.stage == stage.name, Run.state == RunState.QUEUED]
+    if only_unset:
+        where.append(Run.priority.is_(None))
+    session.execute(update(Run).where(*where).values(priority=score).execution_options(synchronize_session=False))
+
+
 def rank(session: Session, stage: Stage, ranker_name: str | None = None, refresh: bool = True) -> int:
     """Write the ranker's score for the stage's input items (all of them, or only unscored ones). Returns count."""
     ranker = stage.ranker(ranker_name)
@@ -162,14 +179,18 @@ def rank(session: Session, stage: Stage, ranker_name: str | None = None, refresh
         if not refresh:
             source = source.where(~scored)
         stmt = _insert(session, Score.__table__).from_select(["stage", "ranker", "item_id", "score"], source)
-        return session.execute(stmt.on_conflict_do_nothing()).rowcount or 0
-    ids_query = select(items.c.item_id) if refresh else select(items.c.item_id).where(~scored)
-    ids = list(session.scalars(ids_query))
-    scores = ranker.score(session, ids) if ids else {}
-    rows = [{"stage": stage.name, "ranker": ranker.name, "item_id": i, "score": float(s)} for i, s in scores.items()]
-    if rows:
-        session.execute(_insert(session, Score.__table__).on_conflict_do_nothing(), rows)
-    return len(rows)
+        count = session.execute(stmt.on_conflict_do_nothing()).rowcount or 0
+    else:
+        ids_query = select(items.c.item_id) if refresh else select(items.c.item_id).where(~scored)
+        ids = list(session.scalars(ids_query))
+        scores = ranker.score(session, ids) if ids else {}
+        rows = [{"stage": stage.name, "ranker": ranker.name, "item_id": i, "score": float(s)} for i, s in scores.items()]
+        if rows:
+            session.execute(_insert(session, Score.__table__).on_conflict_do_nothing(), rows)
+        count = len(rows)
+    if ranker.name == active_ranker(session, stage):
+        sync_priority(session, stage, only_unset=not refresh)
+    return count
 
 
 def write_scores(session: Session, stage: Stage, ranker_name: str, scores: Mapping[int, float]) -> int:
@@ -181,30 +202,36 @@ def write_scores(session: Session, stage: Stage, ranker_name: str, scores: Mappi
     rows = [{"stage": stage.name, "ranker": ranker_name, "item_id": i, "score": float(s)} for i, s in scores.items()]
     if rows:
         session.execute(insert(Score), rows)
+    if ranker_name == active_ranker(session, stage):
+        sync_priority(session, stage)
     return len(rows)
 
 
 # ---------------------------------------------------------------- claim
 
 
-def _claimable(stage: Stage, ranker: str, phash: str, cutoffs: Mapping[str, float]) -> Any:
-    query = (
-        select(Run.id)
-        .join(Score, and_(Score.stage == stage.name, Score.ranker == ranker, Score.item_id == Run.input_id))
-        .where(Run.stage == stage.name, Run.param_hash == phash, Run.state == RunState.QUEUED)
-    )
+def _claimable(stage: Stage, ranker: str, phash: str, cutoffs: Mapping[str, float], *, active: bool) -> Any:
+    """Queued runs in claim order. The active ranker's order is denormalised onto `runs.priority` (index-ordered);
+    any other ranker joins its scores."""
+    where = [Run.stage == stage.name, Run.param_hash == phash, Run.state == RunState.QUEUED]
+    if active:
+        query = select(Run.id).where(*where, Run.priority.is_not(None)).order_by(Run.priority, Run.input_id)
+    else:
+        query = (select(Run.id)
+                 .join(Score, and_(Score.stage == stage.name, Score.ranker == ranker, Score.item_id == Run.input_id))
+                 .where(*where).order_by(Score.score, Score.item_id))
     if stage.cutoffs:
         items = stage.inputs().subquery()
         criteria = [c.criterion(items.c, cutoffs[c.name]) for c in stage.cutoffs]
         query = query.where(Run.input_id.in_(select(items.c.item_id).where(*criteria)))
-    return query.order_by(Score.score, Score.item_id)
+    return query
 
 
 def claim_statement(session: Session, stage: Stage, n: int, ranker: str, phash: str, claimant: str,
-                    lease_seconds: float, cutoffs: Mapping[str, float]) -> Any:
+                    lease_seconds: float, cutoffs: Mapping[str, float], *, active: bool = True) -> Any:
     """The one claim statement: mark the top-n eligible queued runs claimed, skipping rows others hold."""
     now = utcnow()
-    pick = _claimable(stage, ranker, phash, cutoffs).limit(n)
+    pick = _claimable(stage, ranker, phash, cutoffs, active=active).limit(n)
     if session.get_bind().dialect.name == "postgresql":
         pick = pick.with_for_update(of=Run, skip_locked=True)
     return (
@@ -231,11 +258,12 @@ def claim(stage_name: str, n: int, ranker: str | None = None, *, parameters: Map
     with session_scope(engine, write=True) as session:
         if refresh:
             enqueue(session, stage, parameters)
-        ranker = ranker or active_ranker(session, stage)
+        active = active_ranker(session, stage)
+        ranker = ranker or active
         stage.ranker(ranker)
         cutoffs = cutoff_values(session, stage)
         stmt = claim_statement(session, stage, n, ranker, phash, claimant or default_claimant(),
-                               lease_seconds or stage.lease_seconds, cutoffs)
+                               lease_seconds or stage.lease_seconds, cutoffs, active=ranker == active)
         rows = session.execute(stmt).all()
     return [ClaimedRun(id=r.id, stage=stage.name, input_id=r.input_id, parameters=r.parameters) for r in rows]
 
@@ -411,7 +439,7 @@ def broaden(session: Session, stage: Stage, parameters: Mapping[str, Any] | None
     phash = param_hash(stage_parameters(stage, parameters))
     ranker = active_ranker(session, stage)
     cutoffs = cutoff_values(session, stage)
-    if session.execute(_claimable(stage, ranker, phash, cutoffs).limit(1)).first() is not None:
+    if session.execute(_claimable(stage, ranker, phash, cutoffs, active=True).limit(1)).first() is not None:
         return {}
     held = session.scalar(select(func.count()).select_from(Run).where(
         Run.stage == stage.name, Run.param_hash == phash, Run.state == RunState.QUEUED))
@@ -447,10 +475,12 @@ def counts_by_state(session: Session) -> dict[str, dict[str, int]]:
 def queue_head(session: Session, stage: Stage, n: int = 20, ranker: str | None = None,
                parameters: Mapping[str, Any] | None = None) -> list[tuple[int, int, float]]:
     """The next `n` claimable items: (run id, input id, score), in claim order."""
-    ranker = ranker or active_ranker(session, stage)
+    active = active_ranker(session, stage)
+    ranker = ranker or active
     phash = param_hash(stage_parameters(stage, parameters))
-    query = _claimable(stage, ranker, phash, cutoff_values(session, stage)).add_columns(Run.input_id, Score.score)
-    return [(r[0], r[1], r[2]) for r in session.execute(query.limit(n))]
+    query = _claimable(stage, ranker, phash, cutoff_values(session, stage), active=ranker == active)
+    score = Run.priority if ranker == active else Score.score
+    return [(r[0], r[1], r[2]) for r in session.execute(query.add_columns(Run.input_id, score).limit(n))]
 
 
 def is_backend_sqlite(session: Session) -> bool:

@@ -94,9 +94,9 @@ class Stage:
 STAGES: dict[str, Stage] = {}
 
 
-def register(stage: Stage) -> Stage:
+def register(stage: Stage, *, replace: bool = False) -> Stage:
     """Add a stage to the registry (a stage's name is its identity in the run table)."""
-    if stage.name in STAGES and STAGES[stage.name] is not stage:
+    if not replace and stage.name in STAGES and STAGES[stage.name] is not stage:
         raise ValueError(f"stage {stage.name!r} is already registered")
     STAGES[stage.name] = stage
     return stage

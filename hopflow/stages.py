@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from hopflow.models import Run, Source, Structure, SyntheticItem, SyntheticResult
+from hopflow.models import Run, RunState, Source, Structure, SyntheticItem, SyntheticResult
 from hopflow.registry import Ranker, Reused, Stage, register
 from hopflow.settings import Settings
 
@@ -84,8 +84,10 @@ def _synthetic_inputs() -> Any:
 
 def _synthetic_load(session: Session, ids: Sequence[int]) -> dict[int, Any]:
     rows = session.scalars(select(SyntheticItem).where(SyntheticItem.id.in_(list(ids))))
+    attempts = dict(session.execute(select(Run.input_id, Run.attempts).where(
+        Run.stage == "synthetic", Run.input_id.in_(list(ids)), Run.state.in_(RunState.LIVE))).all())
     return {r.id: {"item_id": r.id, "cpu_ms": r.cpu_ms, "sleep_ms": r.sleep_ms, "failure": r.failure,
-                   "fail_attempts": r.fail_attempts, "fingerprint": r.fingerprint} for r in rows}
+                   "fail_attempts": r.fail_attempts, "attempt": attempts.get(r.id, 1)} for r in rows}
 
 
 def _synthetic_store(session: Session, run: Run, result: Any) -> None:

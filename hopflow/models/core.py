@@ -64,7 +64,7 @@ class Run(Base):
     __tablename__ = "runs"
     __table_args__ = (
         UniqueConstraint("stage", "input_id", "param_hash"),
-        Index("ix_runs_claimable", "stage", "param_hash", "state", "input_id"),
+        Index("ix_runs_claimable", "stage", "param_hash", "state", "priority", "input_id"),
         Index("ix_runs_lease", "state", "lease_expires_at"),
     )
 
@@ -78,6 +78,7 @@ class Run(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     claimant: Mapped[str | None] = mapped_column(String(255))
     ranker: Mapped[str | None] = mapped_column(String(64))
+    priority: Mapped[float | None] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text)
     history: Mapped[list[Any] | None]
     cache_key: Mapped[str | None] = mapped_column(String(64), index=True)

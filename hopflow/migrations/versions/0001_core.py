@@ -27,6 +27,7 @@ def upgrade() -> None:
     sa.Column('lease_expires_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('claimant', sa.String(length=255), nullable=True),
     sa.Column('ranker', sa.String(length=64), nullable=True),
+    sa.Column('priority', sa.Float(), nullable=True),
     sa.Column('error', sa.Text(), nullable=True),
     sa.Column('history', sa.JSON(), nullable=True),
     sa.Column('cache_key', sa.String(length=64), nullable=True),
@@ -45,7 +46,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('runs', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_runs_cache_key'), ['cache_key'], unique=False)
-        batch_op.create_index('ix_runs_claimable', ['stage', 'param_hash', 'state', 'input_id'], unique=False)
+        batch_op.create_index('ix_runs_claimable', ['stage', 'param_hash', 'state', 'priority', 'input_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_runs_flow_run_id'), ['flow_run_id'], unique=False)
         batch_op.create_index('ix_runs_lease', ['state', 'lease_expires_at'], unique=False)
 

@@ -1,0 +1,34 @@
+"""What every stage flow shares: its Dask task runner from the stage's resource profile, and its run name."""
+
+from __future__ import annotations
+
+import os
+
+from prefect.runtime import flow_run
+from prefect_dask import DaskTaskRunner
+
+from hopflow.registry import get_stage
+from hopflow.settings import get_settings
+
+
+def profile_for(stage_name: str) -> str:
+    """The Dask profile of a stage: `HOPFLOW_PROFILE_<STAGE>`, else `HOPFLOW_DASK_PROFILE`, else the stage's own."""
+    override = os.environ.get(f"HOPFLOW_PROFILE_{stage_name.upper().replace('-', '_')}")
+    if override:
+        return override
+    if "HOPFLOW_DASK_PROFILE" in os.environ:
+        return get_settings().dask_profile
+    return get_stage(stage_name).resources
+
+
+def stage_task_runner(stage_name: str) -> DaskTaskRunner:
+    """A DaskTaskRunner built from the stage's cluster profile (deployments/clusters.yaml)."""
+    from deployments.clusters import task_runner
+
+    return task_runner(profile_for(stage_name))
+
+
+def stage_run_name(stage_name: str) -> str:
+    """Flow-run name that says what runs, e.g. `features-12-items` or `pathways-all-eligible`."""
+    run_ids = flow_run.parameters.get("run_ids")
+    return f"{stage_name}-{len(run_ids)}-items" if run_ids is not None else f"{stage_name}-all-eligible"

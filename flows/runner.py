@@ -1,0 +1,121 @@
+"""The one generic stage runner every stage flow calls: start claimed runs, reuse cache hits, map the stage's task
+over the flow's Dask task runner, and hand each result or error back to the queue."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import get_run_logger, unmapped
+from prefect.context import FlowRunContext
+from prefect.tasks import Task
+from sqlalchemy.orm import Session
+
+from hopflow import queue
+from hopflow.db import session_scope
+from hopflow.errors import InputError
+from hopflow.models import Run
+from hopflow.registry import get_stage
+
+BATCH_MODE_CLAIM = 1_000_000
+Postprocess = Callable[[Session, Run, Any], Any]
+
+
+@dataclass
+class StageReport:
+    """What one stage flow run did with its runs."""
+
+    stage: str
+    done: list[int] = field(default_factory=list)
+    reused: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    released: list[int] = field(default_factory=list)
+
+    @property
+    def summary(self) -> str:
+        return (f"{self.stage}: {len(self.done)} done ({len(self.reused)} from cache), {len(self.failed)} failed, "
+                f"{len(self.released)} released")
+
+
+def current_flow_run_id() -> str | None:
+    ctx = FlowRunContext.get()
+    return str(ctx.flow_run.id) if ctx and ctx.flow_run else None
+
+
+@contextmanager
+def release_on_termination(run_ids: Sequence[int]) -> Iterator[set[int]]:
+    """Give unfinished claims back at once when the flow is stopped (SIGTERM, Prefect cancellation, Ctrl-C)."""
+    open_ids: set[int] = set(run_ids)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        def _terminate(signum: int, _frame: Any) -> None:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield open_ids
+    finally:
+        if open_ids:
+            with session_scope(write=True) as session:
+                queue.release(session, open_ids)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def claim_all(stage_name: str, parameters: dict[str, Any] | None = None) -> list[int]:
+    """Batch mode: queue, rank and claim every eligible item of a stage."""
+    return [c.id for c in queue.claim(stage_name, BATCH_MODE_CLAIM, parameters=parameters, refresh=True)]
+
+
+def run_stage(stage_name: str, run_ids: Sequence[int] | None, process: Task[..., Any], *,
+              parameters: dict[str, Any] | None = None, postprocess: Postprocess | None = None) -> StageReport:
+    """Run a stage on claimed runs (controller mode) or on every eligible item (batch mode, `run_ids=None`)."""
+    logger = get_run_logger()
+    stage = get_stage(stage_name)
+    ids = list(run_ids) if run_ids is not None else claim_all(stage_name, parameters)
+    report = StageReport(stage=stage_name)
+    with release_on_termination(ids) as open_ids:
+        with session_scope(write=True) as session:
+            runs = queue.start(session, ids, flow_run_id=current_flow_run_id())
+            open_ids.intersection_update(r.id for r in runs)
+            prints = queue.fingerprints(session, stage, [r.input_id for r in runs])
+            todo = []
+            for run in runs:
+                hit = queue.set_cache_key(session, run, prints[run.input_id]) if run.input_id in prints else None
+                if hit is not None and queue.complete(session, run.id, None, reused_from=hit):
+                    report.done.append(run.id)
+                    report.reused.append(run.id)
+                    open_ids.discard(run.id)
+                else:
+                    todo.append(run)
+            payloads = stage.load(session, [r.input_id for r in todo])
+        missing = [r for r in todo if r.input_id not in payloads]
+        todo = [r for r in todo if r.input_id in payloads]
+        futures = process.map([payloads[r.input_id] for r in todo], unmapped(todo[0].parameters)) if todo else []
+        for run in missing:
+            _record_failure(run, InputError(f"input {stage.input_table} #{run.input_id} no longer exists"), report)
+            open_ids.discard(run.id)
+        for run, future in zip(todo, futures):
+            try:
+                result = future.result()
+                with session_scope(write=True) as session:
+                    if postprocess is not None:
+                        result = postprocess(session, run, result)
+                    if queue.complete(session, run.id, result):
+                        report.done.append(run.id)
+            except Exception as exc:  # noqa: BLE001  (every item-level error is recorded, the batch goes on)
+                _record_failure(run, exc, report)
+            open_ids.discard(run.id)
+    logger.info(report.summary)
+    return report
+
+
+def _record_failure(run: Run, exc: BaseException, report: StageReport) -> None:
+    message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, InputError) else str(exc)
+    with session_scope(write=True) as session:
+        if queue.fail(session, run.id, message, retryable=not isinstance(exc, InputError)):
+            report.failed[run.id] = message
