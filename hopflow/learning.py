@@ -28,6 +28,8 @@ MIN_CALIBRATION_SIZE = 5
 """Fewest (ML-potential, VASP) pairs a calibration line is fitted to."""
 MIXED_WEIGHT = 1.0
 """Default weight of the uncertainty in the `mixed` ranker (mean - weight * std, a lower confidence bound)."""
+DIVERSE_PICKS = 2000
+"""Farthest-point picks `diverse` makes by default (cost ~ items x picks); the rest follow by distance."""
 FEATURE_FLOOR = 1e-12
 """A feature whose spread is below this is constant: it is not scaled (division by ~0) in the diverse ranker."""
 
@@ -423,12 +425,12 @@ def diverse_order(
     The first k items picked each lie farthest from everything picked before them (and from `chosen`, the
     features of items already computed); this greedily minimizes the k-centre cost, the largest distance from any
     item to its nearest picked one, within a factor of 2 of the optimum. Without `chosen` the first pick is random
-    (by `seed`). Items after the first k follow in order of their distance to the picked set, farthest first.
-    Scores are 0, 1, 2 ... (ties are impossible).
+    (by `seed`). Items after the first k (default DIVERSE_PICKS) follow in order of their distance to the picked
+    set, farthest first. Scores are 0, 1, 2 ... (ties are impossible).
     """
     X = _as_matrix(X)
     n = len(X)
-    k = n if k is None else max(0, min(int(k), n))
+    k = min(n, DIVERSE_PICKS if k is None else max(0, int(k)))
     known = None if chosen is None or len(chosen) == 0 else _as_matrix(chosen)
     Z = standardize(X, X if known is None else np.vstack([X, known]))
     nearest = np.full(n, np.inf) if known is None else _min_dist(Z, standardize(known, np.vstack([X, known])))
