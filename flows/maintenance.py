@@ -26,6 +26,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterEndTime,
     FlowRunFilterState,
     FlowRunFilterStateType,
+    FlowRunFilterTags,
 )
 from prefect.client.schemas.objects import StateType
 from sqlalchemy import Connection, Engine, MetaData, Table, select, text, types
@@ -58,9 +59,12 @@ class CleanupReport:
     states: tuple[str, ...]
 
 
-def delete_old_flow_runs(client: SyncPrefectClient, older_than_days: float,
-                         states: Sequence[str] = FINISHED_STATES) -> CleanupReport:
-    """Delete flow runs in the given final states that ended more than `older_than_days` ago, 50 per API call."""
+def delete_old_flow_runs(client: SyncPrefectClient, older_than_days: float, states: Sequence[str] = FINISHED_STATES,
+                         tags: Sequence[str] | None = None) -> CleanupReport:
+    """Delete flow runs in the given final states that ended more than `older_than_days` ago, 50 per API call.
+
+    `tags` limits the clean-up to flow runs that carry all of them.
+    """
     if older_than_days < 0:
         raise ValueError("older_than_days must be >= 0")
     kinds = [StateType(s.upper()) for s in states]
@@ -68,7 +72,8 @@ def delete_old_flow_runs(client: SyncPrefectClient, older_than_days: float,
         raise ValueError(f"clean-up deletes finished flow runs only: states must be among {', '.join(FINISHED_STATES)}")
     cutoff = datetime.now(timezone.utc) - timedelta(days=older_than_days)
     criteria = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=kinds)),
-                             end_time=FlowRunFilterEndTime(before_=cutoff))
+                             end_time=FlowRunFilterEndTime(before_=cutoff),
+                             **({"tags": FlowRunFilterTags(all_=list(tags))} if tags else {}))
     body = {"flow_runs": criteria.model_dump(mode="json", exclude_unset=True), "limit": BULK_DELETE_LIMIT}
     deleted = 0
     while True:
@@ -242,10 +247,11 @@ def checkpoint_database(engine: Engine | None = None, dest: Path | str | None = 
 
 
 @flow(name="cleanup", flow_run_name="cleanup-older-than-{older_than_days}d")
-def cleanup(older_than_days: float = 7.0, states: list[str] | None = None) -> CleanupReport:
+def cleanup(older_than_days: float = 7.0, states: list[str] | None = None,
+            tags: list[str] | None = None) -> CleanupReport:
     """Delete finished flow runs older than `older_than_days` from Prefect's database (never hopflow's tables)."""
     with get_client(sync_client=True) as client:
-        report = delete_old_flow_runs(client, older_than_days, states or FINISHED_STATES)
+        report = delete_old_flow_runs(client, older_than_days, states or FINISHED_STATES, tags)
     get_run_logger().info("deleted %d flow runs (%s) that ended before %s", report.deleted,
                           ", ".join(report.states), report.older_than.isoformat())
     return report

@@ -1,0 +1,138 @@
+"""prefect.yaml: every key is one Prefect 3.8.8 accepts (it drops unknown keys silently), schedules and entrypoints
+are valid, every stage of the registry has its deployment, and a real `prefect deploy` creates them with schedules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prefect.cli.deploy._models import (
+    ConcurrencyLimitSpec,
+    DeploymentConfig,
+    PrefectYamlModel,
+    RawScheduleConfig,
+    WorkPoolConfig,
+)
+from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
+from prefect.flows import load_flow_from_entrypoint
+from prefect.workers.process import ProcessWorker
+
+from deployments.bootstrap import POOL_NAME, PREFECT_YAML, PROJECT_ROOT, deploy_all, ensure_work_pool
+from hopflow.registry import STAGES, get_stage
+from prefect_helpers import prefect_client  # noqa: F401  (fixture)
+
+# Keys of the top level that Prefect does not read but that YAML anchors need (Prefect's own docs use it).
+ANCHOR_SECTION = "definitions"
+STAGE_FLOWS = {"import-structures", "pathways", "features", "estimates", "neb", "synthetic"}
+
+
+def _document() -> dict[str, Any]:
+    return yaml.safe_load(PREFECT_YAML.read_text())
+
+
+def _deployments() -> list[dict[str, Any]]:
+    return _document()["deployments"]
+
+
+def _fields(model: type) -> set[str]:
+    return {info.alias or name for name, info in model.model_fields.items()} | set(model.model_fields)
+
+
+def _entrypoint_file(deployment: dict[str, Any]) -> Path:
+    return PROJECT_ROOT / deployment["entrypoint"].split(":")[0]
+
+
+def _flow_name(deployment: dict[str, Any]) -> str:
+    """The flow's name: from the flow itself when its file exists, else the entrypoint's function name."""
+    if _entrypoint_file(deployment).exists():
+        return load_flow_from_entrypoint(str(_entrypoint_file(deployment)) + ":" +
+                                         deployment["entrypoint"].split(":")[1]).name
+    return deployment["entrypoint"].split(":")[1].replace("_", "-")
+
+
+def _full_names() -> dict[str, dict[str, Any]]:
+    return {f"{_flow_name(d)}/{d['name']}": d for d in _deployments()}
+
+
+def test_every_key_is_one_prefect_reads():
+    document = _document()
+    assert set(document) - {ANCHOR_SECTION} <= _fields(PrefectYamlModel)
+    PrefectYamlModel.model_validate(document)  # what `prefect deploy` runs first
+    job_variables = set(ProcessWorker.get_default_base_job_template()["variables"]["properties"])
+    for deployment in document["deployments"]:
+        where = deployment.get("name")
+        assert set(deployment) <= _fields(DeploymentConfig), where
+        assert set(deployment["work_pool"]) <= _fields(WorkPoolConfig), where
+        assert deployment["work_pool"]["name"] == POOL_NAME
+        assert set(deployment["work_pool"].get("job_variables", {})) <= job_variables, where
+        assert all(isinstance(v, str) for v in deployment["work_pool"]["job_variables"]["env"].values()), where
+        limit = deployment.get("concurrency_limit")
+        if isinstance(limit, dict):
+            assert set(limit) <= _fields(ConcurrencyLimitSpec), where
+            ConcurrencyLimitStrategy(limit["collision_strategy"])
+        for schedule in deployment.get("schedules", []):
+            parsed = RawScheduleConfig.model_validate(schedule)  # forbids unknown keys
+            if parsed.cron is not None:
+                CronSchedule(cron=parsed.cron, timezone=parsed.timezone)  # validates the expression
+
+
+def test_names_are_unique_and_every_stage_has_its_deployment():
+    names = _full_names()
+    assert len(names) == len(_deployments())
+    for stage in STAGES.values():
+        assert stage.deployment in names, f"stage {stage.name} submits to {stage.deployment}, missing in prefect.yaml"
+        assert set(names[stage.deployment]["parameters"]) == {"run_ids"}
+    assert {name.split("/")[0] for name in names} >= STAGE_FLOWS | {"controller", "cleanup", "checkpoint", "submit"}
+
+
+def test_entrypoints_resolve_to_flows():
+    present = [d for d in _deployments() if _entrypoint_file(d).exists()]
+    assert {d["name"] for d in present} >= {"synthetic", "controller", "submit", "daily"}
+    for deployment in present:
+        flow = load_flow_from_entrypoint(deployment["entrypoint"])
+        assert set(deployment.get("parameters", {})) <= set(flow.parameters.properties), deployment["name"]
+    for deployment in _deployments():
+        assert deployment["entrypoint"].startswith("flows/") and deployment["entrypoint"].count(":") == 1
+
+
+def test_services_have_the_schedules_and_limits_asked_for():
+    names = _full_names()
+    controller = names["controller/controller"]
+    assert controller["schedules"] == [{"interval": 60, "active": True}]
+    assert controller["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+    for name in ("cleanup/daily", "checkpoint/daily"):
+        (daily,) = names[name]["schedules"]
+        assert CronSchedule(cron=daily["cron"], timezone=daily["timezone"]).timezone == "UTC"
+    for stage in STAGE_FLOWS:
+        assert "schedules" not in names[f"{stage}/{stage}"]  # stages run when the controller submits them
+
+
+@pytest.mark.prefect
+def test_prefect_deploy_creates_the_deployments(prefect_client):
+    ensure_work_pool(prefect_client)
+    names = _full_names()
+    present = [name for name, d in names.items() if _entrypoint_file(d).exists()]
+    done = deploy_all(names=None if len(present) == len(names) else present)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    for name in present:
+        deployment = prefect_client.read_deployment_by_name(name)
+        assert deployment.work_pool_name == POOL_NAME, name
+        assert deployment.entrypoint == names[name]["entrypoint"]
+        assert deployment.pull_steps == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(PROJECT_ROOT)}}]
+        assert deployment.job_variables["env"] == names[name]["work_pool"]["job_variables"]["env"]
+    controller = prefect_client.read_deployment_by_name("controller/controller")
+    (schedule,) = controller.schedules
+    assert isinstance(schedule.schedule, IntervalSchedule) and schedule.schedule.interval.total_seconds() == 60
+    assert schedule.active
+    assert controller.global_concurrency_limit.limit == 1
+    assert controller.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
+    for flow_name in ("cleanup", "checkpoint"):
+        (daily,) = prefect_client.read_deployment_by_name(f"{flow_name}/daily").schedules
+        assert isinstance(daily.schedule, CronSchedule) and daily.active
+    synthetic = prefect_client.read_deployment_by_name(get_stage("synthetic").deployment)
+    assert synthetic.schedules == [] and synthetic.parameters == {"run_ids": None}
