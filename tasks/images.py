@@ -105,7 +105,7 @@ def hop_images(
         except Exception as exc:  # the solver raises bare numpy/ValueErrors on degenerate paths
             raise InputError(f"{formula}: IDPP relaxation of the hop failed: {exc}") from exc
     matrix = np.rint(np.linalg.solve(structure.lattice.matrix.T, start.lattice.matrix.T).T).astype(int)
-    charge = float(sum(getattr(site.specie, "oxi_state", None) or 0 for site in start)) if _has_oxidation_states(start) else None
+    charge = float(sum(site.specie.oxi_state for site in start)) if _has_oxidation_states(start) else None
     return HopImages(
         images=list(images),
         moving_index=moving_index,
@@ -130,7 +130,8 @@ def _check_single_move(start: Structure, end: Structure, length: float, formula:
     movers = np.flatnonzero(moved > STILL_TOL)
     if len(movers) != 1:
         raise InputError(
-            f"{formula}: {len(movers)} atoms move between the hop's end points (largest {moved.max():.3f} Å), expected one"
+            f"{formula}: {len(movers)} atoms move between the hop's end points "
+            f"(largest {moved.max():.3f} Å), expected one"
         )
     index = int(movers[0])
     if abs(moved[index] - length) > MOVE_TOL:

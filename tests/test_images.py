@@ -12,6 +12,8 @@ from tasks.images import HopImages, displacements, hop_images
 from tasks.pathways import PathwayRecord, find_pathways
 from tests.test_pathways import crystal, lattice_a
 
+SUPERCELL = {"min_length": 10.0, "min_atoms": 40, "max_atoms": 240}
+
 
 @cache
 def _caf2_paths() -> tuple[PathwayRecord, ...]:
@@ -20,7 +22,7 @@ def _caf2_paths() -> tuple[PathwayRecord, ...]:
 
 @cache
 def _shortest_idpp() -> HopImages:
-    return hop_images(crystal("CaF2", oxidation_states=True), _caf2_paths()[0], nimages=3, min_length=10.0, min_atoms=40, max_atoms=240)
+    return hop_images(crystal("CaF2", oxidation_states=True), _caf2_paths()[0], nimages=3, **SUPERCELL)
 
 
 def test_end_points_share_atom_order_and_only_the_ion_moves() -> None:
@@ -56,7 +58,7 @@ def test_idpp_midpoint_is_the_middle_of_the_hop() -> None:
 
 def test_linear_images_and_vacancy_charge() -> None:
     structure = crystal("CaF2")  # no oxidation states
-    result = hop_images(structure, _caf2_paths()[1], nimages=4, idpp=False, min_length=10.0, min_atoms=40, max_atoms=240)
+    result = hop_images(structure, _caf2_paths()[1], nimages=4, idpp=False, **SUPERCELL)
     assert not result.idpp and len(result.images) == 6
     steps = [displacements(result.images[0], image)[result.moving_index] for image in result.images]
     assert steps == pytest.approx([i * lattice_a("CaF2") / np.sqrt(2) / 5 for i in range(6)], abs=1e-6)
@@ -67,7 +69,7 @@ def test_linear_images_and_vacancy_charge() -> None:
 def test_a_migration_hop_works_as_well_as_a_record() -> None:
     structure = crystal("CaF2", oxidation_states=True)
     hop = _caf2_paths()[0].as_hop(structure)
-    result = hop_images(structure, hop, nimages=1, idpp=False, min_length=10.0, min_atoms=40, max_atoms=240)
+    result = hop_images(structure, hop, nimages=1, idpp=False, **SUPERCELL)
     assert displacements(result.images[0], result.images[-1])[result.moving_index] == pytest.approx(hop.length)
 
 
@@ -93,5 +95,5 @@ def test_a_hop_as_long_as_the_cell_is_refused() -> None:
 
 
 def test_a_record_of_another_structure_is_refused() -> None:
-    with pytest.raises(InputError, match="does not belong to this structure"):
+    with pytest.raises(InputError, match="is not a hop of this structure"):
         hop_images(crystal("SrF2"), _caf2_paths()[0], nimages=1, idpp=False)
