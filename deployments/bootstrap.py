@@ -11,6 +11,13 @@ from pathlib import Path
 
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterDeploymentId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
 from prefect.exceptions import ObjectNotFound
 from sqlalchemy import Engine
 
@@ -22,6 +29,7 @@ POOL_TYPE = "process"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PREFECT_YAML = PROJECT_ROOT / "prefect.yaml"
 DEPLOY_TIMEOUT_S = 300
+SCHEDULED_SERVICES = ("controller/controller", "cleanup/daily", "checkpoint/daily")
 
 
 @dataclass(frozen=True)
@@ -74,3 +82,24 @@ def deploy_all(root: Path = PROJECT_ROOT, names: list[str] | None = None,
     command += ["--all"] if names is None else [arg for name in names for arg in ("--name", name)]
     return subprocess.run(command, cwd=root, env={**os.environ, **(env or {})}, capture_output=True, text=True,
                           timeout=DEPLOY_TIMEOUT_S)
+
+
+def pause_services(client: SyncPrefectClient, names: tuple[str, ...] = SCHEDULED_SERVICES) -> list[str]:
+    """Pause the scheduled deployments and delete their waiting runs (tests and benchmarks drive ticks themselves).
+
+    Returns the deployments paused; `prefect deployment resume NAME` undoes it.
+    """
+    paused = []
+    for name in names:
+        try:
+            deployment = client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            continue
+        client.pause_deployment(deployment.id)
+        waiting = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PENDING]))))
+        for run in waiting:
+            client.delete_flow_run(run.id)
+        paused.append(name)
+    return paused

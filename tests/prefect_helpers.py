@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
 from sqlalchemy import Engine, insert
 
+from deployments.bootstrap import PREFECT_YAML
 from hopflow.db import session_scope
 from hopflow.models import SyntheticItem
 
@@ -73,7 +75,7 @@ def add_synthetic_items(engine: Engine, n: int, *, cpu_ms: float = 1.0, sleep_ms
              "priority": float(priorities[i]) if priorities is not None else float(i)} for i in range(n)]
     with session_scope(engine, write=True) as session:
         result = session.execute(insert(SyntheticItem).returning(SyntheticItem.id), rows)
-        return sorted(result.scalars())
+        return sorted(int(i) for i in result.scalars())  # SQLite may hand back ids as floats here
 
 
 def start_worker(pool: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -125,3 +127,24 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.2, what: str = 
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
 
+
+
+def entrypoint_file(deployment: dict[str, Any]) -> Path:
+    """The flow file of a prefect.yaml deployment."""
+    return PROJECT_ROOT / deployment["entrypoint"].split(":")[0]
+
+
+def yaml_deployments() -> dict[str, dict[str, Any]]:
+    """prefect.yaml's deployments by `flow/deployment` name; the flow name is read from the flow when its file
+    exists, else derived from the entrypoint's function name."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    named = {}
+    for deployment in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]:
+        function = deployment["entrypoint"].split(":")[1]
+        if entrypoint_file(deployment).exists():
+            flow_name = load_flow_from_entrypoint(f"{entrypoint_file(deployment)}:{function}").name
+        else:
+            flow_name = function.replace("_", "-")
+        named[f"{flow_name}/{deployment['name']}"] = deployment
+    return named

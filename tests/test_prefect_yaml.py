@@ -3,7 +3,6 @@ are valid, every stage of the registry has its deployment, and a real `prefect d
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,9 +19,9 @@ from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
 from prefect.flows import load_flow_from_entrypoint
 from prefect.workers.process import ProcessWorker
 
-from deployments.bootstrap import POOL_NAME, PREFECT_YAML, PROJECT_ROOT, deploy_all, ensure_work_pool
+from deployments.bootstrap import POOL_NAME, PREFECT_YAML, PROJECT_ROOT, deploy_all, ensure_work_pool, pause_services
 from hopflow.registry import STAGES, get_stage
-from prefect_helpers import prefect_client  # noqa: F401  (fixture)
+from prefect_helpers import entrypoint_file, prefect_client, yaml_deployments  # noqa: F401  (fixture)
 
 # Keys of the top level that Prefect does not read but that YAML anchors need (Prefect's own docs use it).
 ANCHOR_SECTION = "definitions"
@@ -39,22 +38,6 @@ def _deployments() -> list[dict[str, Any]]:
 
 def _fields(model: type) -> set[str]:
     return {info.alias or name for name, info in model.model_fields.items()} | set(model.model_fields)
-
-
-def _entrypoint_file(deployment: dict[str, Any]) -> Path:
-    return PROJECT_ROOT / deployment["entrypoint"].split(":")[0]
-
-
-def _flow_name(deployment: dict[str, Any]) -> str:
-    """The flow's name: from the flow itself when its file exists, else the entrypoint's function name."""
-    if _entrypoint_file(deployment).exists():
-        return load_flow_from_entrypoint(str(_entrypoint_file(deployment)) + ":" +
-                                         deployment["entrypoint"].split(":")[1]).name
-    return deployment["entrypoint"].split(":")[1].replace("_", "-")
-
-
-def _full_names() -> dict[str, dict[str, Any]]:
-    return {f"{_flow_name(d)}/{d['name']}": d for d in _deployments()}
 
 
 def test_every_key_is_one_prefect_reads():
@@ -80,7 +63,7 @@ def test_every_key_is_one_prefect_reads():
 
 
 def test_names_are_unique_and_every_stage_has_its_deployment():
-    names = _full_names()
+    names = yaml_deployments()
     assert len(names) == len(_deployments())
     for stage in STAGES.values():
         assert stage.deployment in names, f"stage {stage.name} submits to {stage.deployment}, missing in prefect.yaml"
@@ -89,7 +72,7 @@ def test_names_are_unique_and_every_stage_has_its_deployment():
 
 
 def test_entrypoints_resolve_to_flows():
-    present = [d for d in _deployments() if _entrypoint_file(d).exists()]
+    present = [d for d in _deployments() if entrypoint_file(d).exists()]
     assert {d["name"] for d in present} >= {"synthetic", "controller", "submit", "daily"}
     for deployment in present:
         flow = load_flow_from_entrypoint(deployment["entrypoint"])
@@ -99,7 +82,7 @@ def test_entrypoints_resolve_to_flows():
 
 
 def test_services_have_the_schedules_and_limits_asked_for():
-    names = _full_names()
+    names = yaml_deployments()
     controller = names["controller/controller"]
     assert controller["schedules"] == [{"interval": 60, "active": True}]
     assert controller["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
@@ -113,8 +96,8 @@ def test_services_have_the_schedules_and_limits_asked_for():
 @pytest.mark.prefect
 def test_prefect_deploy_creates_the_deployments(prefect_client):
     ensure_work_pool(prefect_client)
-    names = _full_names()
-    present = [name for name, d in names.items() if _entrypoint_file(d).exists()]
+    names = yaml_deployments()
+    present = [name for name, d in names.items() if entrypoint_file(d).exists()]
     done = deploy_all(names=None if len(present) == len(names) else present)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -136,3 +119,5 @@ def test_prefect_deploy_creates_the_deployments(prefect_client):
         assert isinstance(daily.schedule, CronSchedule) and daily.active
     synthetic = prefect_client.read_deployment_by_name(get_stage("synthetic").deployment)
     assert synthetic.schedules == [] and synthetic.parameters == {"run_ids": None}
+    # Leave the shared test server quiet: no scheduled controller runs for a later test's worker to pick up.
+    assert pause_services(prefect_client) == ["controller/controller", "cleanup/daily", "checkpoint/daily"]

@@ -50,13 +50,14 @@ def target(stage: StageArg, n: Annotated[int, typer.Argument(min=0, help="Live f
 
 def submit(stage: StageArg, ids: Annotated[list[int], typer.Argument(help="Input item ids of the stage.")],
            batch_size: Annotated[int | None, typer.Option(help="Items per flow run (default: the stage's).")] = None,
+           deployment: Annotated[str | None, typer.Option(help="`flow/deployment` (default: the stage's).")] = None,
            ) -> None:
     """Run a stage on chosen input items now, through the queue (items already claimed or done are skipped)."""
     from flows.controller import submit_items
 
     _stage_or_exit(stage)
     with _prefect() as client:
-        report = submit_items(client, stage, ids, batch_size=batch_size)
+        report = submit_items(client, stage, ids, batch_size=batch_size, deployment=deployment)
     typer.echo(f"{stage}: {len(report.run_ids)} runs claimed, flow runs: {', '.join(report.flow_runs) or 'none'}")
     if report.skipped:
         typer.echo(f"not queued (already claimed, running, done or failed, or not an input): "
