@@ -8,6 +8,11 @@ its fixture of real pathway features.
 gives each a barrier 0.15 + 0.6 sigmoid(z) eV plus Gaussian noise of 0.05 eV (the synthetic engine's answer). A
 campaign computes 20 % of them in batches of 5 %: the first batch by `diverse` (no model yet), each later one by a
 ranker of a model retrained on every barrier computed so far. Random order is the baseline.
+
+The fixture holds, per pathway of the bundled structures (tasks.structures sanitize -> tasks.pathways.find_pathways
+under default settings), the numeric predictors of tasks.features.featurize and the pathway's multiplicity.
+Regenerate it (about 5 minutes on 2 cores) whenever those definitions change; tests/test_learning.py checks one row
+against a fresh featurization.
 """
 
 from __future__ import annotations
@@ -18,11 +23,11 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
-from pymatgen.core import Element, Structure
+from pymatgen.core import Structure
 
 from hopflow.learning import (
     ModelParams,
@@ -35,6 +40,7 @@ from hopflow.learning import (
     uncertain_scores,
 )
 from hopflow.settings import get_settings
+from tasks.features import featurize
 from tasks.pathways import PathwayRecord, find_pathways
 from tasks.structures import bundled_inputs, parse_input, sanitize
 
@@ -57,8 +63,7 @@ BARRIER_BASE, BARRIER_SPAN = 0.15, 0.6
 LOW_FRACTION = 0.10
 """The targets: the pathways with the lowest 10 % of barriers."""
 SEEDS = tuple(range(10))
-DESCRIPTOR_RADIUS = 4.0
-"""Å: neighbourhood of a hop's midpoint that the quick descriptors look at."""
+NON_NUMERIC_FEATURES = ("ion", "oxidation_states", "radii", "radii_description")
 # a small, fast ensemble: 10 seeds x 2 hidden functions x 3 retrainings must run in minutes on 2 shared cores
 BENCH_PARAMS = ModelParams(n_estimators=100)
 BENCH_FOLDS = 3
@@ -107,18 +112,21 @@ class SeedResult:
         return self.hits_model / self.hits_random if self.hits_random else math.inf
 
 
-# Two different hidden functions: each uses at least four features and a product of two.
+# Two different hidden functions of tasks.features' predictors: each uses at least four features and a product of two.
 LINEAR_PRODUCT = HiddenFunction(
     name="linear+product",
-    formula="z = -1.2 length + 0.8 mid_cation_min - 0.6 volume_per_atom + 0.5 cation_en + 0.9 length*multiplicity",
-    z=lambda f: -1.2 * f("length") + 0.8 * f("mid_cation_min") - 0.6 * f("volume_per_atom") + 0.5 * f("cation_en")
-    + 0.9 * f("length") * f("multiplicity"),
+    formula="z = 1.2 overlap_cation_max_change + 0.8 ewald_energy_change - 0.6 ion_fraction + 0.5 length_vs_dmin"
+    " - 0.9 length*dimensionality_cumlengths",
+    z=lambda f: 1.2 * f("overlap_cation_max_change") + 0.8 * f("ewald_energy_change") - 0.6 * f("ion_fraction")
+    + 0.5 * f("length_vs_dmin") - 0.9 * f("length") * f("dimensionality_cumlengths"),
 )
 NONLINEAR = HiddenFunction(
     name="nonlinear",
-    formula="z = 1.5 sin(f_fraction) + 1.0 mid_cation_min*volume_per_atom - 0.8 |cation_en| - 0.7 dimensionality",
-    z=lambda f: 1.5 * np.sin(f("f_fraction")) + 1.0 * f("mid_cation_min") * f("volume_per_atom")
-    - 0.8 * np.abs(f("cation_en")) - 0.7 * f("dimensionality"),
+    formula="z = 1.5 sin(ewald_energy_start) + 1.0 overlap_anion_midpoint*min_cation_anion_distance"
+    " - 0.8 |overlap_cation_start| - 0.7 dimensionality",
+    z=lambda f: 1.5 * np.sin(f("ewald_energy_start"))
+    + 1.0 * f("overlap_anion_midpoint") * f("min_cation_anion_distance")
+    - 0.8 * np.abs(f("overlap_cation_start")) - 0.7 * f("dimensionality"),
 )
 HIDDEN_FUNCTIONS = (LINEAR_PRODUCT, NONLINEAR)
 
@@ -232,11 +240,14 @@ def report(hidden: HiddenFunction, results: Sequence[SeedResult], strategy: str,
     return "\n".join(lines)
 
 
-def bundled_pathways() -> list[tuple[str, Structure, list[PathwayRecord]]]:
-    """The bundled structures (sanitized as the import stage does) and their distinct F pathways (default settings)."""
+def bundled_pathways_of(names: Sequence[str] | None = None) -> list[tuple[str, Structure, list[PathwayRecord]]]:
+    """Bundled structures (all, or those named), sanitized as the import stage does, and their distinct pathways of
+    the migrating ion under the default settings."""
     settings = get_settings()
     found = []
     for raw in bundled_inputs():
+        if names is not None and raw.location not in names:
+            continue
         structure = parse_input(raw)
         sanitized = sanitize(structure, ion=settings.migrating_ion, max_sites=settings.max_sites, name=raw.location)
         records = find_pathways(
@@ -246,34 +257,33 @@ def bundled_pathways() -> list[tuple[str, Structure, list[PathwayRecord]]]:
     return found
 
 
-def pathway_descriptors(structure: Structure, record: PathwayRecord) -> dict[str, float]:
-    """Quick per-pathway descriptors: the hop's own (length, multiplicity, dimensionality) and its surroundings."""
-    midpoint = (np.array(record.start_cart) + np.array(record.end_cart)) / 2
-    around = structure.get_sites_in_sphere(midpoint, DESCRIPTOR_RADIUS)
-    cation_distances = [n.nn_distance for n in around if n.specie.symbol != record.ion]
-    cations = [site.specie for site in structure if site.specie.symbol != record.ion]
-    return {
-        "length": record.length,
-        "multiplicity": record.multiplicity,
-        "dimensionality": float(record.dimensionality),
-        "dimensionality_cumlengths": float(record.dimensionality_cumlengths),
-        "volume_per_atom": structure.volume / len(structure),
-        "f_fraction": structure.composition.get_atomic_fraction(record.ion),
-        "mid_cation_min": min(cation_distances, default=DESCRIPTOR_RADIUS),
-        "mid_n_within3": float(sum(1 for n in around if n.nn_distance < 3.0)),
-        "cation_en": float(np.mean([Element(c.symbol).X for c in cations])),
-    }
+def pathway_feature_row(structure: Structure, record: PathwayRecord) -> dict[str, float]:
+    """The numeric predictors of tasks.features.featurize for one pathway (None -> NaN), plus its multiplicity."""
+    features = featurize(structure, record)
+    row = {"multiplicity": record.multiplicity}
+    for item in fields(features):
+        value = getattr(features, item.name)
+        if item.name in NON_NUMERIC_FEATURES or isinstance(value, (str, dict)):
+            continue
+        row[item.name] = math.nan if value is None else float(value)
+    return row
 
 
 def regenerate_features(path: Path = FEATURES_CSV) -> int:
-    """Recompute the fixture from the bundled structures' pathways; returns the number of rows written."""
+    """Recompute the fixture from the bundled structures' pathways; returns the number of rows written.
+
+    Columns that are missing (NaN) for every pathway (e.g. overlap with neutral neighbours in ionic fluorides) or
+    the same for every pathway carry no information and are left out.
+    """
     rows = []
-    for name, structure, records in bundled_pathways():
+    for name, structure, records in bundled_pathways_of():
         for record in records:
-            rows.append({"structure": name, "rank": record.rank, **pathway_descriptors(structure, record)})
+            rows.append({"structure": name, "rank": record.rank, **pathway_feature_row(structure, record)})
+    names = [key for key in rows[0] if key not in ID_COLUMNS]
+    kept = [n for n in names if len({r[n] for r in rows if not math.isnan(r[n])}) > 1]
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=[*ID_COLUMNS, *kept], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     return len(rows)

@@ -280,6 +280,17 @@ def test_benchmark_fixture_holds_real_pathway_features(benchmark):
     assert np.nanmax(nearest) < 0.5
 
 
+def test_fixture_matches_tasks_features_for_fluorite(benchmark):
+    """The fixture holds what tasks.features computes today (else: regenerate it, see the benchmark's docstring)."""
+    real = benchmark.load_real_features()
+    name, structure, records = next(entry for entry in benchmark.bundled_pathways_of(["CaF2"]))
+    row = benchmark.pathway_feature_row(structure, records[0])
+    stored = dict(zip(real.names, real.matrix[real.labels.index(f"{name}#0")], strict=True))
+    assert set(stored) <= set(row)
+    assert {k: pytest.approx(row[k], rel=1e-4, abs=1e-6) for k in stored} == stored
+    assert stored["length"] == pytest.approx(5.4631 / 2, abs=1e-3)  # fluorite's a/2 hop
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("hidden_name", ["linear+product", "nonlinear"])
 def test_active_learning_benchmark(benchmark, hidden_name):
