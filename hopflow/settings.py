@@ -52,6 +52,18 @@ class Settings(BaseSettings):
         default=None, description="Dask cluster profile file; None uses deployments/clusters.yaml shipped with hopflow."
     )
 
+    # VASP (the vasp-neb engine)
+    vasp_cmd: str = Field(default="vasp_std", description="VASP executable and its arguments (split like a shell).")
+    vasp_mpi_launcher: str = Field(
+        default="", description="MPI launcher put before vasp_cmd, e.g. 'srun' or 'mpirun -np 64'; empty runs VASP directly."
+    )
+    vasp_psp_dir: Path | None = Field(
+        default=None,
+        description="POTCAR root in pymatgen's PMG_VASP_PSP_DIR layout (POT_GGA_PAW_PBE/<symbol>/POTCAR); "
+        "None uses pymatgen's own PMG_VASP_PSP_DIR setting.",
+    )
+    vasp_max_errors: int = Field(default=5, description="Most custodian corrections per VASP calculation before it fails.")
+
     @property
     def url(self) -> str:
         """The effective database URL."""
