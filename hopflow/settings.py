@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     )
     vasp_max_errors: int = Field(default=5, description="Most custodian corrections per VASP calculation before it fails.")
 
+    screen_stages: list[str] = Field(
+        default=["pathways", "features", "estimates"],
+        description="Stages `hopflow screen` runs in batch mode after importing the bundled set, in order.",
+    )
+
     @property
     def url(self) -> str:
         """The effective database URL."""

@@ -42,8 +42,8 @@ def _import_store(session: Session, run: Run, result: Any) -> None:
     else:
         s = result.sanitized
         row = Structure(
-            formula=s.formula, chemsys=s.chemsys, spacegroup=s.spacegroup, spacegroup_number=s.spacegroup_number,
-            nsites=s.nsites, density=s.density, volume=s.volume, oxidation_states=s.oxidation_states,
+            formula=s.formula, chemsys=s.chemsys, spacegroup=s.spacegroup_symbol, spacegroup_number=s.spacegroup_number,
+            nsites=s.nsites, density=s.density, volume=s.volume, oxidation_states=dict(s.oxidation_states) if s.oxidation_states else None,
             oxidation_method=s.oxidation_method, fingerprint=s.fingerprint, structure=s.structure.as_dict(),
             run_id=run.id, energy_above_hull=(source.meta or {}).get("energy_above_hull") if source else None,
         )
@@ -68,6 +68,7 @@ IMPORT = register(Stage(
     default_ranker="id",
     flow="import-structures",
     deployment="import-structures/import-structures",
+    extra={"flow_function": "flows.import_structures:import_structures"},
     resources="local",
     batch_size=50,
     retry_limit=2,
@@ -112,6 +113,7 @@ SYNTHETIC = register(Stage(
     default_ranker="priority",
     flow="synthetic",
     deployment="synthetic/synthetic",
+    extra={"flow_function": "flows.synthetic:synthetic"},
     resources="local",
     batch_size=20,
     retry_limit=3,

@@ -1,0 +1,1 @@
+"""The `hopflow` command line (typer): one module per noun, rendering in `render`."""

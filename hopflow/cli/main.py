@@ -1,0 +1,75 @@
+"""The `hopflow` application: set-up, status and the main job (`screen`); the nouns live in sibling modules."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+from sqlalchemy import func, inspect, select, table
+
+from hopflow import queue
+from hopflow.cli import orchestration, stages, structures
+from hopflow.cli.render import console, emit_json
+from hopflow.cli.render import table as render_table
+from hopflow.db import get_engine, init_db, session_scope
+from hopflow.registry import STAGES, get_stage
+from hopflow.settings import get_settings
+
+logging.getLogger("distributed").setLevel(logging.WARNING)  # Dask's lifecycle chatter hides the results
+
+app = typer.Typer(help="hopflow: high-throughput screening of crystals for fast ion migration.", no_args_is_help=True)
+
+
+@app.command()
+def init() -> None:
+    """Create or upgrade the database (idempotent)."""
+    engine = init_db()
+    console.print(f"database ready: {engine.url.render_as_string(hide_password=True)}")
+
+
+@app.command()
+def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Rows per table and runs per stage and state."""
+    engine = init_db()
+    names = sorted(n for n in inspect(engine).get_table_names() if n != "alembic_version")
+    with session_scope() as session:
+        rows = {n: session.scalar(select(func.count()).select_from(table(n))) for n in names}
+        runs = queue.counts_by_state(session)
+        targets = {name: queue.target(session, get_stage(name)) for name in STAGES}
+    data = {"database": engine.url.render_as_string(hide_password=True), "tables": rows, "runs": runs,
+            "targets": targets}
+    if as_json:
+        emit_json(data)
+        return
+    console.print(f"database: {data['database']}")
+    render_table("rows per table", [{"table": k, "rows": v} for k, v in rows.items()])
+    render_table("runs per stage", [{"stage": s, "target": targets.get(s), **c} for s, c in runs.items()],
+                 ["stage", "target", "queued", "claimed", "running", "done", "failed"])
+
+
+@app.command()
+def screen(
+    ion: Annotated[str | None, typer.Option("--ion", help="Migrating ion (default: HOPFLOW_MIGRATING_ION).")] = None,
+) -> None:
+    """The main job on the embedded default: init, import the bundled set, run every stage in batch mode, report."""
+    from tasks.structures import bundled_inputs
+
+    from hopflow.importing import import_raw_inputs
+
+    init_db()
+    outcomes = import_raw_inputs(bundled_inputs(), ion=ion)
+    failed = [o for o in outcomes if o["state"] == "failed"]
+    console.print(f"import: {len(outcomes)} bundled inputs, {len(failed)} failed")
+    for name in get_settings().screen_stages:
+        if name in STAGES and name != "import":
+            report = stages.run_batch(name)
+            console.print(report.summary)
+    status()
+
+
+structures.register(app)
+stages.register(app)
+orchestration.register(app)
+
+__all__ = ["app", "get_engine"]

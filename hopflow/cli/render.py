@@ -1,0 +1,37 @@
+"""Rendering for the command line: rich tables for people, JSON for programs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def emit_json(data: Any) -> None:
+    """Print JSON on stdout (no rich markup, so it pipes cleanly)."""
+    print(json.dumps(data, indent=2, default=str))
+
+
+def table(title: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> None:
+    """Print rows as a rich table with the given (or all) columns."""
+    columns = list(columns or (rows[0].keys() if rows else []))
+    out = Table(title=title)
+    for column in columns:
+        out.add_column(column)
+    for row in rows:
+        out.add_row(*("" if row.get(c) is None else _fmt(row.get(c)) for c in columns))
+    console.print(out)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, Mapping):
+        return " ".join(f"{k}{v:+g}" if isinstance(v, (int, float)) else f"{k}:{v}" for k, v in value.items())
+    return str(value)

@@ -1,0 +1,144 @@
+"""Commands about stages and their queues: run (batch mode), queue head, rank, cutoff, trace."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Annotated, Any
+
+import typer
+from sqlalchemy import select
+
+from hopflow import queue
+from hopflow.cli.render import console, emit_json, table
+from hopflow.db import init_db, session_scope
+from hopflow.models import Run, Source, Structure
+from hopflow.registry import STAGES, get_stage
+
+StageArg = Annotated[str, typer.Argument(help="Stage name (hopflow status lists them).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _stage(name: str) -> Any:
+    try:
+        return get_stage(name)
+    except KeyError as exc:
+        raise typer.BadParameter(str(exc.args[0])) from None
+
+
+def run_batch(stage_name: str, parameters: dict[str, Any] | None = None) -> Any:
+    """Batch mode: run a stage's flow on every eligible item (the flow is named in the registry as module:function)."""
+    stage = get_stage(stage_name)
+    module, _, func = stage.extra["flow_function"].partition(":")
+    flow_fn = getattr(importlib.import_module(module), func)
+    return flow_fn(run_ids=None, **({"parameters": parameters} if parameters else {}))
+
+
+def run(stage: StageArg) -> None:
+    """Run a stage now on every eligible item, on the stage's Dask cluster profile (no server needed)."""
+    _stage(stage)
+    init_db()
+    report = run_batch(stage)
+    console.print(report.summary)
+    if report.failed:
+        for run_id, error in sorted(report.failed.items()):
+            console.print(f"[red]run {run_id}[/red]: {error}")
+
+
+def queue_(stage: StageArg, n: Annotated[int, typer.Option("-n", help="How many.")] = 20,
+           ranker: Annotated[str | None, typer.Option(help="Ranker (default: the active one).")] = None,
+           as_json: JsonOption = False) -> None:
+    """The head of a stage's queue: what would be claimed next, with scores."""
+    st = _stage(stage)
+    init_db()
+    with session_scope(write=True) as session:
+        queue.enqueue(session, st)
+        name = ranker or queue.active_ranker(session, st)
+        rows = [{"run_id": r, "input_id": i, "score": s} for r, i, s in queue.queue_head(session, st, n, ranker=name)]
+        cutoffs = queue.cutoff_values(session, st)
+    if as_json:
+        emit_json({"stage": stage, "ranker": name, "cutoffs": cutoffs, "head": rows})
+    else:
+        table(f"{stage} queue (ranker {name}, cutoffs {cutoffs or 'none'})", rows)
+
+
+def rank(stage: StageArg, ranker: Annotated[str, typer.Option(help="Ranker to (re)compute.")],
+         activate: Annotated[bool, typer.Option(help="Also make it the ranker claims use.")] = False) -> None:
+    """Recompute a ranker's scores for every input item of a stage (and optionally switch claims to it)."""
+    st = _stage(stage)
+    st.ranker(ranker)
+    init_db()
+    with session_scope(write=True) as session:
+        queue.enqueue(session, st)
+        count = queue.rank(session, st, ranker)
+        if activate:
+            queue.set_active_ranker(session, st, ranker, reason="hopflow rank --activate")
+    console.print(f"{stage}: {count} items scored by {ranker}" + (" (now active)" if activate else ""))
+
+
+def cutoff(stage: StageArg, name: Annotated[str, typer.Argument(help="Cutoff name.")],
+           value: Annotated[float, typer.Argument(help="New value.")],
+           reason: Annotated[str, typer.Option(help="Why: recorded with the change.")] = "set with hopflow cutoff",
+           ) -> None:
+    """Change a stage's cutoff (eligibility criterion); the history is kept."""
+    st = _stage(stage)
+    try:
+        st.cutoff(name)
+    except KeyError as exc:
+        raise typer.BadParameter(str(exc.args[0])) from None
+    init_db()
+    with session_scope(write=True) as session:
+        queue.set_cutoff(session, st, name, value, reason)
+    console.print(f"{stage}: cutoff {name} = {value}")
+
+
+def trace(run_id: Annotated[int, typer.Argument(help="A run id (every result row names its run).")],
+          as_json: JsonOption = False) -> None:
+    """Walk a result back through its runs and inputs to its source (file, bundled entry or MP id)."""
+    init_db()
+    with session_scope() as session:
+        chain = trace_chain(session, run_id)
+    if as_json:
+        emit_json(chain)
+    else:
+        for depth, link in enumerate(chain):
+            console.print("  " * depth + " ".join(f"[bold]{k}[/bold]={v}" for k, v in link.items() if v is not None))
+
+
+def trace_chain(session: Any, run_id: int) -> list[dict[str, Any]]:
+    """The provenance chain of a run: its run row, then its input's producing run, ... down to the source."""
+    chain: list[dict[str, Any]] = []
+    run = session.get(Run, run_id)
+    if run is None:
+        raise typer.BadParameter(f"no run {run_id}")
+    while run is not None:
+        stage = get_stage(run.stage)
+        chain.append({"run": run.id, "stage": run.stage, "state": run.state, "input": f"{stage.input_table}#{run.input_id}",
+                      "parameters": run.parameters, "flow_run": run.flow_run_id, "host": run.host,
+                      "started": run.started_at, "finished": run.finished_at, "reused_run": run.reused_run_id,
+                      "versions": {k: v for k, v in (run.versions or {}).items() if v}})
+        producer = stage.extra.get("producer")
+        if run.stage == "import":
+            source = session.get(Source, run.input_id)
+            if source is not None:
+                chain.append({"source": source.id, "kind": source.kind, "location": source.location,
+                              "key": source.key, **{k: v for k, v in (source.meta or {}).items() if v}})
+            break
+        run = producer(session, run.input_id) if producer else None
+    return chain
+
+
+def structure_producer(session: Any, structure_id: int) -> Run | None:
+    """The import run that stored a structure."""
+    structure = session.get(Structure, structure_id)
+    return session.get(Run, structure.run_id) if structure and structure.run_id else None
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(run)
+    app.command(name="queue")(queue_)
+    app.command()(rank)
+    app.command()(cutoff)
+    app.command()(trace)
+
+
+__all__ = ["STAGES", "register", "run_batch", "trace_chain"]
