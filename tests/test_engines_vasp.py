@@ -104,6 +104,8 @@ def test_charged_vacancy_has_one_electron_less(psp_dir, tmp_path) -> None:
     assert Incar.from_file(tmp_path / "charged" / "start" / "INCAR")["NELECT"] == valence - 1
     assert (neutral.vacancy_mode, neutral.charge) == ("neutral", 0)
     assert (charged.vacancy_mode, charged.charge) == ("charged", 1)  # an F- vacancy leaves a +1 cell
+    with pytest.raises(InputError, match=r"other settings \(vacancy_mode\)"):  # no silent reuse of other physics
+        get_engine("vasp-neb", settings(psp_dir, vacancy_mode="charged")).prepare(caf2_hop(), tmp_path / "neutral")
 
 
 def test_bad_inputs_are_refused(psp_dir, tmp_path) -> None:

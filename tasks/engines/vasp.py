@@ -32,6 +32,7 @@ from tasks.engines.base import (
     Correction,
     PreparedInputs,
     Stopwatch,
+    Timings,
     VacancyMode,
     find_moving_index,
     image_structures,
@@ -51,6 +52,9 @@ ENDPOINT_OUTPUT = "vasp.out"  # VaspJob's defaults
 ENDPOINT_STDERR = "std_err.txt"
 ENDPOINT_DIRS = ("start", "end")  # a convention NEBAnalysis.from_dir knows; not digits, so custodian skips them
 REACHED_ACCURACY = "reached required accuracy"
+FINISHED = "General timing and accounting"  # VASP's OUTCAR ends with it only after a normal finish
+# Settings that change how VASP is run, not what it computes: a continuation may change them.
+EXECUTION_FIELDS = frozenset({"vasp_cmd", "mpi_launcher", "max_errors", "compress", "polling_s", "monitor_freq"})
 DEFAULT_FUNCTIONAL = "PBE"
 DEFAULT_POLLING_S = 10.0  # custodian's own defaults
 DEFAULT_MONITOR_FREQ = 30
@@ -203,6 +207,12 @@ def read_text(path: Path) -> str:
         return fh.read()
 
 
+def outcar_finished(directory: Path) -> bool:
+    """True when the directory's OUTCAR is that of a run that ended normally."""
+    path = find_output(directory, "OUTCAR")
+    return path is not None and FINISHED in read_text(path)
+
+
 def outcar_converged(directory: Path) -> bool:
     """True when the image's OUTCAR says the ionic relaxation reached the required accuracy."""
     path = find_output(directory, "OUTCAR")
@@ -230,8 +240,8 @@ def vasp_version(path: Path | None) -> str | None:
     """The version banner on an OUTCAR's first line."""
     if path is None:
         return None
-    first = read_text(path).lstrip().splitlines()
-    return first[0].strip() if first else None
+    with zopen(str(path), mode="rt", encoding="utf-8", errors="replace") as fh:
+        return fh.readline().strip() or None
 
 
 def corrections_of(run_log: list[dict[str, Any]], job: str) -> list[Correction]:
@@ -285,13 +295,13 @@ class VaspNebEngine:
         s = self.settings
         charge = vacancy_charge(images, structures[0], moving) if s.vacancy_mode == "charged" else 0
         existing = image_dirs(workdir) if workdir.is_dir() else []
-        continued = (workdir / "INCAR").is_file() and len(existing) == len(structures)
-        if continued:
-            if len(Poscar.from_file(str(existing[0] / "POSCAR")).structure) != len(structures[0]):
-                raise InputError(f"{workdir} holds another calculation (different atom count); use a fresh directory")
-            continue_from_contcars(workdir, len(structures[0]))
+        reuse = (workdir / "INCAR").is_file() and len(existing) == len(structures)
+        if reuse:
+            self._check_same_calculation(workdir, len(structures[0]))
+            continued = continue_from_contcars(workdir, len(structures[0])) > 0
         else:
             self._write_inputs(structures, workdir, charge)
+            continued = False
         prepared = PreparedInputs(
             engine=self.name,
             engine_version=self.version,
@@ -305,6 +315,17 @@ class VaspNebEngine:
         )
         write_model(workdir / PREPARED_FILE, prepared)
         return prepared
+
+    def _check_same_calculation(self, workdir: Path, natoms: int) -> None:
+        """Refuse to resume a directory that holds another pathway or other physics settings."""
+        if len(Poscar.from_file(str(workdir / "00" / "POSCAR")).structure) != natoms:
+            raise InputError(f"{workdir} holds another calculation (different atom count); use a fresh directory")
+        if (workdir / PREPARED_FILE).is_file():
+            before = read_prepared(workdir).settings
+            now = self.settings.model_dump(mode="json")
+            changed = sorted(k for k in now.keys() - EXECUTION_FIELDS if before.get(k) != now[k])
+            if changed:
+                raise InputError(f"{workdir} was prepared with other settings ({', '.join(changed)}); use a fresh directory")
 
     def _write_inputs(self, structures: list[Structure], workdir: Path, charge: int) -> None:
         s = self.settings
@@ -364,7 +385,7 @@ class VaspNebEngine:
         runs: list[tuple[str, Custodian]] = []
         for name in ENDPOINT_DIRS:
             folder = workdir / name
-            if folder.is_dir() and find_output(folder, "OUTCAR") is None:
+            if folder.is_dir() and not outcar_finished(folder):
                 job = VaspJob(cmd, output_file=ENDPOINT_OUTPUT, stderr_file=ENDPOINT_STDERR, auto_npar=False,
                               auto_gamma=False)
                 handlers = [VaspErrorHandler(), StdErrHandler(), FrozenJobErrorHandler()]
@@ -433,6 +454,7 @@ class VaspNebEngine:
             moving_index=prepared.moving_index,
             steps=outcar_steps(middle),
             settings=prepared.settings,
+            timings=Timings(run_s=record.run_s),
             corrections=record.corrections,
             continued=prepared.continued,
             vacancy_mode=prepared.vacancy_mode,

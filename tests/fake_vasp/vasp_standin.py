@@ -47,6 +47,7 @@ KILLED_EXIT = 137
 LREAL_ERRORS = {"rspher", "real_optlay", "nicht_konv"}
 VERSION_LINE = " vasp.0.0.0-hopflow-standin (NOT VASP: a file-level stand-in for tests)"
 REACHED = " reached required accuracy - stopping structural energy minimisation"
+FINISHED = " General timing and accounting informations for this job:"
 
 
 def log_invocation(mode: str) -> None:
@@ -203,7 +204,7 @@ def outcar_text(
         if tangent is not None:
             body.append(f"  NEB: projections on to tangent (spring, REAL) {0.0:12.6f} {tangent:12.6f}")
             body.append(f"  FORCES: max atom, RMS {abs(force):12.6f} {abs(force) / math.sqrt(n):12.6f}")
-    tail = [REACHED] if reached else []
+    tail = ([REACHED] if reached else []) + [FINISHED, "  Total CPU time used (sec):        0.000"]
     return "\n".join([*head, *body, *tail, ""])
 
 
