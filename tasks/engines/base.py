@@ -28,6 +28,16 @@ MIN_HOP_DISTANCE = 0.5
 LATTICE_TOLERANCE = 1e-3
 
 
+class HasImages(Protocol):
+    """Anything carrying its images, e.g. `tasks.images.HopImages`."""
+
+    images: Sequence[Structure]
+
+
+Images = Sequence[Structure] | HasImages
+"""Engine input: start, intermediate and end structures (same supercell and atom order, one moving ion)."""
+
+
 class Timings(BaseModel):
     """Wall-clock seconds of the three engine steps (None where not measured)."""
 
@@ -121,7 +131,7 @@ class Engine(Protocol):
         """Engine revision plus the versions of the codes that change its numbers."""
         ...
 
-    def prepare(self, images: Sequence[Structure] | Any, workdir: Path) -> PreparedInputs:
+    def prepare(self, images: Images, workdir: Path) -> PreparedInputs:
         """Check the images and write every input the run needs into `workdir`."""
         ...
 
@@ -163,7 +173,7 @@ def get_engine(name: str, settings: BaseModel | Mapping[str, Any] | None = None)
 
 def compute_barrier(
     engine_name: str,
-    images: Sequence[Structure] | Any,
+    images: Images,
     workdir: Path | str,
     settings: BaseModel | Mapping[str, Any] | None = None,
 ) -> BarrierResult:
@@ -184,7 +194,7 @@ def compute_barrier(
 # --- helpers shared by the engines ---------------------------------------------------------------------------------
 
 
-def image_structures(images: Sequence[Structure] | Any) -> list[Structure]:
+def image_structures(images: Images) -> list[Structure]:
     """The image structures, from a plain sequence or from an object with an `images` attribute (HopImages)."""
     seq = getattr(images, "images", images)
     structures = [s.copy() for s in seq]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -20,6 +19,7 @@ from tasks.engines.base import (
     PREPARED_FILE,
     RUN_FILE,
     BarrierResult,
+    Images,
     PreparedInputs,
     Stopwatch,
     Timings,
@@ -177,7 +177,7 @@ def idpp_path(start: Structure, end: Structure, nimages: int) -> list[Structure]
     return IDPPSolver(guess).run()
 
 
-def _prepare(name: str, version: str, settings: BaseModel, images: Any, workdir: Path, model: str) -> PreparedInputs:
+def _prepare(name: str, version: str, settings: BaseModel, images: Images, workdir: Path, model: str) -> PreparedInputs:
     structures = image_structures(images)
     moving = find_moving_index(structures)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -239,7 +239,7 @@ class MlipIdppEngine:
         """Engine revision and CHGNet version/model."""
         return engine_version(self.settings.model)
 
-    def prepare(self, images: Sequence[Structure] | Any, workdir: Path) -> PreparedInputs:
+    def prepare(self, images: Images, workdir: Path) -> PreparedInputs:
         """Check the images (one moving ion) and store them in `workdir`."""
         return _prepare(self.name, self.version, self.settings, images, Path(workdir), self.settings.model)
 
@@ -292,7 +292,7 @@ class MlipNebEngine:
         """Engine revision and CHGNet version/model."""
         return engine_version(self.settings.model)
 
-    def prepare(self, images: Sequence[Structure] | Any, workdir: Path) -> PreparedInputs:
+    def prepare(self, images: Images, workdir: Path) -> PreparedInputs:
         """Check the images (one moving ion) and store them in `workdir`."""
         return _prepare(self.name, self.version, self.settings, images, Path(workdir), self.settings.model)
 

@@ -29,6 +29,7 @@ from tasks.engines.base import (
     PREPARED_FILE,
     RUN_FILE,
     BarrierResult,
+    Images,
     Correction,
     PreparedInputs,
     Stopwatch,
@@ -143,7 +144,7 @@ def neutral_nelect(poscar: Poscar, potcar: Potcar) -> float:
     return float(sum(p.zval * n for p, n in zip(potcar, poscar.natoms, strict=True)))
 
 
-def vacancy_charge(images: Any, structure: Structure, moving_index: int) -> int:
+def vacancy_charge(images: Images, structure: Structure, moving_index: int) -> int:
     """Charge of the cell with an ionic vacancy: minus the migrating ion's oxidation state (+1 for F⁻)."""
     given = getattr(images, "vacancy_charge", None)
     if given is not None:
@@ -287,7 +288,7 @@ class VaspNebEngine:
         v = versions_of("pymatgen", "custodian")
         return f"{ENGINE_REVISION}+pymatgen-{v.get('pymatgen', '?')}+custodian-{v.get('custodian', '?')}"
 
-    def prepare(self, images: Sequence[Structure] | Any, workdir: Path) -> PreparedInputs:
+    def prepare(self, images: Images, workdir: Path) -> PreparedInputs:
         """Write INCAR/KPOINTS/POTCAR, image folders 00..N+1 and endpoint folders; or resume from CONTCARs."""
         workdir = Path(workdir)
         structures = image_structures(images)
