@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from hopflow.models import Run, RunState, Source, Structure, SyntheticItem, SyntheticResult
+from hopflow.models import Features, Pathway, Run, RunState, Source, Structure, SyntheticItem, SyntheticResult
 from hopflow.registry import Ranker, Reused, Stage, register
 from hopflow.settings import Settings
 
@@ -118,4 +119,129 @@ SYNTHETIC = register(Stage(
     batch_size=20,
     retry_limit=3,
     lease_seconds=300,
+))
+
+
+# ---------------------------------------------------------------- pathways: structures -> pathways
+
+PATHWAY_FIELDS = ("ion", "rank", "length", "start_index", "end_index", "end_image", "start_frac", "end_frac",
+                  "start_cart", "end_cart", "start_label", "end_label", "multiplicity", "dimensionality",
+                  "dimensionality_cumlengths", "max_hop", "max_hop_automatic")
+"""Columns of `pathways` that hold tasks.pathways.PathwayRecord's fields (the record is rebuilt from them)."""
+
+
+def pathway_fields(row: Pathway) -> dict[str, Any]:
+    """A stored pathway's PathwayRecord fields (vectors as lists)."""
+    return {name: getattr(row, name) for name in PATHWAY_FIELDS}
+
+
+def structure_producer(session: Session, structure_id: int) -> Run | None:
+    """The import run that stored a structure."""
+    structure = session.get(Structure, structure_id)
+    return session.get(Run, structure.run_id) if structure and structure.run_id else None
+
+
+def pathway_producer(session: Session, pathway_id: int) -> Run | None:
+    """The pathways run that stored a pathway."""
+    pathway = session.get(Pathway, pathway_id)
+    return session.get(Run, pathway.run_id) if pathway else None
+
+
+def _pathways_inputs() -> Any:
+    return select(Structure.id.label("item_id"), Structure.nsites, Structure.formula, Structure.fingerprint)
+
+
+def _pathways_parameters(settings: Settings) -> dict[str, Any]:
+    return {"ion": settings.migrating_ion, "max_hop": settings.max_hop, "max_paths": settings.max_paths,
+            "max_sites": settings.max_sites}
+
+
+def _pathways_load(session: Session, ids: Sequence[int]) -> dict[int, Any]:
+    rows = session.scalars(select(Structure).where(Structure.id.in_(list(ids))))
+    return {s.id: {"structure_id": s.id, "formula": s.formula, "structure": s.structure,
+                   "oxidation_states": s.oxidation_states} for s in rows}
+
+
+def _pathways_store(session: Session, run: Run, result: Any) -> None:
+    if isinstance(result, Reused):
+        old = session.scalars(select(Pathway).where(Pathway.run_id == result.run.id).order_by(Pathway.rank))
+        rows = [Pathway(run_id=run.id, structure_id=run.input_id, **pathway_fields(p)) for p in old]
+    else:
+        rows = [Pathway(run_id=run.id, structure_id=run.input_id, **asdict(record)) for record in result]
+    session.add_all(rows)
+
+
+PATHWAYS = register(Stage(
+    name="pathways",
+    description="Symmetry-distinct hops of the migrating ion per structure, shortest first.",
+    input_table="structures",
+    output_table="pathways",
+    inputs=_pathways_inputs,
+    parameters=_pathways_parameters,
+    load=_pathways_load,
+    store=_pathways_store,
+    fingerprint=lambda c: c.fingerprint,
+    rankers=(BY_ID, Ranker("smallest", "fewest sites first", expression=lambda c: c.nsites)),
+    default_ranker="id",
+    flow="pathways",
+    deployment="pathways/pathways",
+    extra={"flow_function": "flows.pathways:pathways", "producer": structure_producer},
+    resources="local",
+    batch_size=20,
+    retry_limit=2,
+    lease_seconds=1800,
+))
+
+
+# ---------------------------------------------------------------- features: pathways -> features
+
+FEATURE_COLUMNS = tuple(c.name for c in Features.__table__.columns if c.name not in ("id", "created_at", "run_id",
+                                                                                    "pathway_id"))
+"""Columns of `features` that hold tasks.features.PathwayFeatures' fields."""
+
+
+def _features_inputs() -> Any:
+    return select(Pathway.id.label("item_id"), Pathway.length, Pathway.rank, Pathway.ion, Pathway.structure_id)
+
+
+def _features_parameters(settings: Settings) -> dict[str, Any]:
+    return {"nimages": settings.nimages, "min_length": settings.supercell_min_length,
+            "min_atoms": settings.supercell_min_atoms, "max_atoms": settings.supercell_max_atoms}
+
+
+def _features_load(session: Session, ids: Sequence[int]) -> dict[int, Any]:
+    rows = session.execute(select(Pathway, Structure.structure, Structure.formula)
+                           .join(Structure, Structure.id == Pathway.structure_id)
+                           .where(Pathway.id.in_(list(ids))))
+    return {p.id: {"pathway_id": p.id, "formula": formula, "structure": structure, "pathway": pathway_fields(p)}
+            for p, structure, formula in rows}
+
+
+def _features_store(session: Session, run: Run, result: Any) -> None:
+    if isinstance(result, Reused):
+        old = session.scalars(select(Features).where(Features.run_id == result.run.id)).one()
+        values = {name: getattr(old, name) for name in FEATURE_COLUMNS}
+    else:
+        values = asdict(result)
+    session.add(Features(run_id=run.id, pathway_id=run.input_id, **values))
+
+
+FEATURES = register(Stage(
+    name="features",
+    description="Barrier predictors per pathway: radii overlap and Ewald energy along the IDPP path, geometry.",
+    input_table="pathways",
+    output_table="features",
+    inputs=_features_inputs,
+    parameters=_features_parameters,
+    load=_features_load,
+    store=_features_store,
+    rankers=(BY_ID, Ranker("shortest", "shortest hop first", expression=lambda c: c.length)),
+    default_ranker="id",
+    flow="features",
+    deployment="features/features",
+    extra={"flow_function": "flows.features:features", "producer": pathway_producer},
+    resources="local",
+    batch_size=20,
+    retry_limit=2,
+    lease_seconds=1800,
 ))

@@ -9,7 +9,7 @@ import typer
 from sqlalchemy import func, inspect, select, table
 
 from hopflow import queue
-from hopflow.cli import orchestration, stages, structures
+from hopflow.cli import orchestration, pathways, stages, structures
 from hopflow.cli.render import console, emit_json
 from hopflow.cli.render import table as render_table
 from hopflow.db import get_engine, init_db, session_scope
@@ -71,5 +71,6 @@ def screen(
 structures.register(app)
 stages.register(app)
 orchestration.register(app)
+pathways.register(app)
 
 __all__ = ["app", "get_engine"]

@@ -1,6 +1,7 @@
 """All tables of hopflow; importing this module registers every model on `Base.metadata`."""
 
 from hopflow.models.core import Run, RunState, Score, Source, StageSetting, Structure
+from hopflow.models.pathways import Features, Pathway
 from hopflow.models.synthetic import SyntheticItem, SyntheticResult
 
-__all__ = ["Run", "RunState", "Score", "Source", "StageSetting", "Structure", "SyntheticItem", "SyntheticResult"]
+__all__ = ["Features", "Pathway", "Run", "RunState", "Score", "Source", "StageSetting", "Structure", "SyntheticItem", "SyntheticResult"]

@@ -1,0 +1,26 @@
+"""Pathways stage flow: the distinct hops of the migrating ion in each claimed structure (tasks.pathways)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+from pymatgen.core import Structure
+
+from flows.common import stage_run_name, stage_task_runner
+from flows.runner import StageReport, run_stage
+from tasks.pathways import PathwayRecord, find_pathways
+
+
+@task(name="find-pathways")
+def find_structure_pathways(item: dict[str, Any], parameters: dict[str, Any]) -> list[PathwayRecord]:
+    """The pathways of one stored structure under the run's parameters (ion, max_hop, max_paths, max_sites)."""
+    structure = Structure.from_dict(item["structure"])
+    return find_pathways(structure, ion=parameters["ion"], max_hop=parameters["max_hop"],
+                         max_paths=parameters["max_paths"], max_sites=parameters.get("max_sites"))
+
+
+@flow(name="pathways", flow_run_name=lambda: stage_run_name("pathways"), task_runner=stage_task_runner("pathways"))
+def pathways(run_ids: list[int] | None = None, parameters: dict[str, Any] | None = None) -> StageReport:
+    """Find pathways for the claimed runs, or for every eligible structure when `run_ids` is None."""
+    return run_stage("pathways", run_ids, find_structure_pathways, parameters=parameters)
