@@ -11,7 +11,7 @@ from sqlalchemy import select
 from hopflow import queue
 from hopflow.cli.render import console, emit_json, table
 from hopflow.db import init_db, session_scope
-from hopflow.models import Run, Source, Structure
+from hopflow.models import Run, Source
 from hopflow.registry import STAGES, get_stage
 
 StageArg = Annotated[str, typer.Argument(help="Stage name (hopflow status lists them).")]
@@ -125,12 +125,6 @@ def trace_chain(session: Any, run_id: int) -> list[dict[str, Any]]:
             break
         run = producer(session, run.input_id) if producer else None
     return chain
-
-
-def structure_producer(session: Any, structure_id: int) -> Run | None:
-    """The import run that stored a structure."""
-    structure = session.get(Structure, structure_id)
-    return session.get(Run, structure.run_id) if structure and structure.run_id else None
 
 
 def register(app: typer.Typer) -> None:
