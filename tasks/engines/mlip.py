@@ -69,6 +69,7 @@ class MlipIdppSettings(BaseModel):
     endpoint_steps: int = Field(default=DEFAULT_ENDPOINT_STEPS, gt=0, description="Endpoint optimizer step limit.")
     endpoint_optimizer: Optimizer = Field(default="BFGS", description="ASE optimizer of the endpoint relaxations.")
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, gt=0, description="Images per CHGNet batch.")
+    forces: bool = Field(default=True, description="Also compute forces (max per image); energies alone are ~3x faster.")
 
 
 class MlipNebSettings(BaseModel):
@@ -98,7 +99,7 @@ class MlipRunRecord(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     energies: tuple[float, ...]
-    max_forces: tuple[float, ...]
+    max_forces: tuple[float | None, ...]
     converged: bool
     steps: int | None = None
     endpoints_converged: bool = True
@@ -260,9 +261,9 @@ class MlipIdppEngine:
             endpoints_ok = ok0 and ok1
             images = idpp_path(start, end, len(images) - 2)
         write_structures(workdir / FINAL_IMAGES_FILE, images)
-        predictions = model.predict_structure(images, task="ef", batch_size=s.batch_size)
+        predictions = model.predict_structure(images, task="ef" if s.forces else "e", batch_size=s.batch_size)
         energies = tuple(float(p["e"]) * len(img) for p, img in zip(predictions, images, strict=True))
-        forces = tuple(_max_force_norms(p["f"]) for p in predictions)
+        forces = tuple(_max_force_norms(p["f"]) if s.forces else None for p in predictions)
         record = MlipRunRecord(
             energies=energies,
             max_forces=forces,
