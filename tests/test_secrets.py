@@ -131,7 +131,7 @@ def test_cutoff_values_are_bound_parameters(engine) -> None:
         name="secrets-cutoff-test", description="test stage with a cutoff", input_table="synthetic_items",
         inputs=lambda: select(SyntheticItem.id.label("item_id"), SyntheticItem.priority),
         parameters=lambda settings: {}, load=lambda session, ids: {}, store=lambda session, run, result: None,
-        rankers=(STAGES["synthetic"].ranker("id"),), default_ranker="id",
+        rankers=(get_stage("synthetic").ranker("id"),), default_ranker="id",
         cutoffs=(Cutoff("max_priority", "priority at most", 1.0, lambda c, v: c.priority <= v),),
     )
     register(stage)
