@@ -64,8 +64,7 @@ def claimant(url: str, start_at: float, out: mp.Queue) -> None:
     while claimed := queue.claim(STAGE, 10, engine=engine):
         with session_scope(engine, write=True) as s:
             queue.start(s, [c.id for c in claimed])
-            for c in claimed:
-                queue.complete(s, c.id, SimpleNamespace(value=1.0, elapsed_s=0.0))
+            queue.complete_many(s, {c.id: SimpleNamespace(value=1.0, elapsed_s=0.0) for c in claimed})
         done += len(claimed)
     out.put(done)
 
@@ -108,27 +107,31 @@ def main() -> None:
     parser.add_argument("--postgres", default=os.environ.get("HOPFLOW_TEST_POSTGRES_URL"))
     parser.add_argument("--items", type=int, default=10_000)
     parser.add_argument("--latency-items", type=int, default=100_000)
+    parser.add_argument("--backends", nargs="+", default=["sqlite", "postgres"])
+    parser.add_argument("--claimants", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
-    backends = ["sqlite"] + (["postgres"] if args.postgres else [])
+    backends = [b for b in args.backends if b == "sqlite" or args.postgres]
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for backend in backends:
-            for n_claimants in (1, 8):
+            for n_claimants in args.claimants:
                 url, name = fresh_database(backend, args.postgres, workdir)
                 rate = throughput(url, args.items, n_claimants)
                 rows.append((backend, f"{n_claimants} claimant(s)", f"{rate:,.0f} items/s"))
+                print("  ", *rows[-1], flush=True)
                 if name:
                     drop_database(args.postgres, name)
             url, name = fresh_database(backend, args.postgres, workdir)
             latency = claim_latency(url, args.latency_items)
             rows.append((backend, f"claim(100) at {args.latency_items:,} eligible", f"{latency * 1000:.1f} ms"))
+            print("  ", *rows[-1], flush=True)
             if name:
                 drop_database(args.postgres, name)
     print(f"queue benchmark: {args.items:,} items, claim(10) + complete per item; machine: {os.cpu_count()} cores")
     for backend, what, figure in rows:
         print(f"  {backend:9s} {what:32s} {figure}")
     by = {(b, w): f for b, w, f in rows}
-    for backend in backends:
+    for backend in backends if args.claimants == [1, 8] else []:
         one = float(by[(backend, "1 claimant(s)")].split()[0].replace(",", ""))
         eight = float(by[(backend, "8 claimant(s)")].split()[0].replace(",", ""))
         print(f"  {backend:9s} 8 vs 1 claimants: {eight / one:.2f}x")
