@@ -1,0 +1,119 @@
+"""Pathways + features for the bundled set: hopflow's batch mode (Prefect flow on the local Dask profile) against a
+2-process pool over the same pymatgen/matminer calls, in one run on the same cores. Start-up is reported apart:
+for hopflow it is the wall time of the same flow on an empty batch (flow-run creation, Dask cluster up and down);
+for the pool, starting its two processes. Run: `python benchmarks/stages.py`."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+from sqlalchemy import select
+
+
+def _setup_home(home: str) -> None:
+    os.environ["HOPFLOW_HOME"] = home
+    os.environ.pop("HOPFLOW_DATABASE_URL", None)
+    from hopflow.db import get_engine
+    from hopflow.settings import get_settings
+
+    get_settings.cache_clear()
+    get_engine.cache_clear()
+
+
+def _payloads(stage_name: str) -> tuple[list[Any], dict[str, Any]]:
+    """Every input item of a stage as its flow's task receives it, and the stage's parameters."""
+    from hopflow import queue
+    from hopflow.db import session_scope
+    from hopflow.registry import get_stage
+
+    stage = get_stage(stage_name)
+    with session_scope() as session:
+        ids = list(session.scalars(select(stage.inputs().subquery().c.item_id)))
+        payloads = stage.load(session, ids)
+    return [payloads[i] for i in sorted(payloads)], queue.stage_parameters(stage)
+
+
+def _noop(_: int) -> int:
+    return 0
+
+
+def run_pool(home: str) -> tuple[float, float, float, int]:
+    """(start-up, pathways, features) seconds and pathway count with a 2-process pool over the tasks' functions."""
+    from flows.features import featurize_pathway
+    from flows.pathways import find_structure_pathways
+
+    _setup_home(home)
+    structures, p_params = _payloads("pathways")
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        list(pool.map(_noop, range(2)))
+        startup = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        found = list(pool.map(_safe, [find_structure_pathways.fn] * len(structures), structures,
+                              [p_params] * len(structures)))
+        pathways_s = time.perf_counter() - t1
+        # the features inputs: the hopflow run stored the same pathways, read them as the features flow does
+        items, f_params = _payloads("features")
+        t2 = time.perf_counter()
+        list(pool.map(_safe, [featurize_pathway.fn] * len(items), items, [f_params] * len(items)))
+        features_s = time.perf_counter() - t2
+    return startup, pathways_s, features_s, sum(len(r) for r in found if isinstance(r, list))
+
+
+def _safe(fn: Any, item: Any, params: dict[str, Any]) -> Any:
+    try:
+        return fn(item, params)
+    except Exception as exc:  # noqa: BLE001  (the stage records item errors and goes on; so does the baseline)
+        return exc
+
+
+def run_hopflow(home: str) -> tuple[float, float, float, int]:
+    """(start-up, pathways, features) seconds and pathway count through hopflow's batch mode."""
+    from flows.features import features
+    from flows.pathways import pathways
+    from hopflow.db import session_scope
+    from hopflow.models import Pathway
+
+    _setup_home(home)
+    t0 = time.perf_counter()
+    pathways(run_ids=[])
+    startup = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    pathways(run_ids=None)
+    pathways_s = time.perf_counter() - t1 - startup
+    t2 = time.perf_counter()
+    features(run_ids=None)
+    features_s = time.perf_counter() - t2 - startup
+    with session_scope() as session:
+        count = len(list(session.scalars(select(Pathway.id))))
+    return startup, pathways_s, features_s, count
+
+
+def main() -> None:
+    import logging
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    from tasks.structures import bundled_inputs
+
+    from hopflow.db import init_db
+    from hopflow.importing import import_raw_inputs
+
+    with tempfile.TemporaryDirectory() as home:
+        _setup_home(home)
+        init_db()
+        import_raw_inputs(bundled_inputs())
+        h_start, h_paths, h_feats, n_h = run_hopflow(home)
+        p_start, p_paths, p_feats, n_p = run_pool(home)
+    h_total, p_total = h_paths + h_feats, p_paths + p_feats
+    print(f"stages benchmark: bundled set, {n_h} pathways (pool found {n_p}); machine: {os.cpu_count()} cores")
+    print(f"  hopflow batch mode : start-up {h_start:6.1f} s, pathways {h_paths:6.1f} s, features {h_feats:6.1f} s")
+    print(f"  2-process pool     : start-up {p_start:6.1f} s, pathways {p_paths:6.1f} s, features {p_feats:6.1f} s")
+    print(f"  hopflow / pool, start-up excluded: {h_total / p_total:.2f}x (goal <= 1.2x)")
+
+
+if __name__ == "__main__":
+    main()
