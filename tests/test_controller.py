@@ -232,7 +232,7 @@ def test_settings_mirror_round_trip(engine, prefect_client, cut_stage):
     assert any("nope" in line and "unknown stage" in line for line in rejected.rejected)
     fixed = _variable(prefect_client, ctl.TARGETS_VARIABLE)
     assert fixed[SYNTHETIC] == 2 and "nope" not in fixed and fixed["synthetic-cut"] == 0
-    assert _variable(prefect_client, ctl.CUTOFFS_VARIABLE) == {"synthetic-cut": {"max_priority": 25.0}}
+    assert _variable(prefect_client, ctl.CUTOFFS_VARIABLE)["synthetic-cut"] == {"max_priority": 25.0}  # recreated
 
 
 def test_tick_broadens_a_cutoff_that_holds_everything_back(engine, prefect_client, deployment, cut_stage):
