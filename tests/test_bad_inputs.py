@@ -144,16 +144,11 @@ def test_import_pathways_features_corpus(tmp_path) -> None:
         assert second[name]["state"] == RunState.FAILED and reason in second[name]["error"], second[name]
     assert second["CaF2_again.cif"]["structure_id"] == stored["CaF2"].id and not second["CaF2_again.cif"]["new"]
 
-    # pathways that cannot be found: no hop below the limit, a bad limit, a migrating ion that is not there
+    # pathways that cannot be found: no hop below the limit
     short = pathways(parameters={"max_hop": 1.0})
     assert not short.done and len(short.failed) == 3
     assert sorted(m.split(":")[0] for m in short.failed.values()) == ["CaF2", "CaF3", "LiF"]
     assert all("no F-F hop up to 1.000 Å" in m for m in short.failed.values()), short.failed
-    negative = pathways(parameters={"max_hop": -2.0})
-    assert len(negative.failed) == 3
-    assert all(m == "max hop length must be positive, got -2.0 Å" for m in negative.failed.values())
-    no_ion = pathways(parameters={"ion": "Na", "max_hop": 4.0})
-    assert sorted(no_ion.failed.values()) == ["no Na sites in CaF2", "no Na sites in CaF3", "no Na sites in LiF"]
 
     assert _snapshot() == before
     with session_scope() as session:
@@ -171,7 +166,11 @@ def _caf2(oxidation: dict[str, float] | None) -> Structure:
     return s
 
 
-def test_pathways_refuse_disordered_structure() -> None:
+def test_pathways_refuse_bad_limits_missing_ions_and_disorder() -> None:
+    with pytest.raises(InputError, match="^max hop length must be positive, got -2.0 Å$"):
+        find_pathways(_caf2(None), ion="F", max_hop=-2.0, max_paths=2)
+    with pytest.raises(InputError, match="^no Na sites in CaF2$"):
+        find_pathways(_caf2(None), ion="Na", max_hop=4.0, max_paths=2)
     disordered = _caf2(None)
     disordered.replace_species({"Ca": {"Ca": 0.5, "Sr": 0.5}})
     with pytest.raises(InputError, match=r"is disordered \(partial occupancies\): hops need an ordered structure"):
@@ -202,7 +201,7 @@ def test_features_refuse_a_pathway_of_another_ion() -> None:
 # ---------------------------------------------------------------- engines: the VASP stand-in (NOT VASP)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def hop():
     from tasks.images import hop_images
 
