@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, exists, func, insert, literal, select, update
+from sqlalchemy import Engine, and_, delete, exists, func, insert, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -300,7 +300,8 @@ def attach_flow_run(session: Session, run_ids: Iterable[int], flow_run_id: str) 
 
 def start(session: Session, run_ids: Iterable[int], *, flow_run_id: str | None = None,
           lease_seconds: float | None = None) -> list[Run]:
-    """Mark claimed runs running (with host, versions, flow run); runs no longer claimed are left out."""
+    """Mark claimed runs running (with host, versions, flow run); runs no longer claimed, or handed to another flow
+    run since, are left out."""
     now = utcnow()
     values: dict[str, Any] = {"state": RunState.RUNNING, "started_at": now, "host": socket.gethostname(),
                               "versions": versions()}
@@ -308,7 +309,8 @@ def start(session: Session, run_ids: Iterable[int], *, flow_run_id: str | None =
         values["flow_run_id"] = flow_run_id
     if lease_seconds:
         values["lease_expires_at"] = now + timedelta(seconds=lease_seconds)
-    stmt = (update(Run).where(Run.id.in_(list(run_ids)), Run.state.in_(RunState.LIVE)).values(**values)
+    owner = [or_(Run.flow_run_id.is_(None), Run.flow_run_id == flow_run_id)] if flow_run_id else []
+    stmt = (update(Run).where(Run.id.in_(list(run_ids)), Run.state.in_(RunState.LIVE), *owner).values(**values)
             .returning(Run).execution_options(synchronize_session=False, populate_existing=True))
     return sorted(session.scalars(stmt).all(), key=lambda run: run.id)
 

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
 
     # compute
     dask_profile: str = Field(default="local", description="Dask cluster profile name from deployments/clusters.yaml.")
+    max_chunks: int = Field(
+        default=16, description="Most Dask tasks one stage flow run splits its items into (fewer, larger tasks amortise "
+        "Prefect's per-task cost; more balance uneven items).")
     dask_workers: int = Field(default=2, description="Worker processes of the local Dask cluster.")
     cluster_profiles: Path | None = Field(
         default=None, description="Dask cluster profile file; None uses deployments/clusters.yaml shipped with hopflow."
@@ -63,6 +66,11 @@ class Settings(BaseSettings):
         "None uses pymatgen's own PMG_VASP_PSP_DIR setting.",
     )
     vasp_max_errors: int = Field(default=5, description="Most custodian corrections per VASP calculation before it fails.")
+
+    estimate_engine: str = Field(
+        default="mlip-idpp", description="Barrier engine of the estimates stage (mlip-idpp or mlip-neb)."
+    )
+    screen_top: int = Field(default=10, description="Pathways `hopflow screen` estimates, in the estimates stage's rank order.")
 
     screen_stages: list[str] = Field(
         default=["pathways", "features", "estimates"],
