@@ -6,11 +6,12 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from hopflow.models import Features, Pathway, Run, RunState, Source, Structure, SyntheticItem, SyntheticResult
-from hopflow.registry import Ranker, Reused, Stage, register
+from hopflow.models import (Estimate, Features, NebResult, Pathway, Run, RunState, Source, Structure, SyntheticItem,
+                            SyntheticResult)
+from hopflow.registry import Cutoff, Ranker, Reused, Stage, register
 from hopflow.settings import Settings
 
 BY_ID = Ranker("id", "oldest input first", expression=lambda c: c.item_id)
@@ -244,4 +245,133 @@ FEATURES = register(Stage(
     batch_size=20,
     retry_limit=2,
     lease_seconds=1800,
+))
+
+
+# ---------------------------------------------------------------- barriers: pathways -> estimates -> neb
+
+BARRIER_COLUMNS = tuple(c.name for c in Estimate.__table__.columns if c.name not in ("id", "created_at", "run_id",
+                                                                                   "pathway_id"))
+"""Columns of `estimates` and `neb` that hold tasks.engines.BarrierResult's fields."""
+MLIP_EXECUTION_FIELDS = frozenset({"device", "batch_size"})
+"""mlip settings that change how CHGNet runs, not the numbers it gives (beyond round-off): kept out of the hash."""
+OVERLAP_UNKNOWN = 1e9
+"""Rank key of a pathway without a cation overlap change (no cation near the path): ranked last."""
+MAX_OVERLAP_CHANGE = 1.0
+"""Default estimates cutoff on features.overlap_cation_max_change (Å); the bundled set tops out near 0.5 Å."""
+MAX_ESTIMATE = 1.0
+"""Default neb cutoff on the best converged estimate (eV)."""
+NEB_LEASE_SECONDS = 48 * 3600.0
+"""A VASP NEB may run for a day or two on a node."""
+
+
+def engine_parameters(name: str) -> dict[str, Any]:
+    """The parameter-set part naming a barrier engine: name, version and its result-affecting default settings.
+
+    Execution-only settings (VASP command, launcher, polling, device ...) stay out, so changing them keeps the hash.
+    """
+    # The engines live in tasks/; only their identity is needed here, so they are imported when a stage asks.
+    from tasks.engines import get_engine
+    from tasks.engines.vasp import EXECUTION_FIELDS as VASP_EXECUTION_FIELDS
+
+    engine = get_engine(name)
+    skip = VASP_EXECUTION_FIELDS | MLIP_EXECUTION_FIELDS
+    settings = {k: v for k, v in engine.settings.model_dump(mode="json").items() if k not in skip}
+    return {"engine": name, "engine_version": engine.version, "engine_settings": settings}
+
+
+def _image_parameters(settings: Settings) -> dict[str, Any]:
+    return {"nimages": settings.nimages, "min_length": settings.supercell_min_length,
+            "min_atoms": settings.supercell_min_atoms, "max_atoms": settings.supercell_max_atoms}
+
+
+def barrier_values(result: Any) -> dict[str, Any]:
+    """A BarrierResult's fields as `estimates`/`neb` column values (JSON-ready)."""
+    data = result.model_dump(mode="json")
+    return {name: data[name] for name in BARRIER_COLUMNS}
+
+
+def _barrier_store(table: Any) -> Any:
+    def store(session: Session, run: Run, result: Any) -> None:
+        if isinstance(result, Reused):
+            old = session.scalars(select(table).where(table.run_id == result.run.id)).one()
+            values = {name: getattr(old, name) for name in BARRIER_COLUMNS}
+        else:
+            values = barrier_values(result)
+        session.add(table(run_id=run.id, pathway_id=run.input_id, **values))
+
+    return store
+
+
+def _estimates_inputs() -> Any:
+    overlap = (select(Features.pathway_id, func.min(Features.overlap_cation_max_change).label("overlap"))
+               .group_by(Features.pathway_id).subquery())
+    return (select(Pathway.id.label("item_id"), Pathway.length, Pathway.structure_id, overlap.c.overlap)
+            .join(overlap, overlap.c.pathway_id == Pathway.id))
+
+
+def _estimates_parameters(settings: Settings) -> dict[str, Any]:
+    return {**engine_parameters(settings.estimate_engine), **_image_parameters(settings)}
+
+
+ESTIMATES = register(Stage(
+    name="estimates",
+    description="Cheap barrier per featurized pathway with an ML potential (mlip-idpp by default, or mlip-neb).",
+    input_table="pathways",
+    output_table="estimates",
+    inputs=_estimates_inputs,
+    parameters=_estimates_parameters,
+    load=_features_load,
+    store=_barrier_store(Estimate),
+    rankers=(BY_ID, Ranker("shortest", "shortest hop first", expression=lambda c: c.length),
+             Ranker("overlap", "smallest rise of the cation radii overlap along the path first",
+                    expression=lambda c: func.coalesce(c.overlap, OVERLAP_UNKNOWN))),
+    default_ranker="shortest",
+    cutoffs=(Cutoff("max_overlap_change", "largest cation overlap change along the path (Å; path_overlap_cutoff)",
+                    default=MAX_OVERLAP_CHANGE, criterion=lambda c, v: or_(c.overlap.is_(None), c.overlap <= v),
+                    broaden_step=0.25, broaden_limit=3.0),),
+    flow="estimates",
+    deployment="estimates/estimates",
+    extra={"flow_function": "flows.estimates:estimates", "producer": pathway_producer,
+           "engine_parameters": engine_parameters},
+    resources="local",
+    batch_size=10,
+    retry_limit=2,
+    lease_seconds=3600,
+))
+
+
+def _neb_inputs() -> Any:
+    best = (select(Estimate.pathway_id, func.min(Estimate.barrier).label("estimate"))
+            .where(Estimate.converged.is_(True), Estimate.barrier.is_not(None))
+            .group_by(Estimate.pathway_id).subquery())
+    return (select(Pathway.id.label("item_id"), Pathway.length, Pathway.structure_id, best.c.estimate)
+            .join(best, best.c.pathway_id == Pathway.id))
+
+
+def _neb_parameters(settings: Settings) -> dict[str, Any]:
+    return {**engine_parameters("vasp-neb"), **_image_parameters(settings)}
+
+
+NEB = register(Stage(
+    name="neb",
+    description="VASP CI-NEB barrier (through custodian) of pathways whose best converged estimate is low enough.",
+    input_table="pathways",
+    output_table="neb",
+    inputs=_neb_inputs,
+    parameters=_neb_parameters,
+    load=_features_load,
+    store=_barrier_store(NebResult),
+    rankers=(BY_ID, Ranker("estimate", "lowest converged estimate first", expression=lambda c: c.estimate),
+             Ranker("shortest", "shortest hop first", expression=lambda c: c.length)),
+    default_ranker="estimate",
+    cutoffs=(Cutoff("max_estimate", "largest best converged estimate (eV)", default=MAX_ESTIMATE,
+                    criterion=lambda c, v: c.estimate <= v, broaden_step=0.25, broaden_limit=2.0),),
+    flow="neb",
+    deployment="neb/neb",
+    extra={"flow_function": "flows.neb:neb", "producer": pathway_producer, "engine_parameters": engine_parameters},
+    resources="slurm-vasp",
+    batch_size=1,
+    retry_limit=3,
+    lease_seconds=NEB_LEASE_SECONDS,
 ))

@@ -9,7 +9,7 @@ import typer
 from sqlalchemy import func, inspect, select, table
 
 from hopflow import queue
-from hopflow.cli import orchestration, pathways, stages, structures
+from hopflow.cli import barriers, orchestration, pathways, stages, structures
 from hopflow.cli.render import console, emit_json
 from hopflow.cli.render import table as render_table
 from hopflow.db import get_engine, init_db, session_scope
@@ -61,16 +61,21 @@ def screen(
     outcomes = import_raw_inputs(bundled_inputs(), ion=ion)
     failed = [o for o in outcomes if o["state"] == "failed"]
     console.print(f"import: {len(outcomes)} bundled inputs, {len(failed)} failed")
-    for name in get_settings().screen_stages:
+    settings = get_settings()
+    for name in settings.screen_stages:
         if name in STAGES and name != "import":
-            report = stages.run_batch(name)
+            # the barrier estimates are the expensive step: only the top-ranked pathways
+            limit = settings.screen_top if name == "estimates" else None
+            report = stages.run_batch(name, limit=limit)
             console.print(report.summary)
     status()
+    barriers.screen_report()
 
 
 structures.register(app)
 stages.register(app)
 orchestration.register(app)
 pathways.register(app)
+barriers.register(app)
 
 __all__ = ["app", "get_engine"]

@@ -25,19 +25,48 @@ def _stage(name: str) -> Any:
         raise typer.BadParameter(str(exc.args[0])) from None
 
 
-def run_batch(stage_name: str, parameters: dict[str, Any] | None = None) -> Any:
-    """Batch mode: run a stage's flow on every eligible item (the flow is named in the registry as module:function)."""
+def run_batch(stage_name: str, parameters: dict[str, Any] | None = None, limit: int | None = None) -> Any:
+    """Batch mode: run a stage's flow on every eligible item, or on the top `limit` in rank order (the flow is named
+    in the registry as module:function)."""
     stage = get_stage(stage_name)
     module, _, func = stage.extra["flow_function"].partition(":")
     flow_fn = getattr(importlib.import_module(module), func)
+    if limit is not None:
+        claimed = queue.claim(stage_name, limit, parameters=parameters, refresh=True)
+        return flow_fn(run_ids=[c.id for c in claimed])
     return flow_fn(run_ids=None, **({"parameters": parameters} if parameters else {}))
 
 
-def run(stage: StageArg) -> None:
-    """Run a stage now on every eligible item, on the stage's Dask cluster profile (no server needed)."""
-    _stage(stage)
+def parameter_overrides(stage: Any, given: dict[str, Any], engine: str | None = None) -> dict[str, Any]:
+    """Command-line values as the stage's parameter overrides; a parameter the stage does not have is refused."""
+    overrides: dict[str, Any] = {}
+    if engine is not None:
+        engine_parameters = stage.extra.get("engine_parameters", lambda name: {"engine": name})
+        try:
+            overrides.update(engine_parameters(engine))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    overrides.update({k: v for k, v in given.items() if v is not None})
+    known = queue.stage_parameters(stage)
+    unknown = sorted(k for k in overrides if k not in known)
+    if unknown:
+        raise typer.BadParameter(f"stage {stage.name!r} has no parameter {', '.join(unknown)} (it has: "
+                                 f"{', '.join(sorted(known))})")
+    return overrides
+
+
+def run(stage: StageArg,
+        engine: Annotated[str | None, typer.Option(help="Barrier engine (barrier stages), e.g. mlip-neb.")] = None,
+        top: Annotated[int | None, typer.Option("--top", min=0, help="Claim at most N items, in rank order.")] = None,
+        ion: Annotated[str | None, typer.Option(help="Migrating ion (stages with an ion parameter).")] = None,
+        max_hop: Annotated[float | None, typer.Option(help="Largest hop length in Å (pathways).")] = None,
+        max_paths: Annotated[int | None, typer.Option(help="Most hops kept per structure (pathways).")] = None,
+        ) -> None:
+    """Run a stage now on every eligible item (or its top N), on the stage's Dask cluster profile (no server needed)."""
+    st = _stage(stage)
+    overrides = parameter_overrides(st, {"ion": ion, "max_hop": max_hop, "max_paths": max_paths}, engine)
     init_db()
-    report = run_batch(stage)
+    report = run_batch(stage, overrides or None, limit=top)
     console.print(report.summary)
     if report.failed:
         for run_id, error in sorted(report.failed.items()):

@@ -1,7 +1,8 @@
 """All tables of hopflow; importing this module registers every model on `Base.metadata`."""
 
+from hopflow.models.barriers import Estimate, NebResult
 from hopflow.models.core import Run, RunState, Score, Source, StageSetting, Structure
 from hopflow.models.pathways import Features, Pathway
 from hopflow.models.synthetic import SyntheticItem, SyntheticResult
 
-__all__ = ["Features", "Pathway", "Run", "RunState", "Score", "Source", "StageSetting", "Structure", "SyntheticItem", "SyntheticResult"]
+__all__ = ["Estimate", "Features", "NebResult", "Pathway", "Run", "RunState", "Score", "Source", "StageSetting", "Structure", "SyntheticItem", "SyntheticResult"]
