@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, exists, func, insert, literal, or_, select, update
+from sqlalchemy import Engine, and_, delete, exists, func, insert, literal, or_, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -150,7 +150,7 @@ def enqueue(session: Session, stage: Stage, parameters: Mapping[str, Any] | None
     ).where(~already)
     cols = ["stage", "input_id", "param_hash", "parameters", "state", "attempts", "max_attempts"]
     stmt = _insert(session, Run.__table__).from_select(cols, new_items).on_conflict_do_nothing()
-    added = session.execute(stmt).rowcount or 0
+    added = len(session.execute(stmt.returning(Run.__table__.c.id)).all())  # rowcount is -1 here on psycopg
     for ranker in stage.rankers:
         rank(session, stage, ranker.name, refresh=False)
     return added
@@ -176,10 +176,10 @@ def rank(session: Session, stage: Stage, ranker_name: str | None = None, refresh
     scored = exists().where(Score.stage == stage.name, Score.ranker == ranker.name, Score.item_id == items.c.item_id)
     if ranker.expression is not None:
         source = select(literal(stage.name), literal(ranker.name), items.c.item_id, ranker.expression(items.c))
-        if not refresh:
-            source = source.where(~scored)
+        # SQLite needs a WHERE in INSERT ... SELECT ... ON CONFLICT (its parser's upsert ambiguity)
+        source = source.where(~scored) if not refresh else source.where(true())
         stmt = _insert(session, Score.__table__).from_select(["stage", "ranker", "item_id", "score"], source)
-        count = session.execute(stmt.on_conflict_do_nothing()).rowcount or 0
+        count = len(session.execute(stmt.on_conflict_do_nothing().returning(Score.__table__.c.id)).all())
     else:
         ids_query = select(items.c.item_id) if refresh else select(items.c.item_id).where(~scored)
         ids = list(session.scalars(ids_query))

@@ -281,3 +281,14 @@ def test_claim_uses_an_index_not_a_scan_of_the_run_table(engine) -> None:
     else:
         assert "Seq Scan on runs" not in plan, plan
         assert "Index" in plan, plan
+
+
+def test_enqueue_and_rank_report_what_they_added(engine) -> None:
+    stage = get_stage(SYN)
+    with session_scope(engine, write=True) as s:
+        s.add_all([SyntheticItem(priority=float(i)) for i in range(5)])
+        s.flush()
+        assert queue.enqueue(s, stage) == 5
+        assert queue.enqueue(s, stage) == 0  # a queued item is never queued twice
+        assert queue.rank(s, stage, "id") == 5  # a refresh rescores every item
+        assert queue.rank(s, stage, "id", refresh=False) == 0
