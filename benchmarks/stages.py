@@ -5,13 +5,19 @@ for the pool, starting its two processes. Run: `python benchmarks/stages.py`."""
 
 from __future__ import annotations
 
-import os
-import tempfile
-import time
-from concurrent.futures import ProcessPoolExecutor
-from typing import Any
+import sys
+from pathlib import Path
 
-from sqlalchemy import select
+# benchmarks/queue.py would shadow the standard library's `queue` for a script run from this folder.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import os  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+from typing import Any  # noqa: E402
+
+from sqlalchemy import select  # noqa: E402
 
 
 def _setup_home(home: str) -> None:
