@@ -1,6 +1,7 @@
 """mlip-idpp seconds per pathway over the bundled set's top pathways: hopflow's batch mode against a plain loop.
 
-Run: `python benchmarks/estimates.py [--top 10]` (uses a fresh HOPFLOW_HOME under /tmp unless one is set).
+Run from the repository root: `python -m benchmarks.estimates [--top 10]` (as a script, benchmarks/queue.py would
+shadow the standard library queue) (uses a fresh HOPFLOW_HOME under /tmp unless one is set).
 Batch mode = `hopflow run estimates --top N` (queue claim, Prefect flow, local Dask cluster, one CHGNet per worker);
 the baseline = the same hop_images + compute_barrier calls in a loop in this process. Start-up (model load, cluster)
 is reported on its own.
