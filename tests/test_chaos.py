@@ -1,0 +1,75 @@
+"""Chaos, scaled down: benchmarks/chaos.py on fewer items (injected exceptions, hangs and exits, SIGKILLed flow runs,
+a controller killed mid-tick, PostgreSQL connections dropped twice) ends with nothing lost and nothing written twice."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from sqlalchemy import Engine
+
+from conftest import drop_postgres_database, fresh_postgres_database
+from hopflow.db import init_db, make_engine
+from hopflow.models import RunState
+from prefect_helpers import prefect_client  # noqa: F401  (a fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+ITEMS = 300  # the benchmark runs 1,000; 300 keep the test within a few minutes on 2 cores
+KILLS = 8  # the benchmark kills 20 flow-run processes
+
+
+def _chaos_module() -> ModuleType:
+    """benchmarks/ is no package: load the benchmark module from its file."""
+    spec = importlib.util.spec_from_file_location("hopflow_chaos", ROOT / "benchmarks" / "chaos.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def postgres_engine(monkeypatch: pytest.MonkeyPatch) -> Iterator[Engine]:
+    url, name = fresh_postgres_database()
+    monkeypatch.setenv("HOPFLOW_DATABASE_URL", url)
+    engine = init_db(make_engine(url))
+    yield engine
+    engine.dispose()
+    drop_postgres_database(name)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.prefect
+def test_chaos_run_loses_nothing_and_writes_nothing_twice(postgres_engine, prefect_client, tmp_path, capsys):
+    chaos = _chaos_module()
+    config = dataclasses.replace(chaos.ChaosConfig(), items=ITEMS, kills=KILLS, timeout_s=420.0)
+    report = chaos.run_chaos(postgres_engine, prefect_client, config, tmp_path)
+    with capsys.disabled():
+        print("\n" + "\n".join(report.lines()))
+    audit, events = report.audit, report.events
+
+    # the faults really happened
+    assert audit.injected == {"exception": 30, "hang": 30, "exit": 30}
+    assert audit.permanent == 15
+    assert all(audit.injected_seen[kind] > 0 for kind in chaos.KINDS), audit.injected_seen
+    assert len(events.kills) == KILLS
+    assert events.controller_killed and events.controller_claimed > 0
+    assert len(events.db_drops) == 2
+    assert report.flow_run_states.get("CRASHED", 0) >= KILLS
+
+    # and nothing was lost or written twice; every item ended with its attempts and reasons
+    assert audit.items == ITEMS and audit.runs == ITEMS
+    assert audit.lost == 0
+    assert audit.results_twice == 0 and audit.done_without_one_result == 0 and audit.failed_with_result == 0
+    assert set(audit.by_state) <= {RunState.DONE, RunState.FAILED}
+    assert audit.by_state.get(RunState.DONE, 0) >= ITEMS // 2
+    assert audit.permanent_failed_at_limit == audit.permanent  # raising every time: failed for good, at the limit
+    assert audit.over_retry_limit == 0 and max(audit.attempts) <= audit.max_attempts
+    assert audit.missing_reasons == 0
+    assert audit.reasons.get("lease expired", 0) > 0 and audit.reasons.get("flow run crashed", 0) > 0
+    assert audit.clean
