@@ -59,20 +59,20 @@ def run_pool(home: str) -> tuple[float, float, float, int]:
         list(pool.map(_noop, range(2)))
         startup = time.perf_counter() - t0
         t1 = time.perf_counter()
-        found = list(pool.map(_safe, [find_structure_pathways.fn] * len(structures), structures,
+        found = list(pool.map(_safe, [find_structure_pathways] * len(structures), structures,
                               [p_params] * len(structures)))
         pathways_s = time.perf_counter() - t1
         # the features inputs: the hopflow run stored the same pathways, read them as the features flow does
         items, f_params = _payloads("features")
         t2 = time.perf_counter()
-        list(pool.map(_safe, [featurize_pathway.fn] * len(items), items, [f_params] * len(items)))
+        list(pool.map(_safe, [featurize_pathway] * len(items), items, [f_params] * len(items)))
         features_s = time.perf_counter() - t2
     return startup, pathways_s, features_s, sum(len(r) for r in found if isinstance(r, list))
 
 
-def _safe(fn: Any, item: Any, params: dict[str, Any]) -> Any:
+def _safe(task_: Any, item: Any, params: dict[str, Any]) -> Any:
     try:
-        return fn(item, params)
+        return task_.fn(item, params)
     except Exception as exc:  # noqa: BLE001  (the stage records item errors and goes on; so does the baseline)
         return exc
 

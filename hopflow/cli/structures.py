@@ -40,7 +40,7 @@ def import_(
         outcomes = import_raw_inputs(raws, ion=ion)
     failed = [o for o in outcomes if o["state"] == "failed"]
     for o in failed:
-        err_console.print(f"[red]error[/red] {o['error']}")
+        err_console.print(f"[red]error[/red] {o['error']}", soft_wrap=True, markup=True)
     new = sum(1 for o in outcomes if o["new"])
     console.print(f"{len(outcomes)} inputs: {new} new structures, {len(outcomes) - new - len(failed)} already known "
                   f"or duplicates, {len(failed)} failed")
