@@ -2,7 +2,8 @@
 
 from hopflow.models.barriers import Estimate, NebResult
 from hopflow.models.core import Run, RunState, Score, Source, StageSetting, Structure
+from hopflow.models.learning import BarrierModelRow, CalibrationRow
 from hopflow.models.pathways import Features, Pathway
 from hopflow.models.synthetic import SyntheticItem, SyntheticResult
 
-__all__ = ["Estimate", "Features", "NebResult", "Pathway", "Run", "RunState", "Score", "Source", "StageSetting", "Structure", "SyntheticItem", "SyntheticResult"]
+__all__ = ["BarrierModelRow", "CalibrationRow", "Estimate", "Features", "NebResult", "Pathway", "Run", "RunState", "Score", "Source", "StageSetting", "Structure", "SyntheticItem", "SyntheticResult"]
