@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
+from hopflow.loop import LEARNING_RANKERS, model_ranker_scores
 from hopflow.models import (Estimate, Features, NebResult, Pathway, Run, RunState, Source, Structure, SyntheticItem,
                             SyntheticResult)
 from hopflow.registry import Cutoff, Ranker, Reused, Stage, register
@@ -263,6 +264,18 @@ MAX_ESTIMATE = 1.0
 """Default neb cutoff on the best converged estimate (eV)."""
 NEB_LEASE_SECONDS = 48 * 3600.0
 """A VASP NEB may run for a day or two on a node."""
+LEARNING_DESCRIPTIONS = {
+    "predicted": "lowest barrier predicted by the newest barrier model first (diverse until a model exists)",
+    "uncertain": "largest uncertainty of the newest barrier model first (diverse until a model exists)",
+    "mixed": "lowest predicted barrier minus its uncertainty first (diverse until a model exists)",
+    "diverse": "farthest in feature space from the pathways with an accurate barrier first",
+}
+
+
+def learning_rankers(stage: str) -> tuple[Ranker, ...]:
+    """The learning loop's rankers on a barrier stage (scores from hopflow.loop, refreshed after each retrain)."""
+    return tuple(Ranker(name, LEARNING_DESCRIPTIONS[name], score=model_ranker_scores(name, stage))
+                 for name in LEARNING_RANKERS)
 
 
 def engine_parameters(name: str) -> dict[str, Any]:
@@ -325,7 +338,8 @@ ESTIMATES = register(Stage(
     store=_barrier_store(Estimate),
     rankers=(BY_ID, Ranker("shortest", "shortest hop first", expression=lambda c: c.length),
              Ranker("overlap", "smallest rise of the cation radii overlap along the path first",
-                    expression=lambda c: func.coalesce(c.overlap, OVERLAP_UNKNOWN))),
+                    expression=lambda c: func.coalesce(c.overlap, OVERLAP_UNKNOWN)),
+             *learning_rankers("estimates")),
     default_ranker="shortest",
     cutoffs=(Cutoff("max_overlap_change", "largest cation overlap change along the path (Å; path_overlap_cutoff)",
                     default=MAX_OVERLAP_CHANGE, criterion=lambda c, v: or_(c.overlap.is_(None), c.overlap <= v),
@@ -363,7 +377,7 @@ NEB = register(Stage(
     load=_features_load,
     store=_barrier_store(NebResult),
     rankers=(BY_ID, Ranker("estimate", "lowest converged estimate first", expression=lambda c: c.estimate),
-             Ranker("shortest", "shortest hop first", expression=lambda c: c.length)),
+             Ranker("shortest", "shortest hop first", expression=lambda c: c.length), *learning_rankers("neb")),
     default_ranker="estimate",
     cutoffs=(Cutoff("max_estimate", "largest best converged estimate (eV)", default=MAX_ESTIMATE,
                     criterion=lambda c, v: c.estimate <= v, broaden_step=0.25, broaden_limit=2.0),),

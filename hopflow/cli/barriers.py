@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,7 +12,8 @@ from sqlalchemy.orm import Session
 
 from hopflow.cli.render import console, emit_json, table
 from hopflow.db import init_db, session_scope
-from hopflow.models import Estimate, NebResult, Pathway, Structure
+from hopflow.loop import latest_calibrations
+from hopflow.models import CalibrationRow, Estimate, NebResult, Pathway, Structure
 from hopflow.settings import get_settings
 from hopflow.stages import BARRIER_COLUMNS
 
@@ -34,6 +35,10 @@ class BoardEntry:
     engine: str
     table: str
     run_id: int
+    calibrated_barrier: float | None = None
+    """An estimate corrected by the newest calibration of its engine against VASP (None for VASP barriers)."""
+    calibration: str | None = None
+    """Marks a calibrated value: 'calibrated <engine> -> vasp-neb (n pairs)'."""
 
 
 def _tier(engine: str) -> int:
@@ -44,6 +49,7 @@ def leaderboard_entries(session: Session) -> list[BoardEntry]:
     """Best barrier per pathway (VASP NEB over ML-potential NEB over IDPP estimates, newest within a tier), lowest
     first; pathways with only unconverged results come last, without a barrier."""
     best: dict[int, tuple[tuple[int, int, int], BoardEntry]] = {}
+    calibrations = latest_calibrations(session)
     for model in (NebResult, Estimate):
         rows = session.execute(
             select(model, Pathway.length, Pathway.structure_id, Structure.formula)
@@ -55,8 +61,16 @@ def leaderboard_entries(session: Session) -> list[BoardEntry]:
                                table=model.__tablename__, run_id=row.run_id)
             if row.pathway_id not in best or key < best[row.pathway_id][0]:
                 best[row.pathway_id] = (key, entry)
-    entries = [entry for _, entry in best.values()]
+    entries = [_calibrated(entry, calibrations) for _, entry in best.values()]
     return sorted(entries, key=lambda e: (e.barrier is None, e.barrier or 0.0, e.pathway_id))
+
+
+def _calibrated(entry: BoardEntry, calibrations: dict[str, CalibrationRow]) -> BoardEntry:
+    cal = calibrations.get(entry.engine) if entry.table == "estimates" else None
+    if cal is None or entry.barrier is None:
+        return entry
+    return replace(entry, calibrated_barrier=cal.slope * entry.barrier + cal.intercept,
+                   calibration=f"calibrated {cal.source} -> {cal.reference} ({cal.n} pairs)")
 
 
 def barrier_result(row: Estimate | NebResult) -> Any:
@@ -93,7 +107,12 @@ def write_profile_plots(session: Session, directory: Path) -> list[Path]:
 def print_leaderboard(entries: list[BoardEntry]) -> None:
     """The leaderboard as a table."""
     table(f"leaderboard: best barrier of {len(entries)} pathways", [asdict(e) for e in entries],
-          ["formula", "structure_id", "pathway_id", "hop_length", "barrier", "engine"])
+          ["formula", "structure_id", "pathway_id", "hop_length", "barrier", "engine", *_calibrated_columns(entries)])
+
+
+def _calibrated_columns(entries: list[BoardEntry]) -> list[str]:
+    """The calibrated-estimate columns, shown only when a calibration exists."""
+    return ["calibrated_barrier", "calibration"] if any(e.calibration for e in entries) else []
 
 
 def leaderboard(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,

@@ -9,7 +9,7 @@ import typer
 from sqlalchemy import func, inspect, select, table
 
 from hopflow import queue
-from hopflow.cli import barriers, orchestration, pathways, stages, structures
+from hopflow.cli import barriers, learning, orchestration, pathways, stages, structures
 from hopflow.cli.render import console, emit_json
 from hopflow.cli.render import table as render_table
 from hopflow.db import get_engine, init_db, session_scope
@@ -77,5 +77,6 @@ stages.register(app)
 orchestration.register(app)
 pathways.register(app)
 barriers.register(app)
+learning.register(app)
 
 __all__ = ["app", "get_engine"]
