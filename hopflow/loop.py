@@ -195,7 +195,10 @@ def model_ranker_scores(ranker_name: str, stage: str) -> ScoreFunction:
             names = stage_feature_names(stage)
             chosen = training_set(session, stage)
             known = _matrix(session, chosen.ids, names) if chosen.ids else None
-            values = ranker_scores("diverse", _matrix(session, ids, names), chosen=known, seed=DIVERSE_SEED)
+            X = _matrix(session, ids, names)
+            seen = ~np.all(np.isnan(X if known is None else np.vstack([X, known])), axis=0)  # skip empty columns
+            values = ranker_scores("diverse", X[:, seen], chosen=None if known is None else known[:, seen],
+                                   seed=DIVERSE_SEED)
         else:
             values = ranker_scores(ranker_name, _matrix(session, ids, stored.model.feature_names), stored.model)
         return {i: float(v) for i, v in zip(ids, values, strict=True)}

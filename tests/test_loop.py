@@ -197,10 +197,10 @@ def test_too_little_data_raises_and_a_failed_retrain_keeps_the_previous_model_an
         assert latest_model(session, "estimates") is None
     assert scores("estimates", "predicted") == scores("estimates", "diverse")  # the fallback stays in force
 
-    # Enough barriers: a model. Then a broken NEB result (infinite barrier) makes the next training fail.
+    # Enough barriers (the cross-validation's folds need 10 each): a model. Then a broken NEB result (infinite barrier) makes the next training fail.
     with session_scope(write=True) as session:
         run_id = session.scalar(select(Run.id).where(Run.stage == "fixture"))
-        for pid in ids["all"][6:12]:
+        for pid in ids["all"][6:16]:
             session.add(_barrier_row(Estimate, run_id, pid, "mlip-idpp", 0.2 + 0.05 * (pid % 7)))
     first = retrain_cycle(seed=0, plot_dir=tmp_path)
     assert all(s.error is None for s in first.stages), first.summary
@@ -248,8 +248,9 @@ def test_calibration_from_pairs_shows_in_the_leaderboard_as_calibrated(tmp_path,
     for pid in ids["neb"]:
         assert board[pid]["engine"] == "vasp-neb" and board[pid]["calibrated_barrier"] is None
         assert board[pid]["calibration"] is None
-    table = runner.invoke(app, ["leaderboard"])
-    assert table.exit_code == 0 and "calibrated" in table.output
+    table = runner.invoke(app, ["leaderboard"], env={"COLUMNS": "250"})
+    assert table.exit_code == 0 and "calibrated_barrier" in table.output
+    assert "calibrated mlip-idpp -> vasp-neb" in table.output
 
 
 def test_fewer_than_five_pairs_fit_no_calibration(tmp_path) -> None:
