@@ -29,7 +29,7 @@ POOL_TYPE = "process"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PREFECT_YAML = PROJECT_ROOT / "prefect.yaml"
 DEPLOY_TIMEOUT_S = 300
-SCHEDULED_SERVICES = ("controller/controller", "cleanup/daily", "checkpoint/daily")
+SCHEDULED_SERVICES = ("controller/controller", "cleanup/daily", "checkpoint/daily", "retrain/hourly")
 
 
 @dataclass(frozen=True)

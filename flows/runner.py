@@ -100,7 +100,7 @@ def release_on_termination(run_ids: Sequence[int]) -> Iterator[set[int]]:
     finally:
         if open_ids:
             with session_scope(write=True) as session:
-                queue.release(session, open_ids)
+                queue.release(session, open_ids, flow_run_id=current_flow_run_id())
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

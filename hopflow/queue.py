@@ -382,13 +382,17 @@ def fail(session: Session, run_id: int, error: str, *, retryable: bool = True) -
     return True
 
 
-def release(session: Session, run_ids: Iterable[int]) -> int:
-    """Give claimed or running work back to the queue at once (a graceful stop); the attempt is not counted."""
+def release(session: Session, run_ids: Iterable[int], *, flow_run_id: str | None = None) -> int:
+    """Give claimed or running work back to the queue at once (a graceful stop); the attempt is not counted.
+
+    With `flow_run_id`, only runs still owned by that flow run (or not yet handed to any) are released.
+    """
+    owner = [or_(Run.flow_run_id.is_(None), Run.flow_run_id == flow_run_id)] if flow_run_id else []
     stmt = (
         update(Run)
-        .where(Run.id.in_(list(run_ids)), Run.state.in_(RunState.LIVE))
-        .values(state=RunState.QUEUED, attempts=Run.attempts - 1,
-                claimant=None, lease_expires_at=None, flow_run_id=None)
+        .where(Run.id.in_(list(run_ids)), Run.state.in_(RunState.LIVE), *owner)
+        .values(state=RunState.QUEUED, attempts=Run.attempts - 1, claimant=None, lease_expires_at=None,
+                flow_run_id=None)
         .execution_options(synchronize_session=False)
     )
     return session.execute(stmt).rowcount or 0

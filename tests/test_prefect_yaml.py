@@ -120,4 +120,5 @@ def test_prefect_deploy_creates_the_deployments(prefect_client):
     synthetic = prefect_client.read_deployment_by_name(get_stage("synthetic").deployment)
     assert synthetic.schedules == [] and synthetic.parameters == {"run_ids": None}
     # Leave the shared test server quiet: no scheduled controller runs for a later test's worker to pick up.
-    assert pause_services(prefect_client) == ["controller/controller", "cleanup/daily", "checkpoint/daily"]
+    assert pause_services(prefect_client) == ["controller/controller", "cleanup/daily", "checkpoint/daily",
+                                             "retrain/hourly"]
