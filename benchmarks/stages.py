@@ -49,9 +49,6 @@ def _noop(_: int) -> int:
 
 def run_pool(home: str) -> tuple[float, float, float, int]:
     """(start-up, pathways, features) seconds and pathway count with a 2-process pool over the tasks' functions."""
-    from flows.features import featurize_pathway
-    from flows.pathways import find_structure_pathways
-
     _setup_home(home)
     structures, p_params = _payloads("pathways")
     t0 = time.perf_counter()
@@ -59,20 +56,23 @@ def run_pool(home: str) -> tuple[float, float, float, int]:
         list(pool.map(_noop, range(2)))
         startup = time.perf_counter() - t0
         t1 = time.perf_counter()
-        found = list(pool.map(_safe, [find_structure_pathways] * len(structures), structures,
+        found = list(pool.map(_safe, [("flows.pathways", "find_structure_pathways")] * len(structures), structures,
                               [p_params] * len(structures)))
         pathways_s = time.perf_counter() - t1
         # the features inputs: the hopflow run stored the same pathways, read them as the features flow does
         items, f_params = _payloads("features")
         t2 = time.perf_counter()
-        list(pool.map(_safe, [featurize_pathway] * len(items), items, [f_params] * len(items)))
+        list(pool.map(_safe, [("flows.features", "featurize_pathway")] * len(items), items, [f_params] * len(items)))
         features_s = time.perf_counter() - t2
     return startup, pathways_s, features_s, sum(len(r) for r in found if isinstance(r, list))
 
 
-def _safe(task_: Any, item: Any, params: dict[str, Any]) -> Any:
+def _safe(task_path: tuple[str, str], item: Any, params: dict[str, Any]) -> Any:
+    """Call a flow task's plain function (named by module and attribute: stdlib pickle cannot ship Prefect tasks)."""
+    import importlib
+
     try:
-        return task_.fn(item, params)
+        return getattr(importlib.import_module(task_path[0]), task_path[1]).fn(item, params)
     except Exception as exc:  # noqa: BLE001  (the stage records item errors and goes on; so does the baseline)
         return exc
 
