@@ -240,3 +240,59 @@ def test_bootstrap_tick_and_maintenance_commands(engine, cli, prefect_client, tm
     assert (folder / "tables" / "synthetic_items.parquet").exists() and "tables" in checkpoint.output
     cleanup = cli("cleanup", "--older-than-days", 3650)
     assert cleanup.exit_code == 0 and cleanup.output.startswith("deleted ")
+
+
+# ---------------------------------------------------------------- the acceptance on a science stage
+
+
+@pytest.mark.slow
+@pytest.mark.prefect
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # the SQLite path is covered by the synthetic test
+def test_controller_drains_twenty_structures_through_the_pathways_stage(engine, prefect_client, tmp_path):
+    from tasks.structures import bundled_inputs
+
+    from hopflow.importing import import_raw_inputs
+    from hopflow.models import Pathway, Structure
+
+    stage = get_stage("pathways")
+    outcomes = import_raw_inputs(bundled_inputs()[:20])
+    assert sum(o["new"] for o in outcomes) == 20
+    _deploy_stage_deployment(prefect_client)
+    deployment = prefect_client.read_deployment_by_name(stage.deployment)
+    url = engine.url.render_as_string(hide_password=False)
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text(THREADED_PROFILE)
+    worker = start_worker(POOL_NAME, {
+        "HOPFLOW_DATABASE_URL": url, "HOPFLOW_CLUSTER_PROFILES": str(profiles), "HOPFLOW_PROFILE_PATHWAYS": "threads",
+        "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}, tmp_path / "worker.log")
+    with session_scope(engine, write=True) as session:
+        queue.set_target(session, stage, 3, "acceptance test")
+    live_seen: list[int] = []
+    try:
+        deadline = time.monotonic() + 240.0
+        while True:
+            with session_scope(engine) as session:
+                counts = queue.counts_by_state(session).get("pathways", {})
+            if counts.get(RunState.DONE, 0) + counts.get(RunState.FAILED, 0) == 20:
+                break
+            assert time.monotonic() < deadline, f"not drained: {counts}; see {tmp_path / 'worker.log'}"
+            report = ctl.tick(prefect_client, stages=["pathways"], batch_sizes={"pathways": 2}, mirror=False,
+                              publish=False)
+            (stage_tick,) = report.stages
+            assert stage_tick.error is None, stage_tick.error
+            assert len(stage_tick.submitted) <= max(0, 3 - stage_tick.live)
+            live_seen.append(ctl.count_live(prefect_client, deployment.id))
+            time.sleep(TICK_INTERVAL_S)
+    finally:
+        stop_process_group(worker)
+        for run in deployment_flow_runs(prefect_client, deployment.id):
+            if run.state_type in (StateType.SCHEDULED, StateType.PENDING):
+                prefect_client.delete_flow_run(run.id)
+    assert max(live_seen) <= 3
+    with session_scope(engine) as session:
+        runs = session.scalars(select(Run).where(Run.stage == "pathways")).all()
+        assert {r.state for r in runs} == {RunState.DONE}, [(r.input_id, r.error) for r in runs if r.error]
+        per_structure = dict(session.execute(select(Pathway.structure_id, func.count(func.distinct(Pathway.run_id)))
+                                             .group_by(Pathway.structure_id)).all())
+        structures = set(session.scalars(select(Structure.id)))
+    assert set(per_structure) == structures and set(per_structure.values()) == {1}  # every structure, once
