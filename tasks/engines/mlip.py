@@ -46,7 +46,7 @@ DEFAULT_NEB_STEPS = 500
 DEFAULT_SPRING = 0.1  # eV/Å², ASE's default
 DEFAULT_ENDPOINT_FMAX = 0.05  # eV/Å
 DEFAULT_ENDPOINT_STEPS = 300
-DEFAULT_BATCH_SIZE = 16
+DEFAULT_BATCH_SIZE = 1  # images one at a time: a batch of 7 × 240-atom graphs took ~9 GiB per worker on CPU
 
 INPUT_IMAGES_FILE = "input_images.json"
 FINAL_IMAGES_FILE = "final_images.json"
