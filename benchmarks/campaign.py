@@ -30,7 +30,7 @@ from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from sqlalchemy import Engine, func, insert, select, text  # noqa: E402
+from sqlalchemy import Engine, insert, text  # noqa: E402
 
 STAGE = "synthetic"
 DEFAULT_PROFILE = "local-threads"
@@ -143,20 +143,20 @@ def counts(engine: Engine) -> dict[str, int]:
 
 def run_campaign(engine: Engine, client: Any, config: CampaignConfig, workdir: Path) -> CampaignReport:
     """Drive the campaign to the last item; sample live runs every second."""
-    from benchmarks.chaos import deploy, wait_for_worker
+    from benchmarks.chaos import DEPLOYMENT
     from deployments.bootstrap import POOL_NAME
     from flows.controller import count_live, tick
     from hopflow import queue
     from hopflow.db import session_scope
     from hopflow.models import RunState
     from hopflow.registry import get_stage
-    from prefect_helpers import start_worker, stop_process_group
+    from prefect_helpers import delete_waiting_runs, deploy_stage, start_worker, stop_process_group, wait_for_worker
 
     url = engine.url.render_as_string(hide_password=False)
     add_items(engine, config.items, config.sleep_ms)
     with session_scope(engine, write=True) as session:
         queue.set_target(session, get_stage(STAGE), config.target, "campaign benchmark")
-    deployment = deploy(client)
+    deployment = deploy_stage(client, DEPLOYMENT)
     env = {"HOPFLOW_DATABASE_URL": url, "HOPFLOW_HOME": str(workdir / "home"), "HOPFLOW_PROFILE_SYNTHETIC":
            config.profile, "HOPFLOW_MAX_CHUNKS": str(config.max_chunks), "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
@@ -164,7 +164,7 @@ def run_campaign(engine: Engine, client: Any, config: CampaignConfig, workdir: P
     worker = start_worker(POOL_NAME, env, workdir / "worker.log")
     trace = CampaignTrace()
     try:
-        wait_for_worker(client, since)
+        wait_for_worker(client, POOL_NAME, since)
         started = time.monotonic()
         next_tick = started
         last_progress = started
@@ -207,9 +207,7 @@ def run_campaign(engine: Engine, client: Any, config: CampaignConfig, workdir: P
         seconds = time.monotonic() - started
     finally:
         stop_process_group(worker)
-        from benchmarks.chaos import _delete_waiting
-
-        _delete_waiting(client, deployment.id)
+        delete_waiting_runs(client, deployment.id)
     with engine.connect() as conn:
         size = int(conn.execute(text("SELECT pg_database_size(current_database())")).scalar() or 0) \
             if engine.dialect.name == "postgresql" else 0

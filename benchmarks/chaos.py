@@ -48,7 +48,6 @@ PROFILE = "local-threads"  # the flow-run process runs the items on threads: an 
 TERMINATE_SQL = ("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                  "WHERE datname = current_database() AND pid <> pg_backend_pid()")
 KINDS = ("exception", "hang", "exit")
-WORKER_START_TIMEOUT_S = 90.0
 CONTROLLER_KILL_TIMEOUT_S = 120.0
 REAP_GRACE_S = 8.0  # a running flow run that owns no live work this long is hung (its items were swept): kill it
 KILL_SPAN = 0.75  # random kills and the other events happen before this fraction of items is finished
@@ -194,35 +193,6 @@ def add_items(engine: Engine, config: ChaosConfig, rng: random.Random) -> dict[s
     with session_scope(engine, write=True) as session:
         session.execute(insert(SyntheticItem), rows)
     return dict(Counter(k for k in kinds if k != "none"))
-
-
-def deploy(client: Any) -> Any:
-    """`prefect deploy` the synthetic stage; scheduled services paused; leftover live runs deleted."""
-    from deployments.bootstrap import deploy_all, ensure_work_pool, pause_services
-    from prefect_helpers import deployment_flow_runs
-
-    ensure_work_pool(client)
-    done = deploy_all(names=[DEPLOYMENT])
-    if done.returncode != 0:
-        raise RuntimeError(f"prefect deploy failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    pause_services(client)
-    deployment = client.read_deployment_by_name(DEPLOYMENT)
-    for run in deployment_flow_runs(client, deployment.id):
-        if run.state_type is not None and run.state_type.value in ("SCHEDULED", "PENDING", "RUNNING"):
-            client.delete_flow_run(run.id)
-    return deployment
-
-
-def wait_for_worker(client: Any, since: float) -> None:
-    from deployments.bootstrap import POOL_NAME
-
-    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        workers = client.read_workers_for_work_pool(POOL_NAME)
-        if any(w.last_heartbeat_time and w.last_heartbeat_time.timestamp() >= since for w in workers):
-            return
-        time.sleep(0.5)
-    raise RuntimeError("the process worker did not report in")
 
 
 def worker_env(url: str, config: ChaosConfig, home: Path) -> dict[str, str]:
@@ -425,7 +395,7 @@ def run_chaos(engine: Engine, client: Any, config: ChaosConfig, workdir: Path) -
     from hopflow.db import session_scope
     from hopflow.models import RunState
     from hopflow.registry import get_stage
-    from prefect_helpers import start_worker, stop_process_group
+    from prefect_helpers import delete_waiting_runs, deploy_stage, start_worker, stop_process_group, wait_for_worker
 
     from deployments.bootstrap import POOL_NAME
 
@@ -435,7 +405,7 @@ def run_chaos(engine: Engine, client: Any, config: ChaosConfig, workdir: Path) -
     add_items(engine, config, rng)
     with session_scope(engine, write=True) as session:
         queue.set_target(session, get_stage(STAGE), config.target, "chaos run")
-    deployment = deploy(client)
+    deployment = deploy_stage(client, DEPLOYMENT)
     events = ChaosEvents()
     kill_at = sorted(KILL_SPAN * (k + 0.5) / config.kills for k in range(config.kills)) if config.kills else []
     drop_at = list(DB_DROP_AT[:config.db_drops])
@@ -445,7 +415,7 @@ def run_chaos(engine: Engine, client: Any, config: ChaosConfig, workdir: Path) -
     worker = start_worker(POOL_NAME, worker_env(url, config, home), workdir / "worker.log")
     started = time.monotonic()
     try:
-        wait_for_worker(client, since)
+        wait_for_worker(client, POOL_NAME, since)
         with chaos_stage(config.lease_seconds, config.retry_limit):
             while True:
                 loop_start = time.monotonic()
@@ -509,16 +479,8 @@ def run_chaos(engine: Engine, client: Any, config: ChaosConfig, workdir: Path) -
         for fr in running_flow_runs(client, deployment.id):  # hung runs whose items were all done elsewhere
             kill_flow_run(str(fr.id))
         stop_process_group(worker)
-        _delete_waiting(client, deployment.id)
+        delete_waiting_runs(client, deployment.id)
     return ChaosReport(config, events, audit(engine), flow_run_states(client, events.flow_runs), seconds)
-
-
-def _delete_waiting(client: Any, deployment_id: Any) -> None:
-    from prefect_helpers import deployment_flow_runs
-
-    for run in deployment_flow_runs(client, deployment_id):
-        if run.state_type is not None and run.state_type.value in ("SCHEDULED", "PENDING"):
-            client.delete_flow_run(run.id)
 
 
 # ---------------------------------------------------------------- command line

@@ -16,6 +16,9 @@ import sys
 # library (benchmarks/queue.py shadows `queue`, which concurrent.futures and Dask import): run from the project root.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+_TESTS = os.path.join(os.path.dirname(_HERE), "tests")  # prefect_helpers: deploy, worker, clean-up
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
 
 import argparse  # noqa: E402
 import shutil  # noqa: E402
@@ -33,7 +36,6 @@ from typing import Any  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT = Path(sys.executable).with_name("prefect")
 SERVER_START_TIMEOUT_S = 120.0
-WORKER_START_TIMEOUT_S = 60.0
 TICK_INTERVAL_S = 5.0
 DONE_POLL_S = 0.5
 DRAIN_TIMEOUT_S = 1800.0
@@ -91,18 +93,6 @@ def ensure_prefect_server(workdir: Path) -> subprocess.Popen[bytes] | None:
     return server
 
 
-def stop(process: subprocess.Popen[bytes] | None) -> None:
-    if process is None or process.poll() is not None:
-        return
-    import signal
-
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-
-
 # ---------------------------------------------------------------- the two ways of running the items
 
 
@@ -158,48 +148,6 @@ def _done(engine: Any) -> int:
         return queue.counts_by_state(session).get("synthetic", {}).get("done", 0)
 
 
-def _deploy_synthetic(client: Any) -> Any:
-    from deployments.bootstrap import deploy_all, ensure_work_pool, pause_services
-    from prefect.client.schemas.objects import StateType
-
-    ensure_work_pool(client)
-    done = deploy_all(names=["synthetic/synthetic"])
-    if done.returncode != 0:
-        raise RuntimeError(f"prefect deploy failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    pause_services(client)
-    deployment = client.read_deployment_by_name("synthetic/synthetic")
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId, FlowRunFilterState
-    from prefect.client.schemas.filters import FlowRunFilterStateType
-
-    waiting = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-        deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id]),
-        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PENDING,
-                                                                     StateType.RUNNING]))))
-    for run in waiting:  # leftovers of an earlier run would count as live
-        client.delete_flow_run(run.id)
-    return deployment
-
-
-def _start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    from deployments.bootstrap import POOL_NAME
-
-    return subprocess.Popen([str(PREFECT), "worker", "start", "--pool", POOL_NAME, "--type", "process"],
-                            cwd=ROOT, env={**os.environ, **env}, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def _wait_for_worker(client: Any, since: float) -> None:
-    from deployments.bootstrap import POOL_NAME
-
-    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        workers = client.read_workers_for_work_pool(POOL_NAME)
-        if any(w.last_heartbeat_time and w.last_heartbeat_time.timestamp() >= since for w in workers):
-            return
-        time.sleep(0.5)
-    raise RuntimeError("the process worker did not report in")
-
-
 @dataclass(frozen=True)
 class PrefectRun:
     """The controller path: throughput, flow runs made, and the ticks it took."""
@@ -213,19 +161,21 @@ def run_prefect(workdir: Path, url: str, n: int, cpu_ms: float, target: int, bat
     """Controller ticks (driven here) claim batches; a process worker runs the synthetic flow on a Dask cluster."""
     from prefect.client.orchestration import get_client
 
+    from deployments.bootstrap import POOL_NAME
     from flows.controller import tick
+    from prefect_helpers import deploy_stage, start_worker, stop_process_group, wait_for_worker
 
     engine = _engine(url)
     _add_items(engine, n, cpu_ms)
     _set_target(engine, target)
     with get_client(sync_client=True) as client:
-        _deploy_synthetic(client)
+        deploy_stage(client, "synthetic/synthetic")
         since = time.time()
-        worker = _start_worker({"HOPFLOW_DATABASE_URL": url, "HOPFLOW_HOME": str(workdir / "home"),
+        worker = start_worker(POOL_NAME, {"HOPFLOW_DATABASE_URL": url, "HOPFLOW_HOME": str(workdir / "home"),
                                 "HOPFLOW_PROFILE_SYNTHETIC": profile, "PREFECT_WORKER_QUERY_SECONDS": "1",
                                 "PREFECT_WORKER_PREFETCH_SECONDS": "1"}, workdir / "worker.log")
         try:
-            _wait_for_worker(client, since)
+            wait_for_worker(client, POOL_NAME, since)
             ticks: list[float] = []
             flow_runs = 0
             started = time.perf_counter()
@@ -243,7 +193,7 @@ def run_prefect(workdir: Path, url: str, n: int, cpu_ms: float, target: int, bat
                 time.sleep(DONE_POLL_S)
             seconds = time.perf_counter() - started
         finally:
-            stop(worker)
+            stop_process_group(worker)
     engine.dispose()
     label = f"controller+Prefect+Dask ({profile}, target {target}, batch {batch})"
     return PrefectRun(Throughput(label, n, seconds), flow_runs, ticks)
@@ -339,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"then claim + submit one batch: median {statistics.median(times.steady):.3f} s, "
                   f"max {max(times.steady):.3f} s over {len(times.steady)} ticks  (goal < 1 s)")
     finally:
-        stop(server)
+        if server is not None:
+            from prefect_helpers import stop_process_group
+
+            stop_process_group(server)
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

@@ -90,7 +90,10 @@ def release_on_termination(run_ids: Sequence[int]) -> Iterator[set[int]]:
     """Give unfinished claims back at once when the flow is stopped (SIGTERM, Prefect cancellation, Ctrl-C)."""
     open_ids: set[int] = set(run_ids)
     previous = None
-    if threading.current_thread() is threading.main_thread():
+    # Inside a flow run Prefect's own SIGTERM bridge raises TerminationSignal, which reaches `finally` below, and must
+    # stay installed: the child acknowledges a cancel from the worker only while it is, and reports Cancelled, not
+    # Crashed. Only where SIGTERM would kill the process outright is a handler of ours needed.
+    if threading.current_thread() is threading.main_thread() and not callable(signal.getsignal(signal.SIGTERM)):
         def _terminate(signum: int, _frame: Any) -> None:
             raise KeyboardInterrupt(f"signal {signum}")
 

@@ -24,6 +24,7 @@ from hopflow.models import SyntheticItem
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PREFECT_BIN = Path(sys.executable).with_name("prefect")
+WORKER_START_TIMEOUT_S = 90.0
 
 
 def prefect_api_url() -> str:
@@ -127,6 +128,38 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.2, what: str = 
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
 
+
+
+def deploy_stage(client: SyncPrefectClient, deployment: str) -> Any:
+    """`prefect deploy` one prefect.yaml deployment into the work pool, scheduled services paused, and its leftover
+    scheduled, pending or running flow runs deleted (they would count as live): the deployment."""
+    from deployments.bootstrap import deploy_all, ensure_work_pool, pause_services
+
+    ensure_work_pool(client)
+    done = deploy_all(names=[deployment])
+    if done.returncode != 0:
+        raise RuntimeError(f"prefect deploy failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    pause_services(client)
+    found = client.read_deployment_by_name(deployment)
+    delete_waiting_runs(client, found.id, states=("SCHEDULED", "PENDING", "RUNNING"))
+    return found
+
+
+def delete_waiting_runs(client: SyncPrefectClient, deployment_id: Any,
+                        states: Sequence[str] = ("SCHEDULED", "PENDING")) -> None:
+    """Delete a deployment's flow runs in these states (by default those no worker has started)."""
+    for run in deployment_flow_runs(client, deployment_id):
+        if run.state_type is not None and run.state_type.value in states:
+            client.delete_flow_run(run.id)
+
+
+def wait_for_worker(client: SyncPrefectClient, pool: str, since: float, timeout: float = WORKER_START_TIMEOUT_S) -> None:
+    """Wait until a worker of `pool` has sent a heartbeat after `since` (a time.time())."""
+    def reported() -> bool:
+        workers = client.read_workers_for_work_pool(pool)
+        return any(w.last_heartbeat_time and w.last_heartbeat_time.timestamp() >= since for w in workers)
+
+    wait_for(reported, timeout, interval=0.5, what=f"a worker of pool {pool!r} to report in")
 
 
 def entrypoint_file(deployment: dict[str, Any]) -> Path:

@@ -1,4 +1,5 @@
-"""Graceful stop: SIGTERM to a running stage flow gives its claims back to the queue at once (not at lease expiry)."""
+"""Graceful stop: SIGTERM to a running stage flow, or its cancellation in Prefect, gives its claims back to the queue
+at once (not at lease expiry)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,23 @@ import time
 from datetime import timezone
 from pathlib import Path
 
+import pytest
+from prefect.client.schemas.objects import StateType
+from prefect.states import Cancelling
 from sqlalchemy import select
 
 from hopflow import queue
 from hopflow.db import init_db, make_engine, session_scope, utcnow
 from hopflow.models import Run, RunState, SyntheticItem
+from prefect_helpers import (  # noqa: F401  (prefect_client is a fixture)
+    delete_waiting_runs,
+    deploy_stage,
+    prefect_client,
+    start_worker,
+    stop_process_group,
+    wait_for,
+    wait_for_worker,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ITEMS = 3
@@ -29,13 +42,13 @@ def _states(engine, run_ids: list[int]) -> list[Run]:
         return list(runs)
 
 
-def _wait_for(engine, run_ids: list[int], state: str, proc: subprocess.Popen[bytes], log: Path) -> list[Run]:
+def _wait_for(engine, run_ids: list[int], state: str, proc: subprocess.Popen[bytes] | None, log: Path) -> list[Run]:
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         runs = _states(engine, run_ids)
         if all(r.state == state for r in runs):
             return runs
-        if state == RunState.RUNNING and proc.poll() is not None:
+        if state == RunState.RUNNING and proc is not None and proc.poll() is not None:
             raise AssertionError(f"flow process exited ({proc.returncode}) first:\n{log.read_text()[-4000:]}")
         time.sleep(POLL_S)
     raise AssertionError(f"runs never all {state}: {[(r.id, r.state) for r in runs]}\n{log.read_text()[-4000:]}")
@@ -80,5 +93,52 @@ def test_sigterm_releases_claims_at_once(tmp_path) -> None:
             proc.wait()
     # the released items are claimable again, first in priority order
     again = queue.claim("synthetic", ITEMS, engine=engine, claimant="after-stop")
+    assert sorted(c.id for c in again) == sorted(run_ids)
+    engine.dispose()
+
+
+@pytest.mark.prefect
+def test_prefect_cancellation_releases_claims_at_once(prefect_client, tmp_path) -> None:
+    """Cancel a running stage flow from Prefect (as the UI's Cancel button does): the process worker stops its process,
+    the flow gives its claims back at once, and Prefect records the flow run as Cancelled."""
+    from deployments.bootstrap import POOL_NAME
+    from flows.controller import tick
+    from hopflow.registry import get_stage
+
+    url = f"sqlite:///{tmp_path / 'cancel.sqlite'}"
+    engine = init_db(make_engine(url))
+    with session_scope(engine, write=True) as session:
+        session.add_all(SyntheticItem(cpu_ms=0.0, failure="hang", fail_attempts=1, priority=i) for i in range(ITEMS))
+        queue.set_target(session, get_stage("synthetic"), 1, "cancellation test")
+    deployment = deploy_stage(prefect_client, "synthetic/synthetic")
+    since = time.time()
+    worker = start_worker(POOL_NAME, {
+        "HOPFLOW_DATABASE_URL": url, "HOPFLOW_HOME": str(tmp_path / "home"), "HOPFLOW_PROFILE_SYNTHETIC": "local-threads",
+        "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}, tmp_path / "worker.log")
+    log = tmp_path / "worker.log"
+    try:
+        wait_for_worker(prefect_client, POOL_NAME, since)
+        report = tick(prefect_client, engine=engine, stages=["synthetic"], batch_sizes={"synthetic": ITEMS},
+                      mirror=False, publish=False)
+        (stage_tick,) = report.stages
+        assert stage_tick.error is None and len(stage_tick.submitted) == 1, stage_tick
+        with session_scope(engine) as session:
+            run_ids = list(session.scalars(select(Run.id).where(Run.stage == "synthetic").order_by(Run.id)))
+        running = _wait_for(engine, run_ids, RunState.RUNNING, None, log)
+        (flow_run_id,) = {r.flow_run_id for r in running}
+        lease_ends = min(r.lease_expires_at for r in running)
+
+        prefect_client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
+        released = _wait_for(engine, run_ids, RunState.QUEUED, None, log)
+        assert utcnow() < (lease_ends if lease_ends.tzinfo else lease_ends.replace(tzinfo=timezone.utc))
+        assert all(r.attempts == 0 and r.claimant is None and r.flow_run_id is None and r.error is None
+                   for r in released)
+        state = wait_for(lambda: (s := prefect_client.read_flow_run(flow_run_id).state) and s.is_final() and s,
+                         timeout=WAIT_S, what="the cancelled flow run to reach a final state")
+        assert state.type == StateType.CANCELLED, (state, log.read_text()[-4000:])
+    finally:
+        stop_process_group(worker)
+        delete_waiting_runs(prefect_client, deployment.id)
+    again = queue.claim("synthetic", ITEMS, engine=engine, claimant="after-cancel")
     assert sorted(c.id for c in again) == sorted(run_ids)
     engine.dispose()
