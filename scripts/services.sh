@@ -8,7 +8,9 @@
 #
 # Knobs: HOPFLOW_SERVICES_DIR (state dir, default /tmp/hopflow-services), HOPFLOW_PYTHON (python of the venv that has
 # prefect, default .venv/bin/python), HOPFLOW_PG_BIN (PostgreSQL binaries, default the newest /usr/lib/postgresql/*/bin),
-# HOPFLOW_SLURM_CPUS / HOPFLOW_SLURM_MEMORY_MB (the SLURM node's size), HOPFLOW_SERVICES_TIMEOUT (seconds per service).
+# HOPFLOW_SLURM_CPUS / HOPFLOW_SLURM_MEMORY_MB (the SLURM node's size), HOPFLOW_SERVICES_TIMEOUT (seconds per service),
+# HOPFLOW_PREFECT_DATABASE (sqlite, the default, or postgres: the Prefect server keeps its own database `prefect` on the
+# temporary PostgreSQL, as Prefect recommends for many concurrent flow runs; the campaign benchmark wants it).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -16,6 +18,8 @@ STATE=${HOPFLOW_SERVICES_DIR:-/tmp/hopflow-services}
 STATE=${STATE%/}
 PYTHON=${HOPFLOW_PYTHON:-$ROOT/.venv/bin/python}
 TIMEOUT=${HOPFLOW_SERVICES_TIMEOUT:-180}
+PREFECT_DATABASE=${HOPFLOW_PREFECT_DATABASE:-sqlite}
+PG_PASSWORD=
 MARKER=.hopflow-services
 PG_USER=hopflow
 PG_DB=hopflow_test
@@ -126,6 +130,7 @@ start_postgres() {
         --auth-local=trust --auth-host=scram-sha-256 -N >"$dir/initdb.log" 2>&1 ||
         fail "PostgreSQL initdb failed" "$dir/initdb.log"
     rm -f "$dir/pwfile"
+    PG_PASSWORD=$password
     # fsync off: a throw-away test cluster; the socket lives in the state dir so nothing touches /var/run.
     as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t "$TIMEOUT" \
         -o "-h 127.0.0.1 -p $port -k $dir -c fsync=off -c synchronous_commit=off -c max_connections=200" \
@@ -266,12 +271,19 @@ stop_munge() {
 
 # ---------------------------------------------------------------- Prefect server
 launch_prefect() {
-    local port=$1 dir=$STATE/prefect prefect
+    local port=$1 pg_port=${2:-} dir=$STATE/prefect prefect
+    local -a database=()
     prefect=$(dirname "$PYTHON")/prefect
     [[ -x $prefect ]] || fail "prefect not found at $prefect (install the project into the venv, or set HOPFLOW_PYTHON)"
     mkdir -p "$dir/home"
+    if [[ -n $pg_port ]]; then
+        as_pg "$(pg_bin)/createdb" -h "$STATE/postgres" -p "$pg_port" -U "$PG_USER" prefect >>"$dir/createdb.log" 2>&1 ||
+            fail "PostgreSQL createdb prefect failed" "$dir/createdb.log"
+        database=("PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://$PG_USER:$PG_PASSWORD@127.0.0.1:$pg_port/prefect")
+        log "Prefect server: database prefect on PostgreSQL"
+    fi
     # Own session (setsid) so stop can end the server and its children as one process group.
-    PREFECT_HOME=$dir/home PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_UI_ENABLED=false \
+    env "${database[@]}" PREFECT_HOME="$dir/home" PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_UI_ENABLED=false \
         PREFECT_API_URL= PREFECT_LOGGING_LEVEL=WARNING \
         setsid "$prefect" server start --host 127.0.0.1 --port "$port" </dev/null >"$dir/server.log" 2>&1 9>&- &
     echo $! >"$dir/server.pid"
@@ -345,8 +357,15 @@ cmd_start() {
     local t0=$SECONDS pg_port ctld_port slurmd_port prefect_port
     read -r pg_port ctld_port slurmd_port prefect_port <<<"$(free_ports 4)"
     log "starting in $STATE"
-    launch_prefect "$prefect_port" # slowest: let it boot while the others start
-    start_postgres "$pg_port"
+    case $PREFECT_DATABASE in
+    sqlite)
+        launch_prefect "$prefect_port" # slowest: let it boot while the others start
+        start_postgres "$pg_port" ;;
+    postgres)
+        start_postgres "$pg_port"
+        launch_prefect "$prefect_port" "$pg_port" ;;
+    *) fail "HOPFLOW_PREFECT_DATABASE must be sqlite or postgres, not '$PREFECT_DATABASE'" ;;
+    esac
     start_munge
     start_slurm "$ctld_port" "$slurmd_port"
     wait_prefect
