@@ -24,7 +24,6 @@ for _path in (os.path.join(_ROOT, "tests"), _ROOT):
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -227,37 +226,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", default=None, help="an empty PostgreSQL database (default: a fresh one on "
                         "the HOPFLOW_TEST_POSTGRES_URL server, dropped at the end)")
     args = parser.parse_args(argv)
-    if not os.environ.get("PREFECT_API_URL"):
-        parser.error("PREFECT_API_URL is not set (eval \"$(bash scripts/services.sh env)\")")
-    from benchmarks.chaos import _drop_database, _fresh_database
-
     config = CampaignConfig(items=args.items, sleep_ms=args.sleep_ms, batch_size=args.batch_size, target=args.target,
                             tick_interval_s=args.tick_interval, profile=args.profile)
-    workdir = Path(tempfile.mkdtemp(prefix="hopflow-campaign-"))
-    os.environ["HOPFLOW_HOME"] = str(workdir / "home")
-    server, dropped = os.environ.get("HOPFLOW_TEST_POSTGRES_URL"), None
-    url = args.database_url
-    if url is None:
-        if not server:
-            parser.error("give --database-url or set HOPFLOW_TEST_POSTGRES_URL")
-        url, dropped = _fresh_database(server)
-    os.environ["HOPFLOW_DATABASE_URL"] = url
     from prefect.client.orchestration import get_client
 
-    from hopflow.db import init_db, make_engine
+    from benchmarks.chaos import benchmark_database
 
-    engine = init_db(make_engine(url))
-    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; Prefect API "
-          f"{os.environ['PREFECT_API_URL']}; work dir {workdir}", flush=True)
-    try:
+    with benchmark_database(parser, args.database_url, "hopflow-campaign-") as (engine, workdir):
         with get_client(sync_client=True) as client:
             report = run_campaign(engine, client, config, workdir)
         for line in report.lines():
             print(line)
-    finally:
-        engine.dispose()
-        if dropped and server:
-            _drop_database(server, dropped)
     return 0
 
 

@@ -506,6 +506,35 @@ def _drop_database(server_url: str, name: str) -> None:
     admin.dispose()
 
 
+@contextmanager
+def benchmark_database(parser: argparse.ArgumentParser, database_url: str | None,
+                       prefix: str) -> Iterator[tuple[Engine, Path]]:
+    """A work dir (HOPFLOW_HOME inside) and an initialised database: `database_url`, or a fresh one on the
+    HOPFLOW_TEST_POSTGRES_URL server, dropped at the end. Needs PREFECT_API_URL (the services' environment)."""
+    if not os.environ.get("PREFECT_API_URL"):
+        parser.error("PREFECT_API_URL is not set (eval \"$(bash scripts/services.sh env)\")")
+    server, dropped = os.environ.get("HOPFLOW_TEST_POSTGRES_URL"), None
+    url = database_url
+    if url is None:
+        if not server:
+            parser.error("give --database-url or set HOPFLOW_TEST_POSTGRES_URL")
+        url, dropped = _fresh_database(server)
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    os.environ["HOPFLOW_HOME"] = str(workdir / "home")
+    os.environ["HOPFLOW_DATABASE_URL"] = url
+    from hopflow.db import init_db, make_engine
+
+    engine = init_db(make_engine(url))
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; Prefect API "
+          f"{os.environ['PREFECT_API_URL']}; work dir {workdir}", flush=True)
+    try:
+        yield engine, workdir
+    finally:
+        engine.dispose()
+        if dropped and server:
+            _drop_database(server, dropped)
+
+
 def main(argv: list[str] | None = None) -> int:
     defaults = ChaosConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -525,37 +554,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.tick_once:
         tick_once(args.lease_seconds, args.retry_limit, args.batch_size)
         return 0
-    if not os.environ.get("PREFECT_API_URL"):
-        parser.error("PREFECT_API_URL is not set (eval \"$(bash scripts/services.sh env)\")")
     config = dataclasses.replace(defaults, items=args.items, batch_size=args.batch_size, target=args.target,
                                  lease_seconds=args.lease_seconds, retry_limit=args.retry_limit,
                                  failure_fraction=args.failure_fraction,
                                  kills=args.kills, db_drops=args.db_drops, seed=args.seed)
-    workdir = Path(tempfile.mkdtemp(prefix="hopflow-chaos-"))
-    os.environ["HOPFLOW_HOME"] = str(workdir / "home")
-    server, dropped = os.environ.get("HOPFLOW_TEST_POSTGRES_URL"), None
-    url = args.database_url
-    if url is None:
-        if not server:
-            parser.error("give --database-url or set HOPFLOW_TEST_POSTGRES_URL")
-        url, dropped = _fresh_database(server)
-    os.environ["HOPFLOW_DATABASE_URL"] = url
     from prefect.client.orchestration import get_client
 
-    from hopflow.db import init_db, make_engine
-
-    engine = init_db(make_engine(url))
-    print(f"machine: {os.cpu_count()} cores; Prefect API {os.environ['PREFECT_API_URL']}; work dir {workdir}",
-          flush=True)
-    try:
+    with benchmark_database(parser, args.database_url, "hopflow-chaos-") as (engine, workdir):
         with get_client(sync_client=True) as client:
             report = run_chaos(engine, client, config, workdir)
         for line in report.lines():
             print(line)
-    finally:
-        engine.dispose()
-        if dropped and server:
-            _drop_database(server, dropped)
     return 0 if report.audit.clean else 1
 
 
