@@ -226,14 +226,11 @@ def _max_force_norms(forces: np.ndarray) -> float:
     return float(np.linalg.norm(np.asarray(forces).reshape(-1, 3), axis=1).max())
 
 
-@register
-@dataclass(frozen=True)
-class MlipIdppEngine:
-    """`mlip-idpp`: CHGNet energies of the IDPP images; the barrier is the highest one above the start."""
+class _ChgnetEngine:
+    """What the CHGNet engines share: version, prepare, parse and the start of a run (model, device, images)."""
 
-    name: ClassVar[str] = "mlip-idpp"
-    settings_type: ClassVar[type[BaseModel]] = MlipIdppSettings
-    settings: MlipIdppSettings = field(default_factory=MlipIdppSettings)
+    name: ClassVar[str]
+    settings: MlipIdppSettings | MlipNebSettings
 
     @property
     def version(self) -> str:
@@ -244,14 +241,31 @@ class MlipIdppEngine:
         """Check the images (one moving ion) and store them in `workdir`."""
         return _prepare(self.name, self.version, self.settings, images, Path(workdir), self.settings.model)
 
+    def parse(self, workdir: Path) -> BarrierResult:
+        """The stored energies and forces as a result; a barrier only when the run converged."""
+        return _parse(Path(workdir), FINAL_IMAGES_FILE)
+
+    def _start(self, workdir: Path) -> tuple[CHGNet, Device, list[Structure]]:
+        """The worker's model on its device, and the prepared images."""
+        device = pick_device(self.settings.device)
+        return load_model(self.settings.model, device), device, read_structures(Path(workdir) / INPUT_IMAGES_FILE)
+
+
+@register
+@dataclass(frozen=True)
+class MlipIdppEngine(_ChgnetEngine):
+    """`mlip-idpp`: CHGNet energies of the IDPP images; the barrier is the highest one above the start."""
+
+    name: ClassVar[str] = "mlip-idpp"
+    settings_type: ClassVar[type[BaseModel]] = MlipIdppSettings
+    settings: MlipIdppSettings = field(default_factory=MlipIdppSettings)
+
     def run(self, workdir: Path) -> None:
         """CHGNet single points on every image (after optional endpoint relaxation and re-interpolation)."""
         workdir = Path(workdir)
         clock = Stopwatch.started()
         s = self.settings
-        device = pick_device(s.device)
-        model = load_model(s.model, device)
-        images = read_structures(workdir / INPUT_IMAGES_FILE)
+        model, device, images = self._start(workdir)
         endpoints_ok = True
         if s.relax_endpoints:
             log = workdir / OPTIMIZER_LOG
@@ -274,28 +288,15 @@ class MlipIdppEngine:
         )
         write_model(workdir / RUN_FILE, record)
 
-    def parse(self, workdir: Path) -> BarrierResult:
-        """The stored energies as a result (converged unless an endpoint relaxation failed)."""
-        return _parse(Path(workdir), FINAL_IMAGES_FILE)
-
 
 @register
 @dataclass(frozen=True)
-class MlipNebEngine:
+class MlipNebEngine(_ChgnetEngine):
     """`mlip-neb`: ASE CI-NEB with CHGNet; an unconverged band is stored without a barrier."""
 
     name: ClassVar[str] = "mlip-neb"
     settings_type: ClassVar[type[BaseModel]] = MlipNebSettings
     settings: MlipNebSettings = field(default_factory=MlipNebSettings)
-
-    @property
-    def version(self) -> str:
-        """Engine revision and CHGNet version/model."""
-        return engine_version(self.settings.model)
-
-    def prepare(self, images: Images, workdir: Path) -> PreparedInputs:
-        """Check the images (one moving ion) and store them in `workdir`."""
-        return _prepare(self.name, self.version, self.settings, images, Path(workdir), self.settings.model)
 
     def run(self, workdir: Path) -> None:
         """Relax the endpoints, (re-)interpolate with IDPP when needed, and optimise the band."""
@@ -304,9 +305,7 @@ class MlipNebEngine:
         workdir = Path(workdir)
         clock = Stopwatch.started()
         s = self.settings
-        device = pick_device(s.device)
-        model = load_model(s.model, device)
-        images = read_structures(workdir / INPUT_IMAGES_FILE)
+        model, device, images = self._start(workdir)
         nimages = s.nimages or len(images) - 2
         log = workdir / OPTIMIZER_LOG
         endpoints_ok = True
@@ -343,7 +342,3 @@ class MlipNebEngine:
             run_s=clock.seconds(),
         )
         write_model(workdir / RUN_FILE, record)
-
-    def parse(self, workdir: Path) -> BarrierResult:
-        """The band's energies and forces; barrier only when band and endpoints converged."""
-        return _parse(Path(workdir), FINAL_IMAGES_FILE)
