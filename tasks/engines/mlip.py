@@ -250,6 +250,17 @@ class _ChgnetEngine:
         device = pick_device(self.settings.device)
         return load_model(self.settings.model, device), device, read_structures(Path(workdir) / INPUT_IMAGES_FILE)
 
+    def _endpoints(self, model: CHGNet, device: Device, images: list[Structure],
+                   log: Path) -> tuple[Structure, Structure, bool]:
+        """The band's two ends, relaxed when the settings say so, and whether both relaxations converged."""
+        s = self.settings
+        if not s.relax_endpoints:
+            return images[0], images[-1], True
+        relax = (model, device, s.endpoint_fmax, s.endpoint_steps, s.endpoint_optimizer, log)
+        start, ok0 = relax_structure(images[0], *relax)
+        end, ok1 = relax_structure(images[-1], *relax)
+        return start, end, ok0 and ok1
+
 
 @register
 @dataclass(frozen=True)
@@ -266,13 +277,8 @@ class MlipIdppEngine(_ChgnetEngine):
         clock = Stopwatch.started()
         s = self.settings
         model, device, images = self._start(workdir)
-        endpoints_ok = True
+        start, end, endpoints_ok = self._endpoints(model, device, images, workdir / OPTIMIZER_LOG)
         if s.relax_endpoints:
-            log = workdir / OPTIMIZER_LOG
-            relax = (model, device, s.endpoint_fmax, s.endpoint_steps, s.endpoint_optimizer, log)
-            start, ok0 = relax_structure(images[0], *relax)
-            end, ok1 = relax_structure(images[-1], *relax)
-            endpoints_ok = ok0 and ok1
             images = idpp_path(start, end, len(images) - 2)
         write_structures(workdir / FINAL_IMAGES_FILE, images)
         predictions = model.predict_structure(images, task="ef" if s.forces else "e", batch_size=s.batch_size)
@@ -308,13 +314,7 @@ class MlipNebEngine(_ChgnetEngine):
         model, device, images = self._start(workdir)
         nimages = s.nimages or len(images) - 2
         log = workdir / OPTIMIZER_LOG
-        endpoints_ok = True
-        start, end = images[0], images[-1]
-        if s.relax_endpoints:
-            relax = (model, device, s.endpoint_fmax, s.endpoint_steps, s.endpoint_optimizer, log)
-            start, ok0 = relax_structure(start, *relax)
-            end, ok1 = relax_structure(end, *relax)
-            endpoints_ok = ok0 and ok1
+        start, end, endpoints_ok = self._endpoints(model, device, images, log)
         if s.relax_endpoints or nimages != len(images) - 2:
             images = idpp_path(start, end, nimages)
             find_moving_index(images)  # the re-interpolated band must still be one hop
