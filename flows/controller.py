@@ -1,5 +1,6 @@
 """The controller: each tick sweeps lost work, mirrors live settings to Prefect Variables, and keeps each stage's
-target number of flow runs live by claiming ranked batches from the queue and submitting them with run_deployment."""
+target number of flow runs live by claiming ranked batches from the queue and starting a flow run of the stage's
+deployment on each."""
 
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType
 from prefect.context import FlowRunContext
-from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from sqlalchemy import Engine, MetaData, Table, inspect, select
 from sqlalchemy.orm import Session
@@ -187,11 +187,15 @@ def _claim_time(engine: Engine, run_ids: Sequence[int]) -> str:
         return max((t.isoformat() for t in times if t is not None), default="")
 
 
-def submit_batch(engine: Engine, stage: str, deployment: str, run_ids: Sequence[int]) -> str:
-    """Start one flow run of the stage's deployment on claimed runs and attach it to them; releases them on failure."""
+def submit_batch(client: SyncPrefectClient, engine: Engine, stage: str, deployment_id: UUID,
+                 run_ids: Sequence[int]) -> str:
+    """Create one flow run of the stage's deployment on claimed runs and attach it to them; releases them on failure.
+
+    One API call (the deployment is already known), with an idempotency key, so a retry never makes a second run."""
     try:
-        flow_run = run_deployment(deployment, parameters={"run_ids": list(run_ids)}, timeout=0, as_subflow=False,
-                                  idempotency_key=batch_key(stage, run_ids, _claim_time(engine, run_ids)))
+        flow_run = client.create_flow_run_from_deployment(
+            deployment_id, parameters={"run_ids": list(run_ids)},
+            idempotency_key=batch_key(stage, run_ids, _claim_time(engine, run_ids)))
     except BaseException:
         with session_scope(engine, write=True) as session:
             queue.release(session, run_ids)
@@ -318,7 +322,7 @@ def fill_stage(client: SyncPrefectClient, engine: Engine, stage: Stage, target: 
         ids = [r.id for r in runs]
         claimed += len(ids)
         try:
-            submitted.append(submit_batch(engine, stage.name, name, ids))
+            submitted.append(submit_batch(client, engine, stage.name, found.id, ids))
         except Exception as exc:  # noqa: BLE001  (the claims went back; report and try again next tick)
             released += len(ids)
             error = f"submitting to {name!r} failed: {type(exc).__name__}: {exc}"
@@ -437,7 +441,7 @@ def submit_items(client: SyncPrefectClient, stage_name: str, input_ids: Sequence
     engine = engine or get_engine()
     stage = get_stage(stage_name)
     name = deployment or stage.deployment
-    client.read_deployment_by_name(name)  # fail before claiming anything when the deployment is missing
+    found = client.read_deployment_by_name(name)  # fail before claiming anything when it is missing
     with session_scope(engine, write=True) as session:
         runs = queue.claim_ids(session, stage, list(input_ids), claimant=f"manual@{socket.gethostname()}")
     run_ids = [r.id for r in runs]
@@ -448,7 +452,7 @@ def submit_items(client: SyncPrefectClient, stage_name: str, input_ids: Sequence
     error = None
     for start in range(0, len(run_ids), batch):
         try:
-            flow_runs.append(submit_batch(engine, stage.name, name, run_ids[start:start + batch]))
+            flow_runs.append(submit_batch(client, engine, stage.name, found.id, run_ids[start:start + batch]))
         except Exception as exc:  # noqa: BLE001
             rest = run_ids[start + batch:]
             with session_scope(engine, write=True) as session:

@@ -154,17 +154,17 @@ def test_failed_submission_gives_the_claims_back(engine, prefect_client):
 
 
 def test_a_retried_submission_of_one_claim_makes_one_flow_run(engine, prefect_client, deployment):
-    name, deployment_id = deployment
+    _, deployment_id = deployment
     add_synthetic_items(engine, 5)
     ids = [c.id for c in queue.claim(SYNTHETIC, 5, engine=engine, refresh=True)]
-    first = ctl.submit_batch(engine, SYNTHETIC, name, ids)
-    again = ctl.submit_batch(engine, SYNTHETIC, name, ids)
+    first = ctl.submit_batch(prefect_client, engine, SYNTHETIC, deployment_id, ids)
+    again = ctl.submit_batch(prefect_client, engine, SYNTHETIC, deployment_id, ids)
     assert first == again
     with session_scope(engine, write=True) as session:
         queue.release(session, ids)
     reclaimed = [c.id for c in queue.claim(SYNTHETIC, 5, engine=engine)]
     assert sorted(reclaimed) == sorted(ids)
-    assert ctl.submit_batch(engine, SYNTHETIC, name, reclaimed) != first  # a new claim is a new batch
+    assert ctl.submit_batch(prefect_client, engine, SYNTHETIC, deployment_id, reclaimed) != first  # a new claim is a new batch
     assert len(deployment_flow_runs(prefect_client, deployment_id)) == 2
 
 
