@@ -7,9 +7,10 @@ target.
     .venv/bin/python benchmarks/campaign.py [--items 15000] [--batch-size 50] [--target 20] [--tick-interval 5]
 
 The flow runs use the `local-threads` Dask profile (one process, two threads: sleep-bound items need no processes,
-and 20 live flow runs with a process cluster each would swamp a small machine); --profile picks another. They run at
-nice 10 (--worker-niceness): on one machine they stand in for compute nodes, and would otherwise take the CPU from the
-controller and the Prefect server, which a real campaign runs on a host of their own.
+and 20 live flow runs with a process cluster each would swamp a small machine); --profile picks another. On one
+machine they stand in for compute nodes: the worker and its flow runs go into a CPU cgroup of 5 % weight
+(--compute-share; needs root), as otherwise they take the CPU from the controller and the Prefect server, which a real
+campaign runs on a host of their own.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class CampaignConfig:
     tick_interval_s: float = 5.0
     profile: str = DEFAULT_PROFILE
     max_chunks: int = 2
-    worker_niceness: int = 10
+    compute_share: float = 0.05  # CPU weight of the worker and its flow runs relative to everything else (0: none)
 
 
 @dataclass
@@ -60,6 +61,7 @@ class CampaignTrace:
     """What the driver saw: tick times, live runs found by each tick and after it, and sampled between ticks."""
 
     tick_seconds: list[float] = field(default_factory=list)
+    tick_phases: list[dict[str, float]] = field(default_factory=list)  # per tick: seconds per part (TickReport.phases)
     tick_at: list[float] = field(default_factory=list)  # seconds since the start, per tick
     live_at_tick: list[int] = field(default_factory=list)
     live_after_tick: list[int] = field(default_factory=list)
@@ -68,6 +70,7 @@ class CampaignTrace:
     steady_until: float | None = None
     flow_runs: int = 0
     tick_errors: list[str] = field(default_factory=list)
+    compute_cgroup: str | None = None
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,10 @@ class CampaignReport:
     def lines(self) -> list[str]:
         c, t = self.config, self.trace
         ticks = sorted(t.tick_seconds)
-        p95 = ticks[min(len(ticks) - 1, int(round(0.95 * (len(ticks) - 1))))] if ticks else float("nan")
+        p95 = _p95(ticks)
+        names = sorted({name for phases in t.tick_phases for name in phases})
+        parts = ", ".join(f"{name} {statistics.median(v):.3f}/{_p95(v):.3f}"
+                          for name in names for v in [sorted(ph.get(name, 0.0) for ph in t.tick_phases)])
         steady = self.steady()
         sampled = self.deviation_pct(steady)
         at_tick = self.deviation_pct([v for v, at in zip(t.live_at_tick, t.tick_at) if _in(t, at)])
@@ -108,11 +114,13 @@ class CampaignReport:
         fmt = lambda v: "n/a" if v is None else f"{v:.1f} %"  # noqa: E731
         return [
             f"campaign: {c.items:,} synthetic items (sleep 0-{c.sleep_ms:g} ms, no CPU), batch {c.batch_size}, "
-            f"target {c.target} live runs, a tick every {c.tick_interval_s:g} s, profile {c.profile}, flow runs at "
-            f"nice {c.worker_niceness}",
+            f"target {c.target} live runs, a tick every {c.tick_interval_s:g} s, profile {c.profile}; worker and flow "
+            + (f"runs in CPU cgroup {t.compute_cgroup} (weight {c.compute_share:g} of the rest)" if t.compute_cgroup
+               else "runs share the CPU with the controller and the Prefect server"),
             f"wall time {self.seconds:.0f} s; {self.done:,} items done = {self.per_second:.1f} items/s",
             f"ticks: {len(ticks)}, p50 {statistics.median(ticks):.3f} s, p95 {p95:.3f} s, max {max(ticks):.3f} s "
             f"(goal p95 < 1 s); failed ticks {len(t.tick_errors)}" if ticks else "ticks: none",
+            f"tick parts, p50/p95 s: {parts}",
             f"live runs vs target over the steady phase ({len(steady)} samples every {SAMPLE_S:g} s): median absolute "
             f"deviation {fmt(sampled)} of target (goal <= 5 %); median live {statistics.median(steady) if steady else 'n/a'}"
             f"; as found by each tick {fmt(at_tick)}, right after each tick {fmt(after)}",
@@ -120,10 +128,63 @@ class CampaignReport:
         ]
 
 
+def _p95(ordered: list[float]) -> float:
+    return ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))] if ordered else float("nan")
+
+
 def _in(trace: CampaignTrace, at: float) -> bool:
     if trace.steady_from is None:
         return False
     return trace.steady_from <= at <= (trace.steady_until if trace.steady_until is not None else float("inf"))
+
+
+CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
+CGROUP_V2 = Path("/sys/fs/cgroup")
+CGROUP_NAME = "hopflow-campaign-compute"
+
+
+def compute_cgroup(share: float) -> Path | None:
+    """A CPU cgroup whose weight is `share` of the default, for the worker and its flow runs; None when `share` is 0 or
+    no cgroup can be made here (then everything shares the CPU, as the report says).
+
+    Why a cgroup and not `nice`: Prefect's runner starts each flow run in a session of its own, and with the kernel's
+    autogroup scheduling every session competes at full weight, whatever its nice value."""
+    if share <= 0:
+        return None
+    try:
+        if (CGROUP_V1_CPU / "cpu.shares").is_file():
+            group = CGROUP_V1_CPU / CGROUP_NAME
+            group.mkdir(exist_ok=True)
+            (group / "cpu.shares").write_text(str(max(2, round(1024 * share))))
+            return group
+        if "cpu" in (CGROUP_V2 / "cgroup.controllers").read_text().split():
+            group = CGROUP_V2 / CGROUP_NAME
+            group.mkdir(exist_ok=True)
+            (group / "cpu.weight").write_text(str(max(1, round(100 * share))))
+            return group
+    except OSError as exc:
+        print(f"[campaign] no CPU cgroup ({exc}); flow runs share the CPU with the controller", flush=True)
+    return None
+
+
+def remove_cgroup(group: Path) -> None:
+    """SIGKILL what is left in the cgroup, then remove it."""
+    import signal
+
+    for _ in range(20):
+        pids = [int(p) for p in (group / "cgroup.procs").read_text().split()]
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+    try:
+        group.rmdir()
+    except OSError as exc:
+        print(f"[campaign] could not remove {group}: {exc}", flush=True)
 
 
 def add_items(engine: Engine, n: int, sleep_ms: float) -> None:
@@ -165,8 +226,9 @@ def run_campaign(engine: Engine, client: Any, config: CampaignConfig, workdir: P
            config.profile, "HOPFLOW_MAX_CHUNKS": str(config.max_chunks), "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
     since = time.time()
-    worker = start_worker(POOL_NAME, env, workdir / "worker.log", niceness=config.worker_niceness)
-    trace = CampaignTrace()
+    cgroup = compute_cgroup(config.compute_share)
+    worker = start_worker(POOL_NAME, env, workdir / "worker.log", cgroup=cgroup)
+    trace = CampaignTrace(compute_cgroup=str(cgroup) if cgroup else None)
     try:
         wait_for_worker(client, POOL_NAME, since)
         started = time.monotonic()
@@ -189,6 +251,7 @@ def run_campaign(engine: Engine, client: Any, config: CampaignConfig, workdir: P
                     continue
                 (stage_tick,) = report.stages
                 trace.tick_seconds.append(report.seconds)
+                trace.tick_phases.append(dict(report.phases))
                 trace.flow_runs += report.submitted
                 at = time.monotonic() - started
                 live_after = count_live(client, deployment.id)
@@ -211,6 +274,8 @@ def run_campaign(engine: Engine, client: Any, config: CampaignConfig, workdir: P
         seconds = time.monotonic() - started
     finally:
         stop_process_group(worker)
+        if cgroup is not None:
+            remove_cgroup(cgroup)  # also ends flow-run processes left in it (each runs in a session of its own)
         delete_waiting_runs(client, deployment.id)
     with engine.connect() as conn:
         size = int(conn.execute(text("SELECT pg_database_size(current_database())")).scalar() or 0) \
@@ -228,15 +293,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=int, default=defaults.target)
     parser.add_argument("--tick-interval", type=float, default=defaults.tick_interval_s)
     parser.add_argument("--profile", default=defaults.profile, help="Dask cluster profile of the synthetic flow runs")
-    parser.add_argument("--worker-niceness", type=int, default=defaults.worker_niceness,
-                        help="nice value of the worker and its flow runs (they stand in for compute nodes; at 0 they "
-                        "starve the controller and the Prefect server, which run on a host of their own in production)")
+    parser.add_argument("--compute-share", type=float, default=defaults.compute_share,
+                        help="CPU weight of the worker and its flow runs against the rest (a cpu cgroup; 0: no cgroup). "
+                        "They stand in for compute nodes; unweighted they starve the controller and the Prefect server, "
+                        "which a real campaign runs on a host of their own")
     parser.add_argument("--database-url", default=None, help="an empty PostgreSQL database (default: a fresh one on "
                         "the HOPFLOW_TEST_POSTGRES_URL server, dropped at the end)")
     args = parser.parse_args(argv)
     config = CampaignConfig(items=args.items, sleep_ms=args.sleep_ms, batch_size=args.batch_size, target=args.target,
                             tick_interval_s=args.tick_interval, profile=args.profile,
-                            worker_niceness=args.worker_niceness)
+                            compute_share=args.compute_share)
     from prefect.client.orchestration import get_client
 
     from benchmarks.chaos import benchmark_database

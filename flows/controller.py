@@ -11,7 +11,8 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any
 from uuid import UUID
@@ -91,6 +92,7 @@ class TickReport:
     lost_flow_runs: Mapping[str, str]
     mirror: MirrorReport
     seconds: float
+    phases: Mapping[str, float] = field(default_factory=dict)  # seconds per part: mirror, sweep, lookup, claim, submit
 
     @property
     def submitted(self) -> int:
@@ -160,16 +162,28 @@ def live_flow_run_ids(session: Session) -> list[str]:
         Run.state.in_(RunState.LIVE), Run.flow_run_id.is_not(None)).distinct()))
 
 
-def sweep_lost(client: SyncPrefectClient | None, engine: Engine | None = None,
-               stage: str | None = None) -> tuple[queue.SweepReport, dict[str, str]]:
+@contextmanager
+def _timed(phases: dict[str, float] | None, name: str) -> Iterator[None]:
+    """Add the block's wall time to `phases[name]` (when phases are kept)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        if phases is not None:
+            phases[name] = phases.get(name, 0.0) + time.perf_counter() - started
+
+
+def sweep_lost(client: SyncPrefectClient | None, engine: Engine | None = None, stage: str | None = None,
+               phases: dict[str, float] | None = None) -> tuple[queue.SweepReport, dict[str, str]]:
     """Requeue (or fail, past the retry limit) work whose flow run is over or whose lease expired."""
     engine = engine or get_engine()
     lost: dict[str, str] = {}
     if client is not None:
         with session_scope(engine) as session:
             owners = live_flow_run_ids(session)
-        lost = over_flow_runs(client, owners)
-    with session_scope(engine, write=True) as session:
+        with _timed(phases, "sweep-api"):
+            lost = over_flow_runs(client, owners)
+    with _timed(phases, "sweep-db"), session_scope(engine, write=True) as session:
         report = queue.sweep(session, stage=stage, lost_flow_runs=lost)
     return report, lost
 
@@ -299,30 +313,34 @@ def mirror_settings(client: SyncPrefectClient, session: Session) -> MirrorReport
 
 
 def fill_stage(client: SyncPrefectClient, engine: Engine, stage: Stage, target: int, *, deployment: str | None = None,
-               batch_size: int | None = None, claimant: str | None = None) -> StageTick:
+               batch_size: int | None = None, claimant: str | None = None,
+               phases: dict[str, float] | None = None) -> StageTick:
     """Top a stage up to `target` live flow runs: claim one batch per missing run and submit it."""
     name = deployment or stage.deployment
-    try:
-        found = client.read_deployment_by_name(name)
-    except ObjectNotFound:
-        return StageTick(stage.name, target, 0, error=f"deployment {name!r} not found (run `prefect deploy --all`)")
-    live = count_live(client, found.id)
+    with _timed(phases, "lookup"):
+        try:
+            found = client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return StageTick(stage.name, target, 0, error=f"deployment {name!r} not found (run `prefect deploy --all`)")
+        live = count_live(client, found.id)
     batch = batch_size or stage.batch_size
     claimant = claimant or controller_claimant()
     claimed, released, submitted, broadened, error = 0, 0, [], {}, None
     for index in range(max(0, target - live)):
-        runs = queue.claim(stage.name, batch, claimant=claimant, engine=engine, refresh=index == 0)
-        if not runs and index == 0:
-            with session_scope(engine, write=True) as session:
-                broadened = queue.broaden(session, stage)
-            if broadened:
-                runs = queue.claim(stage.name, batch, claimant=claimant, engine=engine)
+        with _timed(phases, "claim"):
+            runs = queue.claim(stage.name, batch, claimant=claimant, engine=engine, refresh=index == 0)
+            if not runs and index == 0:
+                with session_scope(engine, write=True) as session:
+                    broadened = queue.broaden(session, stage)
+                if broadened:
+                    runs = queue.claim(stage.name, batch, claimant=claimant, engine=engine)
         if not runs:
             break
         ids = [r.id for r in runs]
         claimed += len(ids)
         try:
-            submitted.append(submit_batch(client, engine, stage.name, found.id, ids))
+            with _timed(phases, "submit"):
+                submitted.append(submit_batch(client, engine, stage.name, found.id, ids))
         except Exception as exc:  # noqa: BLE001  (the claims went back; report and try again next tick)
             released += len(ids)
             error = f"submitting to {name!r} failed: {type(exc).__name__}: {exc}"
@@ -342,10 +360,11 @@ def tick(client: SyncPrefectClient, *, engine: Engine | None = None, stages: Seq
     engine = engine or get_engine()
     names = list(stages) if stages is not None else sorted(STAGES)
     mirror_report = MirrorReport()
+    phases: dict[str, float] = {}
     if mirror:
-        with session_scope(engine, write=True) as session:
+        with _timed(phases, "mirror"), session_scope(engine, write=True) as session:
             mirror_report = mirror_settings(client, session)
-    swept, lost = sweep_lost(client, engine)
+    swept, lost = sweep_lost(client, engine, phases=phases)
     with session_scope(engine) as session:
         targets = {name: queue.target(session, get_stage(name)) for name in names}
     claimant = controller_claimant()
@@ -355,9 +374,9 @@ def tick(client: SyncPrefectClient, *, engine: Engine | None = None, stages: Seq
         if targets[name] <= 0:
             continue
         results.append(fill_stage(client, engine, stage, targets[name], deployment=(deployments or {}).get(name),
-                                  batch_size=(batch_sizes or {}).get(name), claimant=claimant))
+                                  batch_size=(batch_sizes or {}).get(name), claimant=claimant, phases=phases))
     report = TickReport(tuple(results), tuple(swept.requeued), tuple(swept.failed), lost, mirror_report,
-                        time.perf_counter() - started)
+                        time.perf_counter() - started, phases)
     if publish:
         publish_artifacts(client, engine, report)
     return report

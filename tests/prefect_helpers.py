@@ -79,13 +79,16 @@ def add_synthetic_items(engine: Engine, n: int, *, cpu_ms: float = 1.0, sleep_ms
         return sorted(int(i) for i in result.scalars())  # SQLite may hand back ids as floats here
 
 
-def start_worker(pool: str, env: dict[str, str], log: Path, niceness: int = 0) -> subprocess.Popen[bytes]:
-    """A real `prefect worker start --pool POOL` process (own process group, output to `log`); its flow runs inherit
-    `niceness`."""
+def start_worker(pool: str, env: dict[str, str], log: Path, cgroup: Path | None = None) -> subprocess.Popen[bytes]:
+    """A real `prefect worker start --pool POOL` process (own process group, output to `log`), in `cgroup` (a CPU
+    cgroup folder) when given: its flow runs stay there, whatever sessions they start."""
+    def enter_cgroup() -> None:
+        (cgroup / "cgroup.procs").write_text(str(os.getpid()))  # type: ignore[operator]
+
     handle = log.open("wb")
     return subprocess.Popen([str(PREFECT_BIN), "worker", "start", "--pool", pool, "--type", "process"],
                             cwd=PROJECT_ROOT, env={**os.environ, **env}, stdout=handle, stderr=subprocess.STDOUT,
-                            start_new_session=True, preexec_fn=(lambda: os.nice(niceness)) if niceness else None)
+                            start_new_session=True, preexec_fn=enter_cgroup if cgroup is not None else None)
 
 
 def stop_process_group(proc: subprocess.Popen[bytes], wait_s: float = 20.0) -> None:
