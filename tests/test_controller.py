@@ -118,6 +118,9 @@ def test_tick_requeues_work_of_crashed_flow_runs_and_expired_leases(engine, pref
 
     assert report.lost_flow_runs == {crashed: "Crashed"}
     assert set(report.requeued) == crashed_ids | {expired_id}
+    # the tick accounts for its time by part (mirror is off here)
+    assert set(report.phases) == {"sweep-api", "sweep-db", "lookup", "claim", "submit"}
+    assert 0 < sum(report.phases.values()) <= report.seconds
     (stage_tick,) = report.stages
     assert (stage_tick.live, len(stage_tick.submitted)) == (1, 1)
     (replacement,) = stage_tick.submitted
