@@ -171,9 +171,9 @@ def run_prefect(workdir: Path, url: str, n: int, cpu_ms: float, target: int, bat
     with get_client(sync_client=True) as client:
         deploy_stage(client, "synthetic/synthetic")
         since = time.time()
-        worker = start_worker(POOL_NAME, {"HOPFLOW_DATABASE_URL": url, "HOPFLOW_HOME": str(workdir / "home"),
-                                "HOPFLOW_PROFILE_SYNTHETIC": profile, "PREFECT_WORKER_QUERY_SECONDS": "1",
-                                "PREFECT_WORKER_PREFETCH_SECONDS": "1"}, workdir / "worker.log")
+        env = {"HOPFLOW_DATABASE_URL": url, "HOPFLOW_HOME": str(workdir / "home"), "HOPFLOW_PROFILE_SYNTHETIC": profile,
+               "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
+        worker = start_worker(POOL_NAME, env, workdir / "worker.log")
         try:
             wait_for_worker(client, POOL_NAME, since)
             ticks: list[float] = []
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"max {max(times.steady):.3f} s over {len(times.steady)} ticks  (goal < 1 s)")
     finally:
         if server is not None:
-            from prefect_helpers import stop_process_group
+            from prefect_helpers import stop_process_group  # after the project root went on sys.path
 
             stop_process_group(server)
         shutil.rmtree(workdir, ignore_errors=True)
