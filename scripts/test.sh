@@ -60,7 +60,7 @@ eval "$(bash "$SERVICES" env)"
 say "services up in $((SECONDS - t0))s; running pytest"
 
 set +e
-"$PY" -m pytest --timeout="${HOPFLOW_TEST_TIMEOUT:-600}" "$@"
+"$PY" -m pytest --timeout="${HOPFLOW_TEST_TIMEOUT:-600}" --durations=15 "$@"
 rc=$?
 set -e
 say "pytest exited with $rc after $((SECONDS - t0))s"
