@@ -32,3 +32,19 @@ def stage_run_name(stage_name: str) -> str:
     """Flow-run name that says what runs, e.g. `features-12-items` or `pathways-all-eligible`."""
     run_ids = flow_run.parameters.get("run_ids")
     return f"{stage_name}-{len(run_ids)}-items" if run_ids is not None else f"{stage_name}-all-eligible"
+
+
+def share_temporary_server() -> str | None:
+    """Without a Prefect API (batch mode on a laptop) every process that reports to Prefect, the flow and each Dask
+    worker, would start a temporary server of its own. Start one here and put its URL in the environment, which the
+    Dask workers inherit; returns that URL, or None when an API is configured already."""
+    from prefect.settings import get_current_settings
+
+    if os.environ.get("PREFECT_API_URL") or get_current_settings().api.url:
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # one per process; it stops itself at exit
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    return server.api_url

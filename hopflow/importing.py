@@ -16,6 +16,7 @@ from hopflow.sources import import_outcomes, register_sources
 
 def import_raw_inputs(raws: Sequence[Any], *, ion: str | None = None) -> list[dict[str, Any]]:
     """Import raw inputs (already-imported sources are not redone); per input: outcome, error, and whether new."""
+    from flows.common import share_temporary_server
     from flows.import_structures import import_structures  # the command line may call flows (batch mode)
 
     stage = get_stage("import")
@@ -25,6 +26,7 @@ def import_raw_inputs(raws: Sequence[Any], *, ion: str | None = None) -> list[di
         before = set(session.scalars(select(Structure.id)))
         claimed = queue.claim_ids(session, stage, source_ids, parameters=params)
     if claimed:
+        share_temporary_server()
         import_structures(run_ids=[c.id for c in claimed])
     with session_scope() as session:
         outcomes = import_outcomes(session, source_ids)

@@ -6,7 +6,6 @@ import importlib
 from typing import Annotated, Any
 
 import typer
-from sqlalchemy import select
 
 from hopflow import queue
 from hopflow.cli.render import console, emit_json, table
@@ -28,9 +27,12 @@ def _stage(name: str) -> Any:
 def run_batch(stage_name: str, parameters: dict[str, Any] | None = None, limit: int | None = None) -> Any:
     """Batch mode: run a stage's flow on every eligible item, or on the top `limit` in rank order (the flow is named
     in the registry as module:function)."""
+    from flows.common import share_temporary_server
+
     stage = get_stage(stage_name)
     module, _, func = stage.extra["flow_function"].partition(":")
     flow_fn = getattr(importlib.import_module(module), func)
+    share_temporary_server()
     if limit is not None:
         claimed = queue.claim(stage_name, limit, parameters=parameters, refresh=True)
         return flow_fn(run_ids=[c.id for c in claimed])
