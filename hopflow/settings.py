@@ -70,6 +70,25 @@ class Settings(BaseSettings):
     estimate_engine: str = Field(
         default="mlip-idpp", description="Barrier engine of the estimates stage (mlip-idpp or mlip-neb)."
     )
+    barrier_model: str = Field(
+        default="chgnet-0.3.0", description="ML potential of the MLIP engines and the vacancy relaxations "
+        "(chgnet-0.3.0 or 7net-0; `--model`).")
+    intermediate_minimum_tol: float = Field(
+        default=0.02, ge=0, description="eV: an interior image this far below the lower endpoint flags a path "
+        "`intermediate-minimum` (no barrier is ranked).")
+    bulk_fmax: float = Field(default=0.02, gt=0, description="eV/Å: force (and scaled stress) threshold of the bulk "
+                             "relaxation (lattice and positions, symmetry kept) before vacancies are made.")
+    bulk_steps: int = Field(default=300, gt=0, description="Optimizer step limit of the bulk relaxation.")
+    vacancy_fmax: float = Field(default=0.05, gt=0, description="eV/Å: force threshold of the vacancy relaxations "
+                                "(positions, fixed cell).")
+    vacancy_steps: int = Field(default=300, gt=0, description="Optimizer step limit of a vacancy relaxation.")
+    vacancy_optimizer: str = Field(default="BFGS", description="ASE optimizer of the relaxations (BFGS or FIRE).")
+    vacancy_fill_distance: float = Field(
+        default=1.0, gt=0, description="Å: an atom this close to the vacant site after relaxation fills the vacancy "
+        "(flag vacancy-moved).")
+    vacancy_max_displacement: float = Field(
+        default=1.0, gt=0, description="Å: an atom moving farther than this in a vacancy relaxation flags "
+        "vacancy-moved.")
     screen_top: int = Field(default=10, description="Pathways `hopflow screen` estimates, in the estimates stage's rank order.")
 
     screen_stages: list[str] = Field(

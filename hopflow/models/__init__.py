@@ -5,5 +5,6 @@ from hopflow.models.core import Run, RunState, Score, Source, StageSetting, Stru
 from hopflow.models.learning import BarrierModelRow, CalibrationRow
 from hopflow.models.pathways import Features, Pathway
 from hopflow.models.synthetic import SyntheticItem, SyntheticResult
+from hopflow.models.vacancies import Vacancy, VacancySite
 
-__all__ = ["BarrierModelRow", "CalibrationRow", "Estimate", "Features", "NebResult", "Pathway", "Run", "RunState", "Score", "Source", "StageSetting", "Structure", "SyntheticItem", "SyntheticResult"]
+__all__ = ["BarrierModelRow", "CalibrationRow", "Estimate", "Features", "NebResult", "Pathway", "Run", "RunState", "Score", "Source", "StageSetting", "Structure", "SyntheticItem", "SyntheticResult", "Vacancy", "VacancySite"]

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import Boolean, ColumnElement, Float, ForeignKey, Integer, String, Text, and_
 from sqlalchemy.orm import Mapped, mapped_column
 
 from hopflow.db import Base, Immutable
+
+TRUSTED_FLAG = "ok"
+"""The one flag of a barrier that may be ranked as a result (docs/estimates.md lists the others)."""
+UNCHECKED_FLAG = "unchecked"
+"""Flag of rows stored before the path checks existed (migration 0005): never ranked."""
 
 
 class BarrierColumns:
@@ -18,6 +23,21 @@ class BarrierColumns:
     engine: Mapped[str] = mapped_column(String(32))
     engine_version: Mapped[str] = mapped_column(String(128))
     barrier: Mapped[float | None] = mapped_column(Float, index=True)
+    """E_max - min(E_start, E_end) (eV), only for a result flagged `ok`."""
+    forward_barrier: Mapped[float | None] = mapped_column(Float)
+    """E_max - E_start (eV), only for a result flagged `ok`."""
+    reverse_barrier: Mapped[float | None] = mapped_column(Float)
+    """E_max - E_end (eV), only for a result flagged `ok`."""
+    flag: Mapped[str] = mapped_column(String(32), index=True, default=UNCHECKED_FLAG,
+                                      server_default=UNCHECKED_FLAG)
+    """ok | intermediate-minimum | vacancy-moved | unconverged | unchecked."""
+    flag_reason: Mapped[str | None] = mapped_column(Text)
+    model: Mapped[str | None] = mapped_column(String(64))
+    """The potential of an ML engine (e.g. chgnet-0.3.0, 7net-0); None for DFT."""
+    start_vacancy_id: Mapped[int | None] = mapped_column(ForeignKey("vacancies.id"))
+    """The relaxed vacancy the start image was mapped from (vacancy at the hop's end site)."""
+    end_vacancy_id: Mapped[int | None] = mapped_column(ForeignKey("vacancies.id"))
+    """The relaxed vacancy the end image was mapped from (vacancy at the hop's start site)."""
     converged: Mapped[bool] = mapped_column(Boolean)
     energies: Mapped[list[Any]]
     relative_energies: Mapped[list[Any]]
@@ -34,6 +54,11 @@ class BarrierColumns:
     continued: Mapped[bool] = mapped_column(Boolean)
     versions: Mapped[dict[str, Any]]
     workdir: Mapped[str | None] = mapped_column(Text)
+
+
+def trusted(table: type[BarrierColumns]) -> ColumnElement[bool]:
+    """The condition every consumer of barriers applies: flagged `ok` and carrying a barrier."""
+    return and_(table.flag == TRUSTED_FLAG, table.barrier.is_not(None))
 
 
 class Estimate(BarrierColumns, Immutable, Base):

@@ -34,6 +34,11 @@ class Pathway(Immutable, Base):
     dimensionality_cumlengths: Mapped[int] = mapped_column(Integer)
     max_hop: Mapped[float] = mapped_column(Float)
     max_hop_automatic: Mapped[bool] = mapped_column(Boolean)
+    hops_found: Mapped[int | None] = mapped_column(Integer)
+    """Distinct hops the search found before `max_paths` kept the shortest (None: stored before it was recorded)."""
+    fingerprint: Mapped[str | None] = mapped_column(String(64), index=True)
+    """Content identity of the hop: the structure's fingerprint and the hop's geometry (no row ids); the cache key's
+    input part for the stages fed by pathways."""
 
 
 class Features(Immutable, Base):

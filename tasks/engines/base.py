@@ -17,6 +17,8 @@ from pymatgen.core import Structure
 from hopflow.errors import InputError
 
 VacancyMode = Literal["neutral", "charged"]
+PathFlag = Literal["ok", "intermediate-minimum", "vacancy-moved", "unconverged"]
+"""What a barrier result is (docs/estimates.md): only `ok` carries a barrier."""
 
 PREPARED_FILE = "hopflow_prepared.json"
 RUN_FILE = "hopflow_run.json"
@@ -63,6 +65,36 @@ class Correction(BaseModel):
     actions: tuple[dict[str, Any], ...] = Field(description="Custodian's modder actions, as it logged them.")
 
 
+class PathCheck(BaseModel):
+    """A profile's classification and, only for a well-defined single-hop path (`ok`), its barriers."""
+
+    model_config = ConfigDict(frozen=True)
+
+    flag: PathFlag
+    reason: str | None = None
+    barrier: float | None = Field(default=None, description="E_max - min(E_start, E_end) (eV).")
+    forward_barrier: float | None = Field(default=None, description="E_max - E_start (eV).")
+    reverse_barrier: float | None = Field(default=None, description="E_max - E_end (eV).")
+
+
+def check_profile(energies: Sequence[float], converged: bool, tolerance: float) -> PathCheck:
+    """Classify an energy profile (start, images, end): `unconverged`, `intermediate-minimum` (an interior image more
+    than `tolerance` eV below the lower endpoint) or `ok` with its barriers."""
+    if not converged:
+        return PathCheck(flag="unconverged", reason="the endpoint relaxations or the band did not converge")
+    e = np.asarray(energies, dtype=float)
+    lower = float(min(e[0], e[-1]))
+    interior = e[1:-1]
+    deepest = int(np.argmin(interior)) + 1 if len(interior) else 0
+    if len(interior) and lower - float(e[deepest]) > tolerance:
+        return PathCheck(flag="intermediate-minimum",
+                         reason=f"image {deepest} lies {lower - float(e[deepest]):.3f} eV below the lower endpoint "
+                         f"(tolerance {tolerance:.3f} eV): the path passes a lower configuration")
+    top = float(e.max())
+    return PathCheck(flag="ok", barrier=top - lower, forward_barrier=top - float(e[0]),
+                     reverse_barrier=top - float(e[-1]))
+
+
 class BarrierResult(BaseModel):
     """A barrier calculation's outcome, the same schema for every engine."""
 
@@ -75,7 +107,12 @@ class BarrierResult(BaseModel):
     reaction_coordinate: tuple[float, ...] = Field(
         description="Cumulative root-mean-square distance between images (Å), as pymatgen's NEBAnalysis defines it."
     )
-    barrier: float | None = Field(description="Highest relative energy (eV); None when the run did not converge.")
+    barrier: float | None = Field(description="E_max - min(E_start, E_end) (eV); None unless the flag is `ok`.")
+    forward_barrier: float | None = Field(default=None, description="E_max - E_start (eV); None unless `ok`.")
+    reverse_barrier: float | None = Field(default=None, description="E_max - E_end (eV); None unless `ok`.")
+    flag: PathFlag = Field(description="ok | intermediate-minimum | vacancy-moved | unconverged.")
+    flag_reason: str | None = None
+    model: str | None = Field(default=None, description="The ML potential (None for DFT).")
     converged: bool
     max_forces: tuple[float | None, ...] = Field(
         description="Largest atomic force per image (eV/Å): NEB-projected for moving images of an NEB, else true forces."
@@ -100,7 +137,14 @@ class BarrierResult(BaseModel):
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries, expected {n} (images + endpoints)")
         if not self.converged and self.barrier is not None:
             raise ValueError("an unconverged result carries no barrier")
+        if self.flag != "ok" and self.barrier is not None:
+            raise ValueError(f"a result flagged {self.flag!r} carries no barrier")
         return self
+
+    def flagged(self, flag: PathFlag, reason: str) -> BarrierResult:
+        """The same energies under another flag, without barriers (e.g. `vacancy-moved` from its endpoints)."""
+        return self.model_copy(update={"flag": flag, "flag_reason": reason, "barrier": None,
+                                       "forward_barrier": None, "reverse_barrier": None})
 
 
 class PreparedInputs(BaseModel):
@@ -169,6 +213,13 @@ def get_engine(name: str, settings: BaseModel | Mapping[str, Any] | None = None)
     if isinstance(settings, BaseModel):
         settings = settings.model_dump()
     return cls(settings=settings_type.model_validate(dict(settings)))
+
+
+def checked_fields(energies: Sequence[float], converged: bool, tolerance: float) -> dict[str, Any]:
+    """The BarrierResult fields `check_profile` decides (barriers, flag, reason)."""
+    check = check_profile(energies, converged, tolerance)
+    return {"barrier": check.barrier, "forward_barrier": check.forward_barrier,
+            "reverse_barrier": check.reverse_barrier, "flag": check.flag, "flag_reason": check.reason}
 
 
 def compute_barrier(

@@ -35,6 +35,7 @@ from tasks.engines.base import (
     Stopwatch,
     Timings,
     VacancyMode,
+    checked_fields,
     find_moving_index,
     image_structures,
     read_prepared,
@@ -44,7 +45,7 @@ from tasks.engines.base import (
     write_model,
 )
 
-ENGINE_REVISION = "1"
+ENGINE_REVISION = "2"  # 2: barriers from the lower endpoint, profiles classified
 PACKAGES = ("pymatgen", "custodian", "pymatgen-analysis-diffusion")
 
 NEB_OUTPUT = "neb_vasp.out"  # VaspNEBJob's stdout and stderr names: the handlers must be told them
@@ -93,6 +94,9 @@ class VaspNebSettings(BaseModel):
     user_incar_settings: dict[str, Any] = Field(default_factory=dict, description="INCAR overrides.")
     reciprocal_density: int | None = Field(default=None, gt=0, description="k-points per Å⁻³; None keeps the set's.")
     compress: bool = Field(default=False, description="Gzip large outputs after parsing.")
+    intermediate_minimum_tol: float = Field(
+        default_factory=_default("intermediate_minimum_tol"), ge=0,
+        description="An interior image this far (eV) below the lower endpoint flags the path intermediate-minimum.")
     polling_s: float = Field(default=DEFAULT_POLLING_S, gt=0, description="Custodian polling interval (s).")
     monitor_freq: int = Field(default=DEFAULT_MONITOR_FREQ, gt=0, description="Polls between monitor checks.")
 
@@ -448,7 +452,7 @@ class VaspNebEngine:
             energies=energies,
             relative_energies=rel,
             reaction_coordinate=tuple(float(r) for r in neb.r),
-            barrier=max(rel) if converged else None,
+            **checked_fields(energies, converged, self.settings.intermediate_minimum_tol),
             converged=converged,
             max_forces=tuple(outcar_max_force(find_output(d, "OUTCAR")) for d in force_dirs),
             n_images=len(folders) - 2,
