@@ -1,0 +1,194 @@
+"""The universal ML potentials (CHGNet 0.3.0, SevenNet-0): names, devices, calculators, single points, relaxations.
+
+Each process loads a model's weights once per device (`_weights`, cached); `calculator` wraps them in a fresh ASE
+calculator on every call, so the images of an NEB each get their own calculator without reloading anything. Both
+models ship their weights in their wheels: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pymatgen.core import Structure
+
+from hopflow.errors import InputError
+from tasks.engines.base import versions_of
+
+if TYPE_CHECKING:
+    from ase import Atoms
+    from ase.calculators.calculator import Calculator
+
+MODELS: tuple[str, ...] = ("chgnet-0.3.0", "7net-0")
+"""The potentials hopflow knows, by canonical name (both trained on MPtrj; weights in their wheels)."""
+
+Device = Literal["cpu", "cuda", "mps"]
+Optimizer = Literal["BFGS", "FIRE"]
+
+_LEGACY_NAMES = {"0.3.0": "chgnet-0.3.0"}  # the CHGNet engines' model name before SevenNet was added
+_PACKAGE = {"chgnet-0.3.0": "chgnet", "7net-0": "sevenn"}
+_WEIGHTS = {"chgnet-0.3.0": "0.3.0", "7net-0": "7net-0"}  # the name each package loads its weights by
+
+
+def canonical_model(name: str) -> str:
+    """The canonical name of a potential (`0.3.0`, CHGNet's own name, is `chgnet-0.3.0`); InputError if unknown."""
+    canonical = _LEGACY_NAMES.get(name, name)
+    if canonical not in MODELS:
+        raise InputError(f"unknown ML potential {name!r}; known: {', '.join(MODELS)}")
+    return canonical
+
+
+def pick_device(requested: Device | None) -> Device:
+    """The requested torch device, or CUDA when present, else CPU."""
+    if requested is not None:
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the banners both packages print or warn on every model load and calculator construction."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="No tensor product accelerator")
+        yield
+
+
+@contextlib.contextmanager
+def _calm() -> Iterator[None]:
+    """Silence the warnings CHGNet repeats on every force call (harmless: a scalar volume; FixSymmetry, which its
+    internal pymatgen conversion cannot carry and does not need)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
+        warnings.filterwarnings("ignore", message="Only FixAtoms and FixCartesian is supported")
+        yield
+
+
+@lru_cache(maxsize=4)
+def _weights(model: str, device: Device) -> Any:
+    """The loaded network of a canonical model on a device, once per process (CHGNet, or SevenNet's module)."""
+    with _quiet():
+        if model == "chgnet-0.3.0":
+            from chgnet.model import CHGNet
+
+            return CHGNet.load(model_name=_WEIGHTS[model], use_device=device, verbose=False)
+        from sevenn.calculator import SevenNetCalculator
+
+        return SevenNetCalculator(model=_WEIGHTS[model], device=device).model
+
+
+def calculator(model: str, device: Device) -> Calculator:
+    """A fresh ASE calculator of the potential on `device`, sharing the process's one loaded network."""
+    model = canonical_model(model)
+    weights = _weights(model, device)
+    with _quiet():
+        if model == "chgnet-0.3.0":
+            from chgnet.model.dynamics import CHGNetCalculator
+
+            return CHGNetCalculator(model=weights, use_device=device)
+        from sevenn.calculator import SevenNetCalculator
+
+        return SevenNetCalculator(model=weights, file_type="model_instance", device=device)
+
+
+def model_versions(model: str) -> dict[str, str]:
+    """Versions of the packages that compute with the potential, plus `"model"`: its canonical name."""
+    model = canonical_model(model)
+    extra = ("e3nn",) if _PACKAGE[model] == "sevenn" else ()
+    return versions_of(_PACKAGE[model], "torch", *extra, "ase", "pymatgen") | {"model": model}
+
+
+def model_version(model: str) -> str:
+    """Package and weights in one string, e.g. `chgnet-0.4.2+0.3.0` or `sevenn-0.13.0+7net-0`."""
+    model = canonical_model(model)
+    package = _PACKAGE[model]
+    return f"{package}-{versions_of(package).get(package, '?')}+{_WEIGHTS[model]}"
+
+
+@dataclass(frozen=True)
+class Relaxed:
+    """A relaxation's outcome: the structure (input site order, species only), its energy (eV, whole cell), the
+    largest remaining atomic force (eV/Å), whether the optimizer converged and its step count."""
+
+    structure: Structure
+    energy: float
+    max_force: float
+    converged: bool
+    steps: int
+
+
+def to_atoms(structure: Structure) -> Atoms:
+    """ASE atoms of an ordered structure, species and positions only (no oxidation states, magmoms or constraints)."""
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    if not structure.is_ordered:
+        raise InputError("an ML potential needs an ordered structure (one species per site)")
+    bare = Structure(structure.lattice, [site.specie.symbol for site in structure], structure.frac_coords)
+    atoms = AseAtomsAdaptor.get_atoms(bare)
+    atoms.set_initial_charges(None)  # oxidation states do not belong in an ML-potential calculation
+    return atoms
+
+
+def to_structure(atoms: Atoms) -> Structure:
+    """The atoms as a structure in their order, species only (the calculator's results do not ride along)."""
+    return Structure(atoms.cell[:], atoms.get_chemical_symbols(), atoms.get_positions(), coords_are_cartesian=True)
+
+
+def max_force(forces: np.ndarray) -> float:
+    """The largest atomic force norm (eV/Å) of an (N, 3) array."""
+    return float(np.linalg.norm(np.asarray(forces).reshape(-1, 3), axis=1).max())
+
+
+def single_points(structures: Sequence[Structure], model: str, device: Device) -> list[tuple[float, float]]:
+    """Total energy (eV) and largest force norm (eV/Å) of each structure, one at a time (a batch of 7 × 240-atom
+    graphs took 9 GiB)."""
+    results: list[tuple[float, float]] = []
+    for structure in structures:
+        atoms = to_atoms(structure)
+        atoms.calc = calculator(model, device)
+        with _calm():
+            results.append((float(atoms.get_potential_energy()), max_force(atoms.get_forces())))
+    return results
+
+
+def _optimize(target: Any, optimizer: Optimizer, logfile: Path | None, fmax: float, steps: int) -> tuple[bool, int]:
+    from ase.optimize import BFGS, FIRE
+
+    cls = {"BFGS": BFGS, "FIRE": FIRE}[optimizer]
+    opt = cls(target, logfile=None if logfile is None else str(logfile))
+    with _calm():
+        converged = bool(opt.run(fmax=fmax, steps=steps))
+    return converged, int(opt.nsteps)
+
+
+def relax_positions(structure: Structure, model: str, device: Device, *, fmax: float, steps: int,
+                    optimizer: Optimizer = "BFGS", logfile: Path | None = None) -> Relaxed:
+    """Relax the atomic positions in the fixed cell until every force is below `fmax` (eV/Å) or `steps` run out."""
+    atoms = to_atoms(structure)
+    atoms.calc = calculator(model, device)
+    converged, taken = _optimize(atoms, optimizer, logfile, fmax, steps)
+    return Relaxed(to_structure(atoms), float(atoms.get_potential_energy()), max_force(atoms.get_forces()),
+                   converged, taken)
+
+
+def relax_bulk(structure: Structure, model: str, device: Device, *, fmax: float, steps: int,
+               optimizer: Optimizer = "BFGS", logfile: Path | None = None) -> Relaxed:
+    """Relax lattice and positions keeping the space group (ASE `FixSymmetry`, `FrechetCellFilter`); `fmax` bounds
+    the forces and the filter's scaled stress. The energy is the whole cell's; `max_force` the atoms' (symmetrised)."""
+    from ase.constraints import FixSymmetry
+    from ase.filters import FrechetCellFilter
+
+    atoms = to_atoms(structure)
+    atoms.calc = calculator(model, device)
+    atoms.set_constraint(FixSymmetry(atoms))
+    converged, taken = _optimize(FrechetCellFilter(atoms), optimizer, logfile, fmax, steps)
+    return Relaxed(to_structure(atoms), float(atoms.get_potential_energy()), max_force(atoms.get_forces()),
+                   converged, taken)
