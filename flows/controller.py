@@ -5,7 +5,6 @@ deployment on each."""
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import math
 import os
@@ -13,7 +12,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 from uuid import UUID
 
@@ -30,11 +29,12 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectNotFound
-from sqlalchemy import Engine, MetaData, Table, inspect, select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from hopflow import queue
 from hopflow.db import get_engine, session_scope
+from hopflow.leaderboard import material_leaderboard, pathway_leaderboard
 from hopflow.models import Run, RunState
 from hopflow.registry import STAGES, Stage, get_stage
 
@@ -46,12 +46,12 @@ MIRROR_STAGE = "_prefect"
 """stage_settings rows under this pseudo-stage hold the value last written to each Variable (to tell UI edits)."""
 PROGRESS_KEY = "hopflow-progress"
 LEADERBOARD_KEY = "hopflow-leaderboard"
+"""Artifact of the per-pathway leaderboard (hopflow.leaderboard.pathway_leaderboard)."""
+MATERIALS_KEY = "hopflow-materials"
+"""Artifact of the per-structure leaderboard (hopflow.leaderboard.material_leaderboard)."""
 LEADERBOARD_SIZE = 20
-LEADERBOARD_PROVIDER = "hopflow.leaderboard:leaderboard"
-"""`module:function(session, limit) -> rows`: used for the leaderboard artifact when the module exists."""
 LIVE_STATES = (StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING)
 OVER_STATES = (StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED)
-BULKY_COLUMN_TYPES = ("JSON", "JSONB", "BLOB", "LARGEBINARY")  # left out of the fallback leaderboard
 READ_CHUNK = 200  # flow runs per read (the API's default page size)
 UI_EDIT_REASON = "edited in the Prefect UI (variable {name})"
 
@@ -403,33 +403,14 @@ def progress_rows(session: Session, report: TickReport) -> list[dict[str, Any]]:
     return rows
 
 
-def _plain(row: Any) -> dict[str, Any]:
-    if is_dataclass(row) and not isinstance(row, type):
-        return asdict(row)
-    if hasattr(row, "model_dump"):
-        return row.model_dump(mode="json")
-    return dict(row)
+def leaderboard_rows(session: Session, limit: int = LEADERBOARD_SIZE) -> list[dict[str, Any]]:
+    """The best pathways so far, as plain rows in the order of `hopflow leaderboard --json --by pathway`."""
+    return [asdict(entry) for entry in pathway_leaderboard(session, limit)]
 
 
-def leaderboard_rows(session: Session, limit: int = LEADERBOARD_SIZE) -> list[dict[str, Any]] | None:
-    """The best pathways so far, from `LEADERBOARD_PROVIDER` when it exists, else the `estimates` table by barrier;
-    None when neither is there yet."""
-    module_name, _, function = LEADERBOARD_PROVIDER.partition(":")
-    try:
-        provider = getattr(importlib.import_module(module_name), function)
-    except (ImportError, AttributeError):
-        provider = None
-    if provider is not None:
-        return [_plain(row) for row in provider(session, limit)]
-    inspector = inspect(session.get_bind())
-    if "estimates" not in inspector.get_table_names():
-        return None
-    if "barrier" not in {c["name"] for c in inspector.get_columns("estimates")}:
-        return None
-    table = Table("estimates", MetaData(), autoload_with=session.get_bind())
-    scalar = [c for c in table.columns if type(c.type).__name__.upper() not in BULKY_COLUMN_TYPES]
-    query = select(*scalar).where(table.c.barrier.is_not(None)).order_by(table.c.barrier).limit(limit)
-    return [dict(row._mapping) for row in session.execute(query)]
+def material_rows(session: Session, limit: int = LEADERBOARD_SIZE) -> list[dict[str, Any]]:
+    """The best structures so far, as plain rows in the order of `hopflow leaderboard --json --by structure`."""
+    return [asdict(entry) for entry in material_leaderboard(session, limit)]
 
 
 def _artifact(client: SyncPrefectClient, key: str, kind: str, data: Any, description: str) -> None:
@@ -441,13 +422,15 @@ def _artifact(client: SyncPrefectClient, key: str, kind: str, data: Any, descrip
 
 
 def publish_artifacts(client: SyncPrefectClient, engine: Engine, report: TickReport) -> None:
-    """Progress per stage and the leaderboard, as Prefect table artifacts (a new version every tick)."""
+    """Progress per stage and both leaderboards, as Prefect table artifacts (a new version every tick)."""
     with session_scope(engine) as session:
         progress = progress_rows(session, report)
+        materials = material_rows(session)
         board = leaderboard_rows(session)
     _artifact(client, PROGRESS_KEY, "table", progress, f"hopflow progress per stage. {report.summary}")
-    if board is not None:
-        _artifact(client, LEADERBOARD_KEY, "table", board, "hopflow leaderboard: lowest barriers so far")
+    _artifact(client, MATERIALS_KEY, "table", materials,
+              "hopflow materials: percolation barriers E*(3D/2D/1D) per structure, lowest first (eV)")
+    _artifact(client, LEADERBOARD_KEY, "table", board, "hopflow leaderboard: lowest trusted barrier per pathway (eV)")
 
 
 # ---------------------------------------------------------------- manual submission

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from pymatgen.analysis.dimensionality import get_dimensionality_larsen
-from pymatgen.core import Structure
-from pymatgen.core.graphs import StructureGraph
-from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+if TYPE_CHECKING:  # pymatgen's graphs and dimensionality take 4 s to import: only where a network is built
+    from pymatgen.core import Structure
 
 SYMPREC = 0.1
 """Å: symmetry tolerance of the operations that expand a hop into its equivalent copies (as tasks.pathways)."""
@@ -53,6 +53,9 @@ class HopNetwork:
 
     def dimensionality(self, pathway_ids: Iterable[int]) -> int:
         """Larsen dimensionality (0-3) of the network made of the given hop types."""
+        from pymatgen.analysis.dimensionality import get_dimensionality_larsen
+        from pymatgen.core.graphs import StructureGraph
+
         chosen = {(u, v, (0, 0, 0), image): None for pid in set(pathway_ids) for u, v, image in self.edges[pid]}
         if not chosen:
             return 0
@@ -90,6 +93,9 @@ class MaterialBarriers:
 
 def hop_network(structure: Structure, hops: Sequence[HopBarrier]) -> HopNetwork:
     """Expand each distinct hop into all its symmetry-equivalent edges of the periodic ion network."""
+    from pymatgen.core import Structure
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
     if not hops:
         raise ValueError("a hop network needs at least one hop")
     symbol = structure[_nearest(structure, structure.frac_coords, hops[0].start_frac)[0]].specie.symbol
@@ -112,7 +118,8 @@ def _edge(sites: Structure, start: np.ndarray, end: np.ndarray) -> Edge:
     return min((i, j, image), (j, i, reverse))  # type: ignore[return-value]
 
 
-def _nearest(structure: Structure, frac_coords: np.ndarray, point: np.ndarray | Sequence[float]) -> tuple[int, np.ndarray]:
+def _nearest(structure: Structure, frac_coords: np.ndarray,
+             point: np.ndarray | Sequence[float]) -> tuple[int, np.ndarray]:
     """Index of the site at `point` (modulo the lattice) and the lattice image of it that lies there."""
     delta = np.asarray(point, dtype=float) - frac_coords
     image = np.round(delta)
@@ -167,7 +174,12 @@ def _first(steps: Sweep, d: int) -> tuple[float, frozenset[int]] | None:
 
 def material_barriers(structure: Structure, hops: Sequence[HopBarrier], *, cut_off: bool) -> MaterialBarriers:
     """E*(d) for d = 1, 2, 3 of a structure from its distinct hops; bounds when a hop is unknown or `cut_off` (the
-    listed hops are not all hops: longer ones were cut by max_paths or the automatic max_hop)."""
+    listed hops are not all hops: longer ones were cut by max_paths or the automatic max_hop, so lower is 0).
+
+    Thresholds sweep transition-state energies when every known hop has them and every site orbit gets an energy
+    (`ts` mode: E* = T_d - lowest site energy the network touches), else barriers. Bounds in `ts` mode hold wherever
+    the unknown transition states lie: upper = T_d of the known hops - the lowest site energy; lower = T_d with each
+    unknown hop at its higher end's site energy - the highest site energy (at least 0)."""
     network = hop_network(structure, hops)
     energies = _ts_energies(hops)
     known = {h.pathway_id: h for h in hops if h.barrier is not None}
@@ -207,3 +219,12 @@ def _answer(d: int, reach: int, upper: Sweep, lower: Sweep, known: Mapping[int, 
 def _lowest_site(chosen: Collection[int], known: Mapping[int, HopBarrier], energies: Mapping[str, float]) -> float:
     """The lowest vacancy energy among the site orbits the chosen hops touch."""
     return min(energies[label] for pid in chosen for label in (known[pid].start_label, known[pid].end_label))
+
+
+def unestimated(reach: int, *, cut_off: bool) -> MaterialBarriers:
+    """The answer when no hop's barrier is known, without building the network: `reach` is the dimensionality of
+    all listed hops together (the stored `dimensionality_cumlengths` of the longest); lower 0 and no upper bound
+    wherever they, or the cut-off ones, could percolate."""
+    answers = tuple(Percolation(d, "incomplete", lower=0.0) if cut_off or reach >= d else Percolation(d, "none")
+                    for d in DIMENSIONS)
+    return MaterialBarriers("barrier", answers)  # type: ignore[arg-type]

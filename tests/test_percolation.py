@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 from pymatgen.core import Lattice, Structure
 
-from hopflow.percolation import HopBarrier, hop_network, material_barriers
+from hopflow.percolation import HopBarrier, hop_network, material_barriers, unestimated
 from tasks.pathways import PathwayRecord, find_pathways
 
 
@@ -140,3 +140,11 @@ def test_transition_state_thresholds_with_two_site_orbits(two_orbits) -> None:
     assert bounds.mode == "ts" and _values(bounds, "status") == ["incomplete"] * 3
     assert _values(bounds, "upper") == pytest.approx([0.4, 0.65, 1.2])
     assert _values(bounds, "lower") == pytest.approx([0.0, 0.0, 0.0])
+
+
+def test_without_any_known_hop_the_answer_needs_no_network(rutile) -> None:
+    structure, records = rutile
+    for hops, cut_off in ((records, False), (records[:1], False), (records[:1], True)):
+        built = material_barriers(structure, _hops(hops, [None] * len(hops)), cut_off=cut_off)
+        reach = max(r.dimensionality_cumlengths for r in hops)
+        assert unestimated(reach, cut_off=cut_off) == built

@@ -1,76 +1,38 @@
-"""Barrier results on the command line: the leaderboard (best barrier per pathway) and its plots."""
+"""Barrier results on the command line: the leaderboards (per pathway, per structure) and their plots."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+import re
+from dataclasses import asdict
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from hopflow.cli.render import console, emit_json, table
 from hopflow.db import init_db, session_scope
-from hopflow.loop import latest_calibrations
-from hopflow.models import CalibrationRow, Estimate, NebResult, Pathway, Structure
+from hopflow.leaderboard import MaterialEntry, PathwayEntry, material_leaderboard, pathway_leaderboard
+from hopflow.models import Estimate, NebResult, Pathway, Structure
+from hopflow.models.barriers import trusted
 from hopflow.settings import get_settings
 from hopflow.stages import BARRIER_COLUMNS
 
-ENGINE_TIERS = ("vasp-neb", "mlip-neb", "mlip-idpp")
-"""Most trusted first: a pathway's leaderboard barrier comes from the first tier that has a converged one."""
 PLOTS_DIR = "plots"
 LEADERBOARD_PNG = "leaderboard.png"
+PATHWAY_COLUMNS = ["formula", "structure_id", "pathway_id", "hop_length", "barrier", "engine", "model",
+                   "model_spread", "flag", "flag_reason"]
+MATERIAL_COLUMNS = ["formula", "structure_id", "E*(3D)", "E*(2D)", "E*(1D)", "hops", "cut_off", "mode"]
 
 
-@dataclass(frozen=True)
-class BoardEntry:
-    """One pathway's best barrier."""
+class Board(str, Enum):
+    """Which leaderboard: one row per pathway or per structure."""
 
-    formula: str
-    structure_id: int
-    pathway_id: int
-    hop_length: float
-    barrier: float | None
-    engine: str
-    table: str
-    run_id: int
-    calibrated_barrier: float | None = None
-    """An estimate corrected by the newest calibration of its engine against VASP (None for VASP barriers)."""
-    calibration: str | None = None
-    """Marks a calibrated value: 'calibrated <engine> -> vasp-neb (n pairs)'."""
-
-
-def _tier(engine: str) -> int:
-    return ENGINE_TIERS.index(engine) if engine in ENGINE_TIERS else len(ENGINE_TIERS)
-
-
-def leaderboard_entries(session: Session) -> list[BoardEntry]:
-    """Best barrier per pathway (VASP NEB over ML-potential NEB over IDPP estimates, newest within a tier), lowest
-    first; pathways with only unconverged results come last, without a barrier."""
-    best: dict[int, tuple[tuple[int, int, int], BoardEntry]] = {}
-    calibrations = latest_calibrations(session)
-    for model in (NebResult, Estimate):
-        rows = session.execute(
-            select(model, Pathway.length, Pathway.structure_id, Structure.formula)
-            .join(Pathway, Pathway.id == model.pathway_id).join(Structure, Structure.id == Pathway.structure_id))
-        for row, length, structure_id, formula in rows:
-            key = (row.barrier is None, _tier(row.engine), -row.id)
-            entry = BoardEntry(formula=formula, structure_id=structure_id, pathway_id=row.pathway_id,
-                               hop_length=length, barrier=row.barrier, engine=row.engine,
-                               table=model.__tablename__, run_id=row.run_id)
-            if row.pathway_id not in best or key < best[row.pathway_id][0]:
-                best[row.pathway_id] = (key, entry)
-    entries = [_calibrated(entry, calibrations) for _, entry in best.values()]
-    return sorted(entries, key=lambda e: (e.barrier is None, e.barrier or 0.0, e.pathway_id))
-
-
-def _calibrated(entry: BoardEntry, calibrations: dict[str, CalibrationRow]) -> BoardEntry:
-    cal = calibrations.get(entry.engine) if entry.table == "estimates" else None
-    if cal is None or entry.barrier is None:
-        return entry
-    return replace(entry, calibrated_barrier=cal.slope * entry.barrier + cal.intercept,
-                   calibration=f"calibrated {cal.source} -> {cal.reference} ({cal.n} pairs)")
+    pathway = "pathway"
+    structure = "structure"
 
 
 def barrier_result(row: Estimate | NebResult) -> Any:
@@ -80,8 +42,19 @@ def barrier_result(row: Estimate | NebResult) -> Any:
     return BarrierResult.model_validate({name: getattr(row, name) for name in BARRIER_COLUMNS})
 
 
-def write_leaderboard_plot(entries: list[BoardEntry], path: Path) -> Path:
-    """The leaderboard as a bar plot PNG."""
+def plotted_result(row: Estimate | NebResult, is_trusted: bool) -> Any:
+    """A row's profile for plotting: validated when trusted; else its energies without barriers, built unvalidated
+    (legacy `unchecked` rows, or flagged rows that kept a barrier, are no result an engine makes today)."""
+    from tasks.engines.base import BarrierResult
+
+    if is_trusted:
+        return barrier_result(row)
+    fields = {name: getattr(row, name) for name in BARRIER_COLUMNS}
+    return BarrierResult.model_construct(**fields | {"barrier": None, "forward_barrier": None, "reverse_barrier": None})
+
+
+def write_leaderboard_plot(entries: list[PathwayEntry], path: Path) -> Path:
+    """The per-pathway leaderboard as a bar plot PNG."""
     from tasks.plots import LeaderboardRow, plot_leaderboard
 
     rows = [LeaderboardRow(label=f"{e.formula} #{e.structure_id} p{e.pathway_id}", barrier=e.barrier,
@@ -89,59 +62,107 @@ def write_leaderboard_plot(entries: list[BoardEntry], path: Path) -> Path:
     return plot_leaderboard(rows, path)
 
 
+def write_material_plot(entries: list[MaterialEntry], path: Path) -> Path:
+    """The per-structure leaderboard as a bar plot PNG of the 3D value (E*, or the upper bound when incomplete)."""
+    from tasks.plots import LeaderboardRow, plot_leaderboard
+
+    rows = [LeaderboardRow(label=f"{e.formula} #{e.structure_id}", barrier=e.value(3), engine=e.status_3d)
+            for e in entries]
+    return plot_leaderboard(rows, path, title="Percolation barriers E*(3D)")
+
+
+def profile_name(formula: str, structure_id: int, row: Estimate | NebResult) -> str:
+    """File name of a result's energy profile: formula, structure, pathway, engine and model, e.g.
+    CaF2-s1-p3-mlip-idpp-chgnet.png."""
+    parts = [formula, f"s{structure_id}", f"p{row.pathway_id}", row.engine]
+    if row.model:
+        parts.append(row.model.split("-")[0])
+    return re.sub(r"[^A-Za-z0-9._-]", "_", "-".join(parts)) + ".png"
+
+
 def write_profile_plots(session: Session, directory: Path) -> list[Path]:
-    """One energy-profile PNG per stored estimate and NEB result, named <table>-<id>.png."""
+    """One energy-profile PNG per stored estimate and NEB result, named by `profile_name` (the row id appended when
+    two results would share a name)."""
     from tasks.plots import plot_energy_profile
 
-    written = []
+    written: list[Path] = []
     for model in (Estimate, NebResult):
-        rows = session.execute(select(model, Structure.formula).join(Pathway, Pathway.id == model.pathway_id)
+        rows = session.execute(select(model, Structure.formula, Pathway.structure_id, trusted(model))
+                               .join(Pathway, Pathway.id == model.pathway_id)
                                .join(Structure, Structure.id == Pathway.structure_id).order_by(model.id))
-        for row, formula in rows:
-            title = f"{formula}, pathway {row.pathway_id}: {row.engine}"
-            path = directory / f"{model.__tablename__}-{row.id}.png"
-            written.append(plot_energy_profile(barrier_result(row), path, title=title))
+        for row, formula, structure_id, is_trusted in rows:
+            title = f"{formula}, pathway {row.pathway_id}: {row.engine}" + (f" ({row.model})" if row.model else "")
+            title += "" if is_trusted else f", {row.flag}"
+            path = directory / profile_name(formula, structure_id, row)
+            if path in written:
+                path = path.with_name(f"{path.stem}-{model.__tablename__}{row.id}.png")
+            written.append(plot_energy_profile(plotted_result(row, bool(is_trusted)), path, title=title))
     return written
 
 
-def print_leaderboard(entries: list[BoardEntry]) -> None:
-    """The leaderboard as a table."""
-    table(f"leaderboard: best barrier of {len(entries)} pathways", [asdict(e) for e in entries],
-          ["formula", "structure_id", "pathway_id", "hop_length", "barrier", "engine", *_calibrated_columns(entries)])
+def _escaped(row: dict[str, Any]) -> dict[str, Any]:
+    """Data strings made safe for rich markup."""
+    return {k: escape(v) if isinstance(v, str) else v for k, v in row.items()}
 
 
-def _calibrated_columns(entries: list[BoardEntry]) -> list[str]:
-    """The calibrated-estimate columns, shown only when a calibration exists."""
-    return ["calibrated_barrier", "calibration"] if any(e.calibration for e in entries) else []
+def print_leaderboard(entries: list[PathwayEntry]) -> None:
+    """The per-pathway leaderboard as a table."""
+    columns = PATHWAY_COLUMNS + (["calibrated_barrier", "calibration"] if any(e.calibration for e in entries) else [])
+    table(f"leaderboard: best barrier of {len(entries)} pathways", [_escaped(asdict(e)) for e in entries], columns)
 
 
-def leaderboard(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-                plot: Annotated[Path | None, typer.Option("--plot", help="Also write the leaderboard PNG here.")] = None,
-                ) -> None:
-    """Best barrier per pathway (VASP NEB over estimates where present), lowest first."""
+def _cell(entry: MaterialEntry, d: int) -> str:
+    status = getattr(entry, f"status_{d}d")
+    if status == "complete":
+        return f"{getattr(entry, f'e_star_{d}d'):.3f}"
+    if status == "none":
+        return "none"
+    lower, upper = getattr(entry, f"lower_{d}d"), getattr(entry, f"upper_{d}d")
+    return f"{lower:.3f} .. {'?' if upper is None else f'{upper:.3f}'} (incomplete)"
+
+
+def print_materials(entries: list[MaterialEntry]) -> None:
+    """The per-structure leaderboard as a table: E*(d) in eV, or its bounds."""
+    rows = [_escaped({"formula": e.formula, "structure_id": e.structure_id, "E*(3D)": _cell(e, 3),
+                      "E*(2D)": _cell(e, 2), "E*(1D)": _cell(e, 1), "hops": f"{e.hops_known}/{e.hops_total}",
+                      "cut_off": e.cut_off, "mode": e.mode}) for e in entries]
+    table(f"materials: percolation barriers of {len(entries)} structures (eV)", rows, MATERIAL_COLUMNS)
+
+
+ByOption = Annotated[Board, typer.Option("--by", help="One row per pathway or per structure.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+PlotOption = Annotated[Path | None, typer.Option("--plot", help="Also write the leaderboard PNG here.")]
+
+
+def leaderboard(by: ByOption = Board.pathway, as_json: JsonOption = False, plot: PlotOption = None) -> None:
+    """Best trusted barrier per pathway (VASP NEB over estimates), or per structure the percolation barriers
+    E*(1D/2D/3D); lowest first."""
     init_db()
     with session_scope() as session:
-        entries = leaderboard_entries(session)
+        entries: list[Any] = pathway_leaderboard(session) if by is Board.pathway else material_leaderboard(session)
     if plot is not None:
-        write_leaderboard_plot(entries, plot)
+        (write_leaderboard_plot if by is Board.pathway else write_material_plot)(entries, plot)
     if as_json:
         emit_json([asdict(e) for e in entries])
-    else:
-        print_leaderboard(entries)
-        if plot is not None:
-            console.print(f"leaderboard plot written to {plot}")
+        return
+    (print_leaderboard if by is Board.pathway else print_materials)(entries)
+    if plot is not None:
+        console.print(f"leaderboard plot written to {escape(str(plot))}")
 
 
 def screen_report() -> Path:
-    """The end of `hopflow screen`: print the leaderboard, write its plot and every energy profile under
+    """The end of `hopflow screen`: print both leaderboards, write the pathway plot and every energy profile under
     HOPFLOW_HOME/plots; returns the plot directory."""
     directory = get_settings().home / PLOTS_DIR
     with session_scope() as session:
-        entries = leaderboard_entries(session)
+        entries = pathway_leaderboard(session)
+        materials = material_leaderboard(session)
         profiles = write_profile_plots(session, directory)
     print_leaderboard(entries)
+    print_materials(materials)
     write_leaderboard_plot(entries, directory / LEADERBOARD_PNG)
-    console.print(f"plots: {directory / LEADERBOARD_PNG} and {len(profiles)} energy profiles in {directory}")
+    console.print(f"plots: {escape(str(directory / LEADERBOARD_PNG))} and {len(profiles)} energy profiles in "
+                  f"{escape(str(directory))}")
     return directory
 
 
