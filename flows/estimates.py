@@ -1,24 +1,47 @@
-"""Estimates stage flow: a cheap ML-potential barrier per claimed pathway (tasks.images + tasks.engines)."""
+"""Estimates stage flow: relax the vacancies the claimed pathways need (once each, through the vacancies stage), then
+a cheap ML-potential barrier per pathway between those relaxed endpoints (tasks.vacancies + tasks.engines)."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from pymatgen.core import Structure
 
 from flows.common import stage_run_name, stage_task_runner
 from flows.features import pathway_record
-from flows.runner import StageReport, run_stage
+from flows.runner import StageReport, claim_all, run_stage
+from flows.vacancies import relax_vacancy_site
+from hopflow import queue
+from hopflow.db import session_scope
 from hopflow.errors import EngineError
 from hopflow.queue import param_hash
+from hopflow.registry import get_stage
 from hopflow.settings import get_settings
+from hopflow.stages import lattice_parameters
+from hopflow.vacancies import SiteRow, ensure_sites, settled, site_states
 from tasks.engines import BarrierResult, compute_barrier, get_engine
+from tasks.engines.mlip import idpp_path
 from tasks.images import hop_images
+from tasks.vacancies import VacancySymmetry, hop_endpoints
 
 WORK_DIR = "work"
 """Work directories live under Settings.home / WORK_DIR."""
+VACANCY_POLL_S = 5.0
+"""Seconds between looks at vacancies another flow run is relaxing."""
+
+
+@dataclass(frozen=True)
+class PathwayBarrier:
+    """A barrier result with the two relaxed vacancies its endpoints were mapped from."""
+
+    result: BarrierResult
+    start_vacancy_id: int | None
+    end_vacancy_id: int | None
 
 
 def barrier_workdir(stage: str, pathway_id: int, parameters: dict[str, Any]) -> Path:
@@ -26,12 +49,114 @@ def barrier_workdir(stage: str, pathway_id: int, parameters: dict[str, Any]) -> 
     return get_settings().home / WORK_DIR / f"{stage}-{pathway_id}-{param_hash(parameters)[:8]}"
 
 
-def pathway_barrier(stage: str, item: dict[str, Any], parameters: dict[str, Any]) -> BarrierResult:
-    """Build the pathway's vacancy-hop images and compute its barrier with the run's engine and settings."""
+def _engine(parameters: dict[str, Any]) -> Any:
     engine = get_engine(parameters["engine"], parameters["engine_settings"])
     if engine.version != parameters["engine_version"]:
         raise EngineError(f"this worker has {engine.name} {engine.version}, the run asks for "
                           f"{parameters['engine_version']}")
+    return engine
+
+
+def vacancy_symmetry(item: dict[str, Any], parameters: dict[str, Any]) -> VacancySymmetry:
+    """The supercell and vacancy orbits of a pathway's structure under the run's supercell bounds."""
+    return VacancySymmetry.of(Structure.from_dict(item["structure"]), item["pathway"]["ion"],
+                              min_length=parameters["min_length"], min_atoms=parameters["min_atoms"],
+                              max_atoms=parameters["max_atoms"])
+
+
+@task(name="needed-vacancies")
+def needed_vacancies(items: Sequence[dict[str, Any]], parameters: dict[str, Any]) -> list[SiteRow]:
+    """The vacancy sites (orbit representatives) the pathways' two endpoints come from, once each."""
+    rows: dict[tuple[int, str, int], SiteRow] = {}
+    by_structure: dict[int, VacancySymmetry] = {}
+    for item in items:
+        sid = item["structure_id"]
+        if sid not in by_structure:
+            by_structure[sid] = vacancy_symmetry(item, parameters)
+        symmetry = by_structure[sid]
+        for site in symmetry.hop_sites(item["pathway"]["start_frac"], item["pathway"]["end_frac"]):
+            spec, _ = symmetry.canonical(site)
+            key = (sid, symmetry.supercell.key, spec.site_index)
+            rows[key] = SiteRow(sid, symmetry.supercell.key, spec.site_index, spec.site_label, len(spec.orbit),
+                                len(symmetry.sites.structure), spec.stored_frac)
+    return list(rows.values())
+
+
+def relax_needed_vacancies(run_ids: Sequence[int]) -> None:
+    """Relax, through the vacancies stage, the vacancies the claimed estimate runs need and nobody relaxed yet; wait
+    for those another flow run holds. Pathways whose vacancies fail then fail with the vacancies' reason."""
+    logger = get_run_logger()
+    stage, vacancies = get_stage("estimates"), get_stage("vacancies")
+    with session_scope() as session:
+        runs = queue.runs(session, run_ids)
+        payloads = stage.load(session, [r.input_id for r in runs])
+    groups: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    for run in runs:
+        if run.input_id in payloads:
+            groups.setdefault(param_hash(run.parameters), (run.parameters, []))[1].append(payloads[run.input_id])
+    for parameters, items in groups.values():
+        try:
+            rows = needed_vacancies(items, parameters)
+        except Exception as exc:  # noqa: BLE001  (a structure without a supercell fails its own pathways later)
+            logger.warning(f"vacancy sites of this batch could not all be found: {exc}")
+            continue
+        lattices = {item["structure_id"]: lattice_parameters(item["structure"]) for item in items}
+        with session_scope(write=True) as session:
+            site_ids = sorted(ensure_sites(session, rows, lattices)[(r.structure_id, r.supercell, r.site_index)]
+                              for r in rows)
+            claimed = queue.claim_ids(session, vacancies, site_ids, parameters=parameters["vacancy"])
+        if claimed:
+            run_stage("vacancies", [c.id for c in claimed], relax_vacancy_site)
+        _wait_for(site_ids, parameters["vacancy"], vacancies.lease_seconds)
+
+
+def _wait_for(site_ids: Sequence[int], parameters: dict[str, Any], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with session_scope() as session:
+            if settled(site_states(session, site_ids, parameters), site_ids):
+                return
+        time.sleep(VACANCY_POLL_S)
+
+
+def _relaxed(item: dict[str, Any], site_id: int, phash: str) -> dict[str, Any]:
+    for vacancy in item["vacancies"]:
+        if vacancy["site_id"] == site_id and vacancy["param_hash"] == phash:
+            return vacancy
+    raise EngineError(f"vacancy site {site_id} has no relaxed vacancy under these settings yet (its vacancies run "
+                      "failed or is still running)")
+
+
+def relaxed_pathway_barrier(stage: str, item: dict[str, Any], parameters: dict[str, Any]) -> PathwayBarrier:
+    """The pathway's barrier between its two relaxed vacancy endpoints (mapped by symmetry), IDPP images between."""
+    engine = _engine(parameters)
+    symmetry = vacancy_symmetry(item, parameters)
+    record = pathway_record(item["pathway"])
+    a, b = symmetry.hop_sites(record.start_frac, record.end_frac)
+    site_ids = {(v["supercell"], v["site_index"]): v["site_id"] for v in item["vacancy_sites"]}
+    phash = param_hash(parameters["vacancy"])
+    vacancy = {}
+    for site in (a, b):
+        spec, _ = symmetry.canonical(site)
+        key = (symmetry.supercell.key, spec.site_index)
+        if key not in site_ids:
+            raise EngineError(f"vacancy site {spec.site_label} #{spec.site_index} of this supercell is not stored yet")
+        vacancy[site] = _relaxed(item, site_ids[key], phash)
+    bulk = Structure.from_dict(vacancy[b]["bulk_structure"])
+    relaxed = {symmetry.canonical(s)[0].site_index: Structure.from_dict(vacancy[s]["structure"]) for s in (a, b)}
+    ends = hop_endpoints(symmetry, bulk, record.start_frac, record.end_frac, relaxed)
+    images = idpp_path(ends.start, ends.end, parameters["nimages"])
+    result = compute_barrier(engine.name, images, barrier_workdir(stage, item["pathway_id"], parameters),
+                             engine.settings)
+    for end, v in (("start", vacancy[b]), ("end", vacancy[a])):
+        if v["flag"] != "ok" and result.flag == "ok":
+            result = result.flagged(v["flag"], f"{end} vacancy (#{v['vacancy_id']}): {v['flag_reason']}")
+    return PathwayBarrier(result, start_vacancy_id=vacancy[b]["vacancy_id"], end_vacancy_id=vacancy[a]["vacancy_id"])
+
+
+def pathway_barrier(stage: str, item: dict[str, Any], parameters: dict[str, Any]) -> BarrierResult:
+    """The barrier from the hop's unrelaxed supercell images (the engine relaxes what it needs: VASP's endpoints)."""
+    engine = _engine(parameters)
     structure = Structure.from_dict(item["structure"])
     images = hop_images(structure, pathway_record(item["pathway"]), nimages=parameters["nimages"],
                         min_length=parameters["min_length"], min_atoms=parameters["min_atoms"],
@@ -41,13 +166,18 @@ def pathway_barrier(stage: str, item: dict[str, Any], parameters: dict[str, Any]
 
 
 @task(name="estimate-barrier")
-def estimate_barrier(item: dict[str, Any], parameters: dict[str, Any]) -> BarrierResult:
-    """The barrier estimate of one stored pathway (an unconverged run comes back without a barrier)."""
-    return pathway_barrier("estimates", item, parameters)
+def estimate_barrier(item: dict[str, Any], parameters: dict[str, Any]) -> PathwayBarrier:
+    """The barrier estimate of one stored pathway (flagged, without a barrier, unless the path is a clean hop)."""
+    return relaxed_pathway_barrier("estimates", item, parameters)
 
 
 @flow(name="estimates", flow_run_name=lambda: stage_run_name("estimates"),
       task_runner=stage_task_runner("estimates"))
 def estimates(run_ids: list[int] | None = None, parameters: dict[str, Any] | None = None) -> StageReport:
     """Estimate barriers of the claimed runs' pathways, or of every eligible pathway when `run_ids` is None."""
-    return run_stage("estimates", run_ids, estimate_barrier, parameters=parameters)
+    ids = list(run_ids) if run_ids is not None else claim_all("estimates", parameters)
+    try:
+        relax_needed_vacancies(ids)
+    except Exception as exc:  # noqa: BLE001  (each pathway then fails on its own, with its vacancy's reason)
+        get_run_logger().warning(f"relaxing the needed vacancies failed: {type(exc).__name__}: {exc}")
+    return run_stage("estimates", ids, estimate_barrier)

@@ -292,6 +292,11 @@ def claim_ids(session: Session, stage: Stage, input_ids: Sequence[int], *, claim
 # ---------------------------------------------------------------- run life
 
 
+def runs(session: Session, run_ids: Iterable[int]) -> list[Run]:
+    """The runs with these ids, by id."""
+    return list(session.scalars(select(Run).where(Run.id.in_(list(run_ids))).order_by(Run.id)))
+
+
 def attach_flow_run(session: Session, run_ids: Iterable[int], flow_run_id: str) -> None:
     """Record which Prefect flow run owns these claimed runs (sweep uses it to find crashed runs)."""
     session.execute(update(Run).where(Run.id.in_(list(run_ids))).values(flow_run_id=flow_run_id)

@@ -9,11 +9,13 @@ from typing import Any
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
+from hopflow.fingerprints import pathway_fingerprint
 from hopflow.loop import LEARNING_RANKERS, model_ranker_scores
 from hopflow.models import (Estimate, Features, NebResult, Pathway, Run, RunState, Source, Structure, SyntheticItem,
-                            SyntheticResult)
+                            SyntheticResult, Vacancy, VacancySite)
+from hopflow.models.barriers import trusted
 from hopflow.registry import Cutoff, Ranker, Reused, Stage, register
-from hopflow.settings import Settings
+from hopflow.settings import Settings, get_settings
 
 BY_ID = Ranker("id", "oldest input first", expression=lambda c: c.item_id)
 
@@ -128,7 +130,7 @@ SYNTHETIC = register(Stage(
 
 PATHWAY_FIELDS = ("ion", "rank", "length", "start_index", "end_index", "end_image", "start_frac", "end_frac",
                   "start_cart", "end_cart", "start_label", "end_label", "multiplicity", "dimensionality",
-                  "dimensionality_cumlengths", "max_hop", "max_hop_automatic")
+                  "dimensionality_cumlengths", "max_hop", "max_hop_automatic", "hops_found")
 """Columns of `pathways` that hold tasks.pathways.PathwayRecord's fields (the record is rebuilt from them)."""
 
 
@@ -164,13 +166,25 @@ def _pathways_load(session: Session, ids: Sequence[int]) -> dict[int, Any]:
                    "oxidation_states": s.oxidation_states} for s in rows}
 
 
+def lattice_parameters(structure: dict[str, Any]) -> tuple[float, ...]:
+    """a, b, c (Å) and α, β, γ (°) of a stored structure."""
+    from pymatgen.core import Lattice
+
+    lattice = Lattice(structure["lattice"]["matrix"])
+    return (*lattice.abc, *lattice.angles)
+
+
 def _pathways_store(session: Session, run: Run, result: Any) -> None:
     if isinstance(result, Reused):
         old = session.scalars(select(Pathway).where(Pathway.run_id == result.run.id).order_by(Pathway.rank))
-        rows = [Pathway(run_id=run.id, structure_id=run.input_id, **pathway_fields(p)) for p in old]
+        records = [pathway_fields(p) for p in old]
     else:
-        rows = [Pathway(run_id=run.id, structure_id=run.input_id, **asdict(record)) for record in result]
-    session.add_all(rows)
+        records = [asdict(record) for record in result]
+    structure = session.get(Structure, run.input_id)
+    lattice = lattice_parameters(structure.structure)
+    session.add_all([Pathway(run_id=run.id, structure_id=run.input_id,
+                             fingerprint=pathway_fingerprint(structure.fingerprint, lattice, r["ion"], r["start_frac"],
+                                                             r["end_frac"]), **r) for r in records])
 
 
 PATHWAYS = register(Stage(
@@ -203,7 +217,8 @@ FEATURE_COLUMNS = tuple(c.name for c in Features.__table__.columns if c.name not
 
 
 def _features_inputs() -> Any:
-    return select(Pathway.id.label("item_id"), Pathway.length, Pathway.rank, Pathway.ion, Pathway.structure_id)
+    return select(Pathway.id.label("item_id"), Pathway.length, Pathway.rank, Pathway.ion, Pathway.structure_id,
+                  Pathway.fingerprint)
 
 
 def _features_parameters(settings: Settings) -> dict[str, Any]:
@@ -215,8 +230,8 @@ def _features_load(session: Session, ids: Sequence[int]) -> dict[int, Any]:
     rows = session.execute(select(Pathway, Structure.structure, Structure.formula)
                            .join(Structure, Structure.id == Pathway.structure_id)
                            .where(Pathway.id.in_(list(ids))))
-    return {p.id: {"pathway_id": p.id, "formula": formula, "structure": structure, "pathway": pathway_fields(p)}
-            for p, structure, formula in rows}
+    return {p.id: {"pathway_id": p.id, "structure_id": p.structure_id, "formula": formula, "structure": structure,
+                   "pathway": pathway_fields(p)} for p, structure, formula in rows}
 
 
 def _features_store(session: Session, run: Run, result: Any) -> None:
@@ -237,6 +252,7 @@ FEATURES = register(Stage(
     parameters=_features_parameters,
     load=_features_load,
     store=_features_store,
+    fingerprint=lambda c: c.fingerprint,
     rankers=(BY_ID, Ranker("shortest", "shortest hop first", expression=lambda c: c.length)),
     default_ranker="id",
     flow="features",
@@ -278,8 +294,9 @@ def learning_rankers(stage: str) -> tuple[Ranker, ...]:
                  for name in LEARNING_RANKERS)
 
 
-def engine_parameters(name: str) -> dict[str, Any]:
-    """The parameter-set part naming a barrier engine: name, version and its result-affecting default settings.
+def engine_parameters(name: str, model: str | None = None) -> dict[str, Any]:
+    """The parameter-set part naming a barrier engine: name, version and its result-affecting default settings
+    (`model` replaces an ML engine's potential).
 
     Execution-only settings (VASP command, launcher, polling, device ...) stay out, so changing them keeps the hash.
     """
@@ -287,7 +304,7 @@ def engine_parameters(name: str) -> dict[str, Any]:
     from tasks.engines import get_engine
     from tasks.engines.vasp import EXECUTION_FIELDS as VASP_EXECUTION_FIELDS
 
-    engine = get_engine(name)
+    engine = get_engine(name, {"model": model} if model is not None else None)
     skip = VASP_EXECUTION_FIELDS | MLIP_EXECUTION_FIELDS
     settings = {k: v for k, v in engine.settings.model_dump(mode="json").items() if k not in skip}
     return {"engine": name, "engine_version": engine.version, "engine_settings": settings}
@@ -301,7 +318,7 @@ def _image_parameters(settings: Settings) -> dict[str, Any]:
 def barrier_values(result: Any) -> dict[str, Any]:
     """A BarrierResult's fields as `estimates`/`neb` column values (JSON-ready)."""
     data = result.model_dump(mode="json")
-    return {name: data[name] for name in BARRIER_COLUMNS}
+    return {name: data[name] for name in BARRIER_COLUMNS if name in data}
 
 
 def _barrier_store(table: Any) -> Any:
@@ -310,44 +327,162 @@ def _barrier_store(table: Any) -> Any:
             old = session.scalars(select(table).where(table.run_id == result.run.id)).one()
             values = {name: getattr(old, name) for name in BARRIER_COLUMNS}
         else:
-            values = barrier_values(result)
+            barrier = getattr(result, "result", result)  # a pathway barrier carries its vacancies beside the result
+            values = barrier_values(barrier) | {"start_vacancy_id": getattr(result, "start_vacancy_id", None),
+                                                "end_vacancy_id": getattr(result, "end_vacancy_id", None)}
         session.add(table(run_id=run.id, pathway_id=run.input_id, **values))
 
     return store
 
 
+# ---------------------------------------------------------------- vacancies: vacancy sites -> relaxed vacancies
+
+VACANCY_REVISION = "1"
+"""Revision of the vacancy relaxation (bulk relaxation, supercell order, checks); a change re-relaxes."""
+
+
+def vacancy_parameters(settings: Settings, model: str | None = None) -> dict[str, Any]:
+    """What a relaxed vacancy depends on: the potential and the relaxation settings, never the barrier engine, so
+    every ML engine with the same model shares one relaxation."""
+    from tasks.engines.potentials import canonical_model, model_version
+
+    model = canonical_model(model or settings.barrier_model)
+    return {"model": model, "model_version": model_version(model), "revision": VACANCY_REVISION,
+            "bulk_fmax": settings.bulk_fmax, "bulk_steps": settings.bulk_steps, "fmax": settings.vacancy_fmax,
+            "steps": settings.vacancy_steps, "optimizer": settings.vacancy_optimizer,
+            "fill_distance": settings.vacancy_fill_distance, "max_displacement": settings.vacancy_max_displacement}
+
+
+def _vacancies_inputs() -> Any:
+    return (select(VacancySite.id.label("item_id"), VacancySite.structure_id, VacancySite.nsites,
+                   VacancySite.fingerprint))
+
+
+def _vacancies_load(session: Session, ids: Sequence[int]) -> dict[int, Any]:
+    rows = session.execute(select(VacancySite, Structure.structure, Structure.formula)
+                           .join(Structure, Structure.id == VacancySite.structure_id)
+                           .where(VacancySite.id.in_(list(ids))))
+    return {site.id: {"site_id": site.id, "structure_id": site.structure_id, "formula": formula,
+                      "structure": structure, "supercell": site.supercell, "site_index": site.site_index,
+                      "site_label": site.site_label} for site, structure, formula in rows}
+
+
+VACANCY_COLUMNS = tuple(c.name for c in Vacancy.__table__.columns if c.name not in ("id", "created_at", "run_id",
+                                                                                   "site_id", "structure_id"))
+
+
+def _vacancies_store(session: Session, run: Run, result: Any) -> None:
+    site = session.get(VacancySite, run.input_id)
+    if isinstance(result, Reused):
+        old = session.scalars(select(Vacancy).where(Vacancy.run_id == result.run.id)).one()
+        values = {name: getattr(old, name) for name in VACANCY_COLUMNS}
+    else:
+        values = {name: getattr(result, name) for name in VACANCY_COLUMNS}
+    session.add(Vacancy(run_id=run.id, site_id=run.input_id, structure_id=site.structure_id, **values))
+
+
+VACANCIES = register(Stage(
+    name="vacancies",
+    description="Relaxed vacancy supercells per symmetry-distinct ion site (bulk relaxed first), shared by every "
+                "pathway they end, under one model and relaxation settings.",
+    input_table="vacancy_sites",
+    output_table="vacancies",
+    inputs=_vacancies_inputs,
+    parameters=lambda settings: vacancy_parameters(settings),
+    load=_vacancies_load,
+    store=_vacancies_store,
+    fingerprint=lambda c: c.fingerprint,
+    rankers=(BY_ID, Ranker("smallest", "fewest supercell atoms first", expression=lambda c: c.nsites)),
+    default_ranker="id",
+    flow="vacancies",
+    deployment="vacancies/vacancies",
+    extra={"flow_function": "flows.vacancies:vacancies"},
+    resources="local",
+    batch_size=10,
+    retry_limit=2,
+    lease_seconds=3600,
+))
+
+
+# ---------------------------------------------------------------- estimates and neb: pathways -> barriers
+
+PHYSICS_EWALD_WEIGHT = 0.1
+"""Å per eV: how much one eV of electrostatic rise along the path weighs against one Å of cation-overlap rise in the
+`physics` ranker (docs/features.md, "Which pathways are estimated first")."""
+
+
+def physics_score(c: Any) -> Any:
+    """The `physics` rank key: steric (cation overlap rise, Å) plus weighted electrostatic (Ewald rise, eV) hindrance
+    along the path; lower first, pathways with no cation near the path by the electrostatic term alone."""
+    return func.coalesce(c.overlap, 0.0) + PHYSICS_EWALD_WEIGHT * func.coalesce(c.ewald, 0.0)
+
+
 def _estimates_inputs() -> Any:
-    overlap = (select(Features.pathway_id, func.min(Features.overlap_cation_max_change).label("overlap"))
-               .group_by(Features.pathway_id).subquery())
-    return (select(Pathway.id.label("item_id"), Pathway.length, Pathway.structure_id, overlap.c.overlap)
-            .join(overlap, overlap.c.pathway_id == Pathway.id))
+    predictors = (select(Features.pathway_id, func.min(Features.overlap_cation_max_change).label("overlap"),
+                         func.min(Features.ewald_energy_change).label("ewald"))
+                  .group_by(Features.pathway_id).subquery())
+    return (select(Pathway.id.label("item_id"), Pathway.length, Pathway.structure_id, Pathway.fingerprint,
+                   predictors.c.overlap, predictors.c.ewald)
+            .join(predictors, predictors.c.pathway_id == Pathway.id))
 
 
 def _estimates_parameters(settings: Settings) -> dict[str, Any]:
-    return {**engine_parameters(settings.estimate_engine), **_image_parameters(settings)}
+    engine = engine_parameters(settings.estimate_engine)
+    model = engine["engine_settings"].get("model")
+    return {**engine, **_image_parameters(settings), "intermediate_minimum_tol": settings.intermediate_minimum_tol,
+            "vacancy": vacancy_parameters(settings, model)}
+
+
+def _estimates_engine_parameters(name: str, model: str | None = None) -> dict[str, Any]:
+    """An engine choice on the command line: its identity and the vacancies its model needs."""
+    engine = engine_parameters(name, model)
+    chosen = engine["engine_settings"].get("model")
+    return {**engine, "vacancy": vacancy_parameters(get_settings(), chosen)}
+
+
+def _barrier_load(session: Session, ids: Sequence[int]) -> dict[int, Any]:
+    """A pathway's payload (as features'), with the vacancy sites and relaxed vacancies of its structure."""
+    payloads = _features_load(session, ids)
+    structure_ids = {p["structure_id"] for p in payloads.values()}
+    sites = session.scalars(select(VacancySite).where(VacancySite.structure_id.in_(structure_ids))).all()
+    relaxed = session.execute(select(Vacancy, Run.param_hash).join(Run, Run.id == Vacancy.run_id)
+                              .where(Vacancy.structure_id.in_(structure_ids))).all()
+    for payload in payloads.values():
+        sid = payload["structure_id"]
+        payload["vacancy_sites"] = [{"site_id": v.id, "supercell": v.supercell, "site_index": v.site_index}
+                                    for v in sites if v.structure_id == sid]
+        payload["vacancies"] = [{"vacancy_id": v.id, "site_id": v.site_id, "param_hash": phash,
+                                 "structure": v.structure, "bulk_structure": v.bulk_structure, "energy": v.energy,
+                                 "flag": v.flag, "flag_reason": v.flag_reason}
+                                for v, phash in relaxed if v.structure_id == sid]
+    return payloads
 
 
 ESTIMATES = register(Stage(
     name="estimates",
-    description="Cheap barrier per featurized pathway with an ML potential (mlip-idpp by default, or mlip-neb).",
+    description="Cheap barrier per featurized pathway with an ML potential between relaxed, shared vacancy "
+                "endpoints (mlip-idpp by default, or mlip-neb); flagged unless the path is a well-defined hop.",
     input_table="pathways",
     output_table="estimates",
     inputs=_estimates_inputs,
     parameters=_estimates_parameters,
-    load=_features_load,
+    load=_barrier_load,
     store=_barrier_store(Estimate),
-    rankers=(BY_ID, Ranker("shortest", "shortest hop first", expression=lambda c: c.length),
+    fingerprint=lambda c: c.fingerprint,
+    rankers=(BY_ID, Ranker("physics", "least steric and electrostatic hindrance along the path first (cation "
+                           "overlap rise + 0.1 Å/eV × Ewald rise)", expression=physics_score),
+             Ranker("shortest", "shortest hop first", expression=lambda c: c.length),
              Ranker("overlap", "smallest rise of the cation radii overlap along the path first",
                     expression=lambda c: func.coalesce(c.overlap, OVERLAP_UNKNOWN)),
              *learning_rankers("estimates")),
-    default_ranker="shortest",
+    default_ranker="physics",
     cutoffs=(Cutoff("max_overlap_change", "largest cation overlap change along the path (Å; path_overlap_cutoff)",
                     default=MAX_OVERLAP_CHANGE, criterion=lambda c, v: or_(c.overlap.is_(None), c.overlap <= v),
                     broaden_step=0.25, broaden_limit=3.0),),
     flow="estimates",
     deployment="estimates/estimates",
     extra={"flow_function": "flows.estimates:estimates", "producer": pathway_producer,
-           "engine_parameters": engine_parameters},
+           "engine_parameters": _estimates_engine_parameters},
     resources="local",
     batch_size=10,
     retry_limit=2,
@@ -357,9 +492,9 @@ ESTIMATES = register(Stage(
 
 def _neb_inputs() -> Any:
     best = (select(Estimate.pathway_id, func.min(Estimate.barrier).label("estimate"))
-            .where(Estimate.converged.is_(True), Estimate.barrier.is_not(None))
-            .group_by(Estimate.pathway_id).subquery())
-    return (select(Pathway.id.label("item_id"), Pathway.length, Pathway.structure_id, best.c.estimate)
+            .where(trusted(Estimate)).group_by(Estimate.pathway_id).subquery())
+    return (select(Pathway.id.label("item_id"), Pathway.length, Pathway.structure_id, Pathway.fingerprint,
+                   best.c.estimate)
             .join(best, best.c.pathway_id == Pathway.id))
 
 
@@ -369,17 +504,18 @@ def _neb_parameters(settings: Settings) -> dict[str, Any]:
 
 NEB = register(Stage(
     name="neb",
-    description="VASP CI-NEB barrier (through custodian) of pathways whose best converged estimate is low enough.",
+    description="VASP CI-NEB barrier (through custodian) of pathways whose best trusted estimate is low enough.",
     input_table="pathways",
     output_table="neb",
     inputs=_neb_inputs,
     parameters=_neb_parameters,
     load=_features_load,
     store=_barrier_store(NebResult),
-    rankers=(BY_ID, Ranker("estimate", "lowest converged estimate first", expression=lambda c: c.estimate),
+    fingerprint=lambda c: c.fingerprint,
+    rankers=(BY_ID, Ranker("estimate", "lowest trusted estimate first", expression=lambda c: c.estimate),
              Ranker("shortest", "shortest hop first", expression=lambda c: c.length), *learning_rankers("neb")),
     default_ranker="estimate",
-    cutoffs=(Cutoff("max_estimate", "largest best converged estimate (eV)", default=MAX_ESTIMATE,
+    cutoffs=(Cutoff("max_estimate", "largest best trusted estimate (eV)", default=MAX_ESTIMATE,
                     criterion=lambda c, v: c.estimate <= v, broaden_step=0.25, broaden_limit=2.0),),
     flow="neb",
     deployment="neb/neb",

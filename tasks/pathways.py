@@ -98,6 +98,8 @@ class PathwayRecord:
     """The hop-length limit in Å the search used (explicit or automatic)."""
     max_hop_automatic: bool
     """True when max_hop was chosen by pymatgen-analysis-diffusion's automatic rule."""
+    hops_found: int | None = None
+    """Distinct hops up to max_hop before `max_paths` kept the shortest (more than the records: some were cut)."""
 
     @property
     def hop_vector(self) -> Vector:
@@ -191,6 +193,7 @@ def find_pathways(
                 dimensionality_cumlengths=_dimensionality(graph.only_sites, edges, shorter),
                 max_hop=limit,
                 max_hop_automatic=automatic,
+                hops_found=len(candidates),
             )
         )
     return records
