@@ -39,17 +39,30 @@ def run_batch(stage_name: str, parameters: dict[str, Any] | None = None, limit: 
     return flow_fn(run_ids=None, **({"parameters": parameters} if parameters else {}))
 
 
-def parameter_overrides(stage: Any, given: dict[str, Any], engine: str | None = None) -> dict[str, Any]:
-    """Command-line values as the stage's parameter overrides; a parameter the stage does not have is refused."""
+def parameter_overrides(stage: Any, given: dict[str, Any], engine: str | None = None,
+                        model: str | None = None) -> dict[str, Any]:
+    """Command-line values as the stage's parameter overrides; a parameter the stage does not have is refused.
+
+    `engine` and `model` (the ML potential; alone it keeps the stage's engine) go through the stage's
+    `engine_parameters`, which puts the model into the engine settings."""
     overrides: dict[str, Any] = {}
-    if engine is not None:
-        engine_parameters = stage.extra.get("engine_parameters", lambda name: {"engine": name})
+    known = queue.stage_parameters(stage)
+    if engine is not None or model is not None:
+        if "engine" not in known:
+            raise typer.BadParameter(f"stage {stage.name!r} runs no barrier engine (--engine, --model)")
+        engine_parameters = stage.extra.get("engine_parameters")
+        if engine_parameters is None and model is not None:
+            raise typer.BadParameter(f"stage {stage.name!r} takes no --model")
         try:
-            overrides.update(engine_parameters(engine))
+            if engine_parameters is None:
+                overrides["engine"] = engine
+            elif model is None:
+                overrides.update(engine_parameters(engine))
+            else:
+                overrides.update(engine_parameters(engine or known["engine"], model))
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
     overrides.update({k: v for k, v in given.items() if v is not None})
-    known = queue.stage_parameters(stage)
     unknown = sorted(k for k in overrides if k not in known)
     if unknown:
         raise typer.BadParameter(f"stage {stage.name!r} has no parameter {', '.join(unknown)} (it has: "
@@ -59,6 +72,8 @@ def parameter_overrides(stage: Any, given: dict[str, Any], engine: str | None = 
 
 def run(stage: StageArg,
         engine: Annotated[str | None, typer.Option(help="Barrier engine (barrier stages), e.g. mlip-neb.")] = None,
+        model: Annotated[str | None, typer.Option(
+            help="ML potential of the barrier engine (chgnet-0.3.0 or 7net-0; default HOPFLOW_BARRIER_MODEL).")] = None,
         top: Annotated[int | None, typer.Option("--top", min=0, help="Claim at most N items, in rank order.")] = None,
         ion: Annotated[str | None, typer.Option(help="Migrating ion (stages with an ion parameter).")] = None,
         max_hop: Annotated[float | None, typer.Option(help="Largest hop length in Å (pathways).")] = None,
@@ -66,7 +81,7 @@ def run(stage: StageArg,
         ) -> None:
     """Run a stage now on every eligible item (or its top N), on the stage's Dask cluster profile (no server needed)."""
     st = _stage(stage)
-    overrides = parameter_overrides(st, {"ion": ion, "max_hop": max_hop, "max_paths": max_paths}, engine)
+    overrides = parameter_overrides(st, {"ion": ion, "max_hop": max_hop, "max_paths": max_paths}, engine, model)
     init_db()
     report = run_batch(stage, overrides or None, limit=top)
     console.print(report.summary)
