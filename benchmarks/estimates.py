@@ -25,15 +25,15 @@ def main() -> None:
 
     from sqlalchemy import select
 
-    from flows.estimates import pathway_barrier
+    from flows.estimates import relaxed_pathway_barrier
     from hopflow.cli.stages import run_batch
     from hopflow.db import init_db, session_scope
     from hopflow.importing import import_raw_inputs
     from hopflow.models import Estimate, Run
     from hopflow.registry import get_stage
-    from hopflow.stages import _features_load
     from hopflow.queue import stage_parameters
-    from tasks.engines.mlip import load_model, pick_device
+    from hopflow.settings import get_settings
+    from tasks.engines.potentials import calculator, pick_device
     from tasks.structures import bundled_inputs
 
     init_db()
@@ -52,18 +52,18 @@ def main() -> None:
                                .order_by(Estimate.id)).all()
         ids = [e.pathway_id for e, _ in rows]
         compute = [sum(v for v in e.timings.values() if v is not None) for e, _ in rows]
-        items = _features_load(session, ids)
+        items = get_stage("estimates").load(session, ids)  # with the vacancies the batch relaxed
     n = len(rows)
     if not n:
         raise SystemExit("no estimates were stored")
     params = stage_parameters(get_stage("estimates"))
 
     t = time.perf_counter()
-    load_model("0.3.0", pick_device(None))
+    calculator(get_settings().barrier_model, pick_device(None))
     model_s = time.perf_counter() - t
     t = time.perf_counter()
     for pid in ids:
-        pathway_barrier("estimates-baseline", items[pid], params)
+        relaxed_pathway_barrier("estimates-baseline", items[pid], params)
     loop_s = time.perf_counter() - t
 
     print(f"\nmlip-idpp over the top {n} bundled pathways (ranker {get_stage('estimates').default_ranker}), "

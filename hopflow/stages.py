@@ -270,8 +270,8 @@ FEATURES = register(Stage(
 BARRIER_COLUMNS = tuple(c.name for c in Estimate.__table__.columns if c.name not in ("id", "created_at", "run_id",
                                                                                    "pathway_id"))
 """Columns of `estimates` and `neb` that hold tasks.engines.BarrierResult's fields."""
-MLIP_EXECUTION_FIELDS = frozenset({"device", "batch_size"})
-"""mlip settings that change how CHGNet runs, not the numbers it gives (beyond round-off): kept out of the hash."""
+MLIP_EXECUTION_FIELDS = frozenset({"device"})
+"""mlip settings that change how a potential runs, not the numbers it gives (beyond round-off): kept out of the hash."""
 OVERLAP_UNKNOWN = 1e9
 """Rank key of a pathway without a cation overlap change (no cation near the path): ranked last."""
 MAX_OVERLAP_CHANGE = 1.0
@@ -429,8 +429,7 @@ def _estimates_inputs() -> Any:
 def _estimates_parameters(settings: Settings) -> dict[str, Any]:
     engine = engine_parameters(settings.estimate_engine)
     model = engine["engine_settings"].get("model")
-    return {**engine, **_image_parameters(settings), "intermediate_minimum_tol": settings.intermediate_minimum_tol,
-            "vacancy": vacancy_parameters(settings, model)}
+    return {**engine, **_image_parameters(settings), "vacancy": vacancy_parameters(settings, model)}
 
 
 def _estimates_engine_parameters(name: str, model: str | None = None) -> dict[str, Any]:

@@ -52,7 +52,9 @@ def plot_energy_profile(result: BarrierResult, path: Path | str, title: str | No
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     x = np.asarray(result.reaction_coordinate, dtype=float)
-    y = np.asarray(result.relative_energies, dtype=float)
+    energies = np.asarray(result.energies, dtype=float)
+    lower = float(min(energies[0], energies[-1]))
+    y = energies - lower  # the barrier counts from the lower endpoint
     fig, ax = plt.subplots(figsize=PROFILE_SIZE)
     try:
         xs, ys = _smooth_profile(x, y)
@@ -70,9 +72,10 @@ def plot_energy_profile(result: BarrierResult, path: Path | str, title: str | No
                 color="tab:red",
             )
         else:
-            ax.text(0.5, 0.92, "not converged: no barrier", transform=ax.transAxes, ha="center", color="tab:red")
+            ax.text(0.5, 0.92, f"{result.flag}: no barrier", transform=ax.transAxes, ha="center", color="tab:red")
+        ax.axhline(0.0, color="0.7", linewidth=0.8)
         ax.set_xlabel("reaction coordinate (Å)")
-        ax.set_ylabel("energy relative to start (eV)")
+        ax.set_ylabel("energy above the lower endpoint (eV)")
         ax.set_title(title or f"{result.engine}: {result.n_images} images")
         ax.margins(y=0.2)
         fig.tight_layout()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from datetime import timedelta
 
 import pytest
@@ -13,7 +12,7 @@ from prefect.client.schemas.actions import VariableUpdate
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.client.schemas.sorting import ArtifactSort
 from prefect.states import Crashed
-from sqlalchemy import inspect, select, update
+from sqlalchemy import select, update
 
 from flows import controller as ctl
 from hopflow import queue
@@ -249,26 +248,14 @@ def test_tick_broadens_a_cutoff_that_holds_everything_back(engine, prefect_clien
     assert stage_tick.claimed == 10 and len(stage_tick.submitted) == 1  # priorities 0..9 are eligible now
 
 
-@dataclass(frozen=True)
-class BoardRow:
-    formula: str
-    barrier_ev: float
-
-
-def board(_session, limit: int) -> list[BoardRow]:
-    """A leaderboard provider for the artifact test (the real one is hopflow's, once it exists)."""
-    return [BoardRow("CaF2", 0.31), BoardRow("PbSnF4", 0.29)][:limit]
-
-
 def _latest_artifact(client, key: str):
     (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
                                         sort=ArtifactSort.CREATED_DESC, limit=1)
     return artifact
 
 
-def test_tick_publishes_progress_and_leaderboard(engine, prefect_client, deployment, monkeypatch):
+def test_tick_publishes_progress_and_leaderboard(engine, prefect_client, deployment):
     name, _ = deployment
-    monkeypatch.setattr(ctl, "LEADERBOARD_PROVIDER", f"{__name__}:board")
     add_synthetic_items(engine, 30)
     _set_target(engine, 1)
     ctl.tick(prefect_client, engine=engine, stages=[SYNTHETIC], deployments={SYNTHETIC: name}, mirror=False)
@@ -277,15 +264,8 @@ def test_tick_publishes_progress_and_leaderboard(engine, prefect_client, deploym
     assert progress[SYNTHETIC] | {"note": ""} == {
         "stage": SYNTHETIC, "target": 1, "live_flow_runs": 0, "queued": 10, "claimed": BATCH, "running": 0,
         "done": 0, "failed": 0, "submitted": 1, "note": ""}
-    leaders = json.loads(_latest_artifact(prefect_client, ctl.LEADERBOARD_KEY).data)
-    assert leaders == [{"formula": "CaF2", "barrier_ev": 0.31}, {"formula": "PbSnF4", "barrier_ev": 0.29}]
-
-
-def test_without_a_provider_the_leaderboard_comes_from_the_estimates_table(engine, monkeypatch):
-    monkeypatch.setattr(ctl, "LEADERBOARD_PROVIDER", "hopflow.no_such_module:leaderboard")
-    has_estimates = "estimates" in inspect(engine).get_table_names()
-    with session_scope(engine) as session:
-        assert ctl.leaderboard_rows(session) == ([] if has_estimates else None)  # a fresh database: no barrier yet
+    for key in (ctl.LEADERBOARD_KEY, ctl.MATERIALS_KEY):  # no pathways yet: empty (tests/test_leaderboard.py fills them)
+        assert json.loads(_latest_artifact(prefect_client, key).data) == []
 
 
 def test_controller_flow_runs_a_tick_and_links_its_artifact(engine, prefect_client):

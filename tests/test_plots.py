@@ -8,6 +8,7 @@ import matplotlib.image as mpimg
 import numpy as np
 
 from tasks.engines import BarrierResult
+from tasks.engines.base import checked_fields
 from tasks.plots import LeaderboardRow, plot_energy_profile, plot_leaderboard
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -15,10 +16,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def result(converged: bool = True) -> BarrierResult:
     s = np.linspace(0.0, 1.0, 5)
-    rel = tuple(float(0.4 * np.sin(np.pi * x) ** 2) for x in s)
+    rel = tuple(float(0.4 * np.sin(np.pi * x) ** 2 - 0.1 * x) for x in s)  # the end lies 0.1 eV below the start
+    energies = tuple(-475.0 + e for e in rel)
     return BarrierResult(
-        engine="vasp-neb", engine_version="1", energies=tuple(-475.0 + e for e in rel), relative_energies=rel,
-        reaction_coordinate=tuple(float(x * 2.73) for x in s), barrier=max(rel) if converged else None,
+        engine="vasp-neb", engine_version="1", energies=energies, relative_energies=rel,
+        reaction_coordinate=tuple(float(x * 2.73) for x in s), **checked_fields(energies, converged, 0.02),
         converged=converged, max_forces=(0.0, 0.01, 0.01, 0.01, 0.0), n_images=3, moving_index=94,
     )
 
