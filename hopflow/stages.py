@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
 from hopflow.fingerprints import pathway_fingerprint
@@ -406,15 +406,19 @@ VACANCIES = register(Stage(
 
 # ---------------------------------------------------------------- estimates and neb: pathways -> barriers
 
-PHYSICS_EWALD_WEIGHT = 0.1
-"""Å per eV: how much one eV of electrostatic rise along the path weighs against one Å of cation-overlap rise in the
-`physics` ranker (docs/features.md, "Which pathways are estimated first")."""
+PHYSICS_EWALD_WEIGHT = 0.25
+"""Å per eV: one eV of electrostatic rise along the path counts as 0.25 Å of cation-overlap rise in the `physics`
+ranker (the bundled set spans 0-1.4 eV and 0.05-0.52 Å: both terms then weigh alike; docs/features.md)."""
+PHYSICS_ISOLATED_PENALTY = 0.5
+"""Å added to the `physics` key of a hop that alone forms no infinite network (dimensionality 0: a hop around one
+polyhedron), so that hops that can carry long-range transport are estimated first."""
 
 
 def physics_score(c: Any) -> Any:
-    """The `physics` rank key: steric (cation overlap rise, Å) plus weighted electrostatic (Ewald rise, eV) hindrance
-    along the path; lower first, pathways with no cation near the path by the electrostatic term alone."""
-    return func.coalesce(c.overlap, 0.0) + PHYSICS_EWALD_WEIGHT * func.coalesce(c.ewald, 0.0)
+    """The `physics` rank key (lower first): steric hindrance (cation overlap rise, Å) plus weighted electrostatic
+    hindrance (Ewald rise, eV) along the path, and a penalty for hops that alone percolate in no direction."""
+    isolated = case((c.dimensionality == 0, PHYSICS_ISOLATED_PENALTY), else_=0.0)
+    return func.coalesce(c.overlap, 0.0) + PHYSICS_EWALD_WEIGHT * func.coalesce(c.ewald, 0.0) + isolated
 
 
 def _estimates_inputs() -> Any:
@@ -422,7 +426,7 @@ def _estimates_inputs() -> Any:
                          func.min(Features.ewald_energy_change).label("ewald"))
                   .group_by(Features.pathway_id).subquery())
     return (select(Pathway.id.label("item_id"), Pathway.length, Pathway.structure_id, Pathway.fingerprint,
-                   predictors.c.overlap, predictors.c.ewald)
+                   Pathway.dimensionality, predictors.c.overlap, predictors.c.ewald)
             .join(predictors, predictors.c.pathway_id == Pathway.id))
 
 
@@ -469,7 +473,8 @@ ESTIMATES = register(Stage(
     store=_barrier_store(Estimate),
     fingerprint=lambda c: c.fingerprint,
     rankers=(BY_ID, Ranker("physics", "least steric and electrostatic hindrance along the path first (cation "
-                           "overlap rise + 0.1 Å/eV × Ewald rise)", expression=physics_score),
+                           "overlap rise + 0.25 Å/eV × Ewald rise, + 0.5 Å for a hop that alone percolates nowhere)",
+                           expression=physics_score),
              Ranker("shortest", "shortest hop first", expression=lambda c: c.length),
              Ranker("overlap", "smallest rise of the cation radii overlap along the path first",
                     expression=lambda c: func.coalesce(c.overlap, OVERLAP_UNKNOWN)),

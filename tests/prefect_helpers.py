@@ -42,6 +42,16 @@ def prefect_client() -> Iterator[SyncPrefectClient]:
         yield client
 
 
+def latest_artifact(client: SyncPrefectClient, key: str) -> Any:
+    """The newest artifact under `key`."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                        sort=ArtifactSort.CREATED_DESC, limit=1)
+    return artifact
+
+
 def create_deployment(client: SyncPrefectClient, flow_name: str = "synthetic", *,
                       schema: dict[str, Any] | None = None, enforce: bool = False) -> tuple[str, Any]:
     """A deployment of `flow_name` on no work pool (its runs stay scheduled): (`flow/deployment` name, id)."""

@@ -8,8 +8,6 @@ import json
 from dataclasses import asdict, fields
 
 import pytest
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-from prefect.client.schemas.sorting import ArtifactSort
 from pymatgen.core import Lattice
 from pymatgen.core import Structure as PmgStructure
 from sqlalchemy.orm import Session
@@ -21,7 +19,7 @@ from hopflow.cli.main import app
 from hopflow.db import session_scope
 from hopflow.leaderboard import MaterialEntry, PathwayEntry, material_leaderboard, pathway_leaderboard
 from hopflow.models import Estimate, NebResult, Pathway, Run, Structure, Vacancy, VacancySite
-from prefect_helpers import prefect_client  # noqa: F401  (a fixture)
+from prefect_helpers import latest_artifact, prefect_client  # noqa: F401  (prefect_client: a fixture)
 from tasks.pathways import PathwayRecord, find_pathways
 
 CHGNET, SEVENNET = "chgnet-0.3.0", "7net-0"
@@ -227,18 +225,12 @@ def _as_json(entries: list) -> list[dict]:
     return json.loads(json.dumps([asdict(e) for e in entries], default=str))
 
 
-def _latest_artifact(client, key: str):  # noqa: ANN001, ANN202
-    (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-                                        sort=ArtifactSort.CREATED_DESC, limit=1)
-    return artifact
-
-
 @pytest.mark.prefect
 def test_artifacts_hold_the_cli_rows_in_the_cli_order(engine, board, prefect_client) -> None:  # noqa: F811
     ctl.publish_artifacts(prefect_client, engine, ctl.TickReport((), (), (), {}, ctl.MirrorReport(), 0.0))
     runner = CliRunner()
     for key, by in ((ctl.MATERIALS_KEY, "structure"), (ctl.LEADERBOARD_KEY, "pathway")):
         cli = json.loads(runner.invoke(app, ["leaderboard", "--json", "--by", by]).stdout)
-        artifact = _latest_artifact(prefect_client, key)
+        artifact = latest_artifact(prefect_client, key)
         assert artifact.type == "table"
         assert json.loads(artifact.data) == cli[:ctl.LEADERBOARD_SIZE] and cli

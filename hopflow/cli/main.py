@@ -51,14 +51,23 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
 @app.command()
 def screen(
     ion: Annotated[str | None, typer.Option("--ion", help="Migrating ion (default: HOPFLOW_MIGRATING_ION).")] = None,
+    structure: Annotated[list[str] | None, typer.Option(
+        "--structure", help="Screen only these bundled entries (e.g. CaF2; repeat the option); default: all.")] = None,
 ) -> None:
     """The main job on the embedded default: init, import the bundled set, run every stage in batch mode, report."""
     from tasks.structures import bundled_inputs
 
     from hopflow.importing import import_raw_inputs
 
+    inputs = bundled_inputs()
+    if structure:
+        unknown = sorted(set(structure) - {r.location for r in inputs})
+        if unknown:
+            raise typer.BadParameter(f"no bundled entry {', '.join(unknown)} (known: "
+                                     f"{', '.join(r.location for r in inputs)})")
+        inputs = [r for r in inputs if r.location in structure]
     init_db()
-    outcomes = import_raw_inputs(bundled_inputs(), ion=ion)
+    outcomes = import_raw_inputs(inputs, ion=ion)
     failed = [o for o in outcomes if o["state"] == "failed"]
     console.print(f"import: {len(outcomes)} bundled inputs, {len(failed)} failed")
     settings = get_settings()
