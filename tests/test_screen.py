@@ -17,8 +17,9 @@ from prefect_helpers import latest_artifact, prefect_client  # noqa: F401  (pref
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.prefect]
 
 SMALL = {"HOPFLOW_SUPERCELL_MIN_LENGTH": "7", "HOPFLOW_SUPERCELL_MIN_ATOMS": "1", "HOPFLOW_NIMAGES": "3",
-         "HOPFLOW_SCREEN_TOP": "4"}
-"""Small vacancy cells (CaF2 23 atoms, KMgF3 39), 3 images and the 4 best-ranked pathways keep this quick."""
+         "HOPFLOW_SCREEN_TOP": "4", "HOPFLOW_DASK_PROFILE": "local-threads"}
+"""Small vacancy cells (CaF2 23 atoms, KMgF3 39), 3 images, the 4 best-ranked pathways and Dask worker threads in
+this process (one model load) keep this quick."""
 SMALLEST_BELIEVABLE = 0.01
 """eV: a trusted fluoride hop barrier below this is an artefact (endpoints that are not minima)."""
 

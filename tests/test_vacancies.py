@@ -81,8 +81,10 @@ def test_mapped_endpoints_are_the_canonical_vacancy_seen_from_another_site() -> 
         assert max(moved[:-1]) < 0.5
 
 
-SMALL_CELLS = {"HOPFLOW_SUPERCELL_MIN_LENGTH": "7", "HOPFLOW_SUPERCELL_MIN_ATOMS": "1", "HOPFLOW_NIMAGES": "3"}
-"""A 2x2x2 primitive CaF2 supercell (23 atoms after the vacancy) keeps the stage test quick on 2 CPU cores."""
+SMALL_CELLS = {"HOPFLOW_SUPERCELL_MIN_LENGTH": "7", "HOPFLOW_SUPERCELL_MIN_ATOMS": "1", "HOPFLOW_NIMAGES": "3",
+               "HOPFLOW_DASK_PROFILE": "local-threads"}
+"""A 2x2x2 primitive CaF2 supercell (23 atoms after the vacancy), and Dask worker threads in this process (one model
+load for all five stage runs), keep the stage test quick on 2 CPU cores."""
 
 
 def test_caf2_one_vacancy_for_every_pathway_and_both_engines(monkeypatch) -> None:
