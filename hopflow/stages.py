@@ -353,6 +353,12 @@ def vacancy_parameters(settings: Settings, model: str | None = None) -> dict[str
             "fill_distance": settings.vacancy_fill_distance, "max_displacement": settings.vacancy_max_displacement}
 
 
+def vacancy_site_producer(session: Session, site_id: int) -> Run | None:
+    """The import run of the structure a vacancy site belongs to."""
+    site = session.get(VacancySite, site_id)
+    return structure_producer(session, site.structure_id) if site else None
+
+
 def _vacancies_inputs() -> Any:
     return (select(VacancySite.id.label("item_id"), VacancySite.structure_id, VacancySite.nsites,
                    VacancySite.fingerprint))
@@ -396,7 +402,7 @@ VACANCIES = register(Stage(
     default_ranker="id",
     flow="vacancies",
     deployment="vacancies/vacancies",
-    extra={"flow_function": "flows.vacancies:vacancies"},
+    extra={"flow_function": "flows.vacancies:vacancies", "producer": vacancy_site_producer},
     resources="local",
     batch_size=10,
     retry_limit=2,

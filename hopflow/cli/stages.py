@@ -6,6 +6,7 @@ import importlib
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from hopflow import queue
 from hopflow.cli.render import console, emit_json, table
@@ -147,7 +148,8 @@ def trace(run_id: Annotated[int, typer.Argument(help="A run id (every result row
         emit_json(chain)
     else:
         for depth, link in enumerate(chain):
-            console.print("  " * depth + " ".join(f"[bold]{k}[/bold]={v}" for k, v in link.items() if v is not None))
+            console.print("  " * depth + " ".join(f"[bold]{k}[/bold]={escape(str(v))}" for k, v in link.items()
+                                                  if v is not None))
 
 
 def trace_chain(session: Any, run_id: int) -> list[dict[str, Any]]:
