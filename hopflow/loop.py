@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from hopflow.db import session_scope
 from hopflow.errors import HopflowError
 from hopflow.models import BarrierModelRow, CalibrationRow, Estimate, Features, NebResult
+from hopflow.models.barriers import trusted
 from hopflow.registry import ScoreFunction
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ LOOP_STAGES = ("estimates", "neb")
 LEARNING_RANKERS = ("predicted", "uncertain", "mixed", "diverse")
 """Ranker names the loop provides (hopflow.learning.RANKERS, repeated here so the stage registry imports no sklearn)."""
 ESTIMATE_FEATURE = "estimate"
-"""Extra feature of the neb model: the pathway's best converged estimate (eV). The estimates queue's items have
+"""Extra feature of the neb model: the pathway's best trusted estimate (eV). The estimates queue's items have
 none yet, so the estimates model is trained without it."""
 FEATURE_NAMES = tuple(
     c.name for c in Features.__table__.columns
@@ -61,30 +62,29 @@ class StoredModel:
 
 
 def neb_barriers(session: Session) -> dict[int, float]:
-    """Newest converged VASP NEB barrier per pathway."""
+    """Newest trusted (flag `ok`, converged) VASP NEB barrier per pathway."""
     out: dict[int, float] = {}
     rows = session.execute(select(NebResult.pathway_id, NebResult.barrier)
-                           .where(NebResult.converged.is_(True), NebResult.barrier.is_not(None))
-                           .order_by(NebResult.id))
+                           .where(trusted(NebResult), NebResult.converged.is_(True)).order_by(NebResult.id))
     for pathway_id, barrier in rows:
         out[pathway_id] = float(barrier)
     return out
 
 
 def best_estimates(session: Session, ids: Sequence[int] | None = None) -> dict[int, float]:
-    """Lowest converged estimate per pathway (the neb stage's `estimate` ranker key)."""
+    """Lowest trusted (flag `ok`, converged) estimate per pathway (the neb stage's `estimate` ranker key)."""
     query = (select(Estimate.pathway_id, func.min(Estimate.barrier))
-             .where(Estimate.converged.is_(True), Estimate.barrier.is_not(None)).group_by(Estimate.pathway_id))
+             .where(trusted(Estimate), Estimate.converged.is_(True)).group_by(Estimate.pathway_id))
     if ids is not None:
         query = query.where(Estimate.pathway_id.in_(list(ids)))
     return {pathway_id: float(barrier) for pathway_id, barrier in session.execute(query)}
 
 
 def estimates_by_engine(session: Session) -> dict[str, dict[int, float]]:
-    """Newest converged estimate per engine and pathway."""
+    """Newest trusted (flag `ok`, converged) estimate per engine and pathway."""
     out: dict[str, dict[int, float]] = {}
     rows = session.execute(select(Estimate.engine, Estimate.pathway_id, Estimate.barrier)
-                           .where(Estimate.converged.is_(True), Estimate.barrier.is_not(None)).order_by(Estimate.id))
+                           .where(trusted(Estimate), Estimate.converged.is_(True)).order_by(Estimate.id))
     for engine, pathway_id, barrier in rows:
         out.setdefault(engine, {})[pathway_id] = float(barrier)
     return out
@@ -116,7 +116,7 @@ def _matrix(session: Session, ids: Sequence[int], names: Sequence[str]) -> np.nd
 
 
 def training_set(session: Session, stage: str = "neb") -> TrainingSet:
-    """Featurized pathways with an accurate barrier: VASP NEB where present, else the best converged estimate.
+    """Featurized pathways with an accurate barrier: VASP NEB where present, else the best trusted estimate.
 
     Feature columns that are missing for every training pathway are dropped (nothing to learn from them).
     """
@@ -143,7 +143,7 @@ def retrain(session: Session, seed: int = 0, stage: str = "neb") -> BarrierModel
 
     data = training_set(session, stage)
     trained = train(data.ids, data.X, data.y, data.feature_names, seed=seed,
-                    target=f"{REFERENCE_ENGINE} barrier, else best converged estimate (eV)")
+                    target=f"{REFERENCE_ENGINE} barrier, else best trusted estimate (eV)")
     row = BarrierModelRow(stage=stage, kind=trained.kind, target=trained.target, n_train=trained.n_train,
                           cv_mae=trained.cv_mae, seed=seed, feature_names=list(trained.feature_names),
                           training_ids=list(trained.ids), params=trained.metadata()["params"],

@@ -25,7 +25,7 @@ from prefect_helpers import entrypoint_file, prefect_client, yaml_deployments  #
 
 # Keys of the top level that Prefect does not read but that YAML anchors need (Prefect's own docs use it).
 ANCHOR_SECTION = "definitions"
-STAGE_FLOWS = {"import-structures", "pathways", "features", "estimates", "neb", "synthetic"}
+STAGE_FLOWS = {"import-structures", "pathways", "features", "vacancies", "estimates", "neb", "synthetic"}
 
 
 def _document() -> dict[str, Any]:

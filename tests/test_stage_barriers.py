@@ -12,11 +12,12 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from hopflow.cli.barriers import barrier_result, leaderboard_entries
+from hopflow.cli.barriers import barrier_result
 from hopflow.cli.main import app
 from hopflow.cli.stages import trace_chain
 from hopflow.db import init_db, session_scope
 from hopflow.importing import import_raw_inputs
+from hopflow.leaderboard import pathway_leaderboard
 from hopflow.models import Estimate, Features, NebResult, Pathway, Run, RunState, Structure
 from hopflow.queue import param_hash
 from hopflow.settings import get_settings
@@ -157,7 +158,7 @@ def test_estimates_neb_leaderboard_end_to_end(env, tmp_path) -> None:
     assert (tmp_path / "board.png").read_bytes()[:4] == b"\x89PNG"
     assert "leaderboard" in _cli("leaderboard")
     with session_scope() as session:
-        assert [e.pathway_id for e in leaderboard_entries(session)] == [b["pathway_id"] for b in board]
+        assert [e.pathway_id for e in pathway_leaderboard(session)] == [b["pathway_id"] for b in board]
 
 
 def test_run_command_refuses_unknown_parameters_and_engines() -> None:
