@@ -39,9 +39,11 @@ def true_barrier(overlap: float, ewald: float, length: float) -> float:
 
 
 def _barrier_row(table: type, run_id: int, pathway_id: int, engine: str, barrier: float | None,
-                 converged: bool = True) -> Estimate | NebResult:
+                 converged: bool = True, flag: str | None = None) -> Estimate | NebResult:
+    """A result row; flagged `ok` when it carries a converged barrier, else `unconverged`, unless `flag` says."""
+    flag = flag or ("ok" if converged and barrier is not None else "unconverged")
     return table(run_id=run_id, pathway_id=pathway_id, engine=engine, engine_version="test-1", barrier=barrier,
-                 converged=converged, energies=[0.0, barrier or 0.0, 0.0], relative_energies=[0.0, barrier or 0.0, 0.0],
+                 forward_barrier=barrier, reverse_barrier=barrier, flag=flag, converged=converged, energies=[0.0, barrier or 0.0, 0.0], relative_energies=[0.0, barrier or 0.0, 0.0],
                  reaction_coordinate=[0.0, 0.5, 1.0], max_forces=[0.01, 0.01, 0.01], n_images=3, moving_index=0,
                  steps=10, vacancy_mode="neutral", charge=0, timings={}, settings={}, corrections=[],
                  continued=False, versions={}, workdir=None)
@@ -93,8 +95,12 @@ def build_database(seed: int = 1, n_neb: int = N_NEB, n_estimate_only: int = N_E
             session.add(_barrier_row(Estimate, fixture.id, pid, "mlip-idpp", SOFTENING * vasp - 0.02))
         for pid in estimate_only:
             session.add(_barrier_row(Estimate, fixture.id, pid, "mlip-idpp", SOFTENING * truth[pid] - 0.02))
-        # an unconverged estimate is no training barrier
+        # an unconverged estimate, a path through a lower minimum and a legacy row that kept its (lowest) barrier are
+        # no training barriers
         session.add(_barrier_row(Estimate, fixture.id, pathway_ids[-1], "mlip-idpp", None, converged=False))
+        session.add(_barrier_row(Estimate, fixture.id, pathway_ids[-2], "mlip-idpp", None,
+                                 flag="intermediate-minimum"))
+        session.add(_barrier_row(Estimate, fixture.id, pathway_ids[-3], "mlip-idpp", 0.01, flag="unchecked"))
     return {"all": pathway_ids, "neb": neb_ids, "estimate_only": estimate_only}
 
 
@@ -148,7 +154,7 @@ def test_retrain_stores_models_with_provenance_ranks_live_and_changes_no_result(
         assert ESTIMATE_FEATURE not in rows["estimates"].feature_names
         assert rows["neb"].feature_names[-1] == ESTIMATE_FEATURE
         assert "length_vs_dmin" not in rows["estimates"].feature_names  # missing for every pathway: dropped
-        # targets: VASP where present, else the best converged estimate
+        # targets: VASP where present, else the best trusted estimate
         data = training_set(session, "neb")
         neb = dict(session.execute(select(NebResult.pathway_id, NebResult.barrier)).all())
         assert all(y == neb[i] for i, y in zip(data.ids, data.y) if i in neb)
