@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from sqlalchemy import Engine, Float, Integer, func, select
@@ -303,6 +303,21 @@ def _plots(stage: str, row: BarrierModelRow, data: TrainingSet, directory: Path,
     return parity, path, tuple(zip(curve.sizes, curve.mae, strict=True))
 
 
+MODEL_RANKER = "predicted"
+"""The learned ranker a barrier stage switches to once it has a model, unless a user chose a ranker."""
+
+
+def adopt_model_ranker(session: Session, stage: Any) -> bool:
+    """Switch a stage's claims to `predicted` now that a model exists, if its ranker was never chosen by hand (the
+    default physics ranker is a stand-in until barriers can be learned)."""
+    from hopflow import queue
+
+    if queue.RANKER_KEY in queue.stage_settings(session, stage.name) or MODEL_RANKER not in {r.name for r in
+                                                                                          stage.rankers}:
+        return False
+    return queue.set_active_ranker(session, stage, MODEL_RANKER, reason="a barrier model exists (retrain)")
+
+
 def retrain_cycle(engine: Engine | None = None, *, seed: int = 0, plot_dir: Path | None = None,
                   stages: Sequence[str] = LOOP_STAGES) -> CycleReport:
     """Retrain each stage's model, fit calibrations, re-score the learning rankers, write plots.
@@ -325,6 +340,7 @@ def retrain_cycle(engine: Engine | None = None, *, seed: int = 0, plot_dir: Path
                 row = retrain(session, seed, name)
                 rescored = sum(queue.rank(session, stage, r, refresh=True)
                                for r in LEARNING_RANKERS if r in {x.name for x in stage.rankers})
+                adopt_model_ranker(session, stage)
                 outcome = StageOutcome(stage=name, model_id=row.id, n_train=row.n_train, cv_mae=row.cv_mae,
                                        features=tuple(row.feature_names), rescored=rescored)
         except (InsufficientDataError, HopflowError, ValueError) as exc:

@@ -134,8 +134,14 @@ def test_retrain_stores_models_with_provenance_ranks_live_and_changes_no_result(
     assert set(scores("estimates", "predicted")) == queued
     assert scores("estimates", "predicted") == scores("estimates", "diverse")
     before = snapshot()
+    with session_scope(write=True) as session:  # a ranker chosen by hand survives a retrain; the default does not
+        assert queue.set_active_ranker(session, get_stage("estimates"), "shortest", reason="test")
+        assert queue.active_ranker(session, get_stage("neb")) == "estimate"
 
     report = retrain_cycle(seed=3, plot_dir=tmp_path / "plots")
+    with session_scope() as session:
+        assert queue.active_ranker(session, get_stage("estimates")) == "shortest"
+        assert queue.active_ranker(session, get_stage("neb")) == "predicted"  # a model exists: learned ranking
 
     assert snapshot() == before  # training reads results, never writes them
     by_stage = {s.stage: s for s in report.stages}
