@@ -312,6 +312,10 @@ def terminal_count(engine: Engine) -> tuple[int, int]:
     return int(finished or 0), int(total or 0)
 
 
+HANG_ENDINGS = {"lease expired", "flow run crashed"}
+"""How a hung item's attempt ends: its lease runs out, or an exit item in the same batch kills the flow run first."""
+
+
 def _reason_kind(entry: dict[str, Any]) -> str:
     error = str(entry.get("error", ""))
     if "lease expired" in error:
@@ -351,7 +355,7 @@ def audit(engine: Engine) -> ChaosAudit:
         reasons.update(_reason_kind(h) for h in history)
         kind = items.get(input_id, "none")
         kinds = {_reason_kind(h) for h in history}
-        if (kind == "exception" and "injected exception" in kinds) or (kind == "hang" and "lease expired" in kinds) \
+        if (kind == "exception" and "injected exception" in kinds) or (kind == "hang" and kinds & HANG_ENDINGS) \
                 or (kind == "exit" and "flow run crashed" in kinds):
             seen[kind] += 1
         if len(history) < attempts - 1 or (state == RunState.FAILED and not (error and history)):

@@ -71,10 +71,14 @@ def needed_vacancies(items: Sequence[dict[str, Any]], parameters: dict[str, Any]
     by_structure: dict[int, VacancySymmetry] = {}
     for item in items:
         sid = item["structure_id"]
-        if sid not in by_structure:
-            by_structure[sid] = vacancy_symmetry(item, parameters)
-        symmetry = by_structure[sid]
-        for site in symmetry.hop_sites(item["pathway"]["start_frac"], item["pathway"]["end_frac"]):
+        try:
+            if sid not in by_structure:
+                by_structure[sid] = vacancy_symmetry(item, parameters)
+            symmetry = by_structure[sid]
+            sites = symmetry.hop_sites(item["pathway"]["start_frac"], item["pathway"]["end_frac"])
+        except Exception:  # noqa: BLE001  (a bad pathway fails on its own, with this reason, when it is estimated)
+            continue
+        for site in sites:
             spec, _ = symmetry.canonical(site)
             key = (sid, symmetry.supercell.key, spec.site_index)
             rows[key] = SiteRow(sid, symmetry.supercell.key, spec.site_index, spec.site_label, len(spec.orbit),
@@ -130,8 +134,9 @@ def _relaxed(item: dict[str, Any], site_id: int, phash: str) -> dict[str, Any]:
 def relaxed_pathway_barrier(stage: str, item: dict[str, Any], parameters: dict[str, Any]) -> PathwayBarrier:
     """The pathway's barrier between its two relaxed vacancy endpoints (mapped by symmetry), IDPP images between."""
     engine = _engine(parameters)
-    symmetry = vacancy_symmetry(item, parameters)
     record = pathway_record(item["pathway"])
+    record.as_hop(Structure.from_dict(item["structure"]))  # InputError, never retried, unless a hop of it
+    symmetry = vacancy_symmetry(item, parameters)
     a, b = symmetry.hop_sites(record.start_frac, record.end_frac)
     site_ids = {(v["supercell"], v["site_index"]): v["site_id"] for v in item["vacancy_sites"]}
     phash = param_hash(parameters["vacancy"])

@@ -56,8 +56,9 @@ def test_chaos_run_loses_nothing_and_writes_nothing_twice(postgres_engine, prefe
     # the faults really happened
     assert audit.injected == {"exception": 30, "hang": 30, "exit": 30}
     assert audit.permanent == 15
-    # A hang is often hidden when an exit item kills its flow run first; hung runs show as expired leases (below).
-    assert audit.injected_seen["exception"] > 0 and audit.injected_seen["exit"] > 0, audit.injected_seen
+    # A hang ends by its lease expiring, or by an exit item of its batch crashing the flow run first (which of the two
+    # wins depends on machine load; test_queue and test_controller check lease expiry on its own).
+    assert all(audit.injected_seen[k] > 0 for k in ("exception", "hang", "exit")), audit.injected_seen
     assert len(events.kills) == KILLS
     assert events.controller_killed and events.controller_claimed > 0
     assert len(events.db_drops) == 2
@@ -72,5 +73,5 @@ def test_chaos_run_loses_nothing_and_writes_nothing_twice(postgres_engine, prefe
     assert audit.permanent_failed_at_limit == audit.permanent  # raising every time: failed for good, at the limit
     assert audit.over_retry_limit == 0 and max(audit.attempts) <= audit.max_attempts
     assert audit.missing_reasons == 0
-    assert audit.reasons.get("lease expired", 0) > 0 and audit.reasons.get("flow run crashed", 0) > 0
+    assert audit.reasons.get("flow run crashed", 0) > 0
     assert audit.clean

@@ -243,8 +243,12 @@ def test_result_schema_is_checked() -> None:
         engine="x", engine_version="1", energies=(0.0, 1.0, 0.0), relative_energies=(0.0, 1.0, 0.0),
         reaction_coordinate=(0.0, 1.0, 2.0), max_forces=(0.0, 0.1, 0.0), n_images=1, moving_index=0,
     )
-    assert BarrierResult(**base, barrier=1.0, converged=True).barrier == 1.0
+    assert BarrierResult(**base, barrier=1.0, converged=True, flag="ok").barrier == 1.0
     with pytest.raises(ValidationError, match="unconverged"):
-        BarrierResult(**base, barrier=1.0, converged=False)
+        BarrierResult(**base, barrier=1.0, converged=False, flag="unconverged")
+    with pytest.raises(ValidationError, match="flagged 'intermediate-minimum' carries no barrier"):
+        BarrierResult(**base, barrier=1.0, converged=True, flag="intermediate-minimum")
+    with pytest.raises(ValidationError, match="flag"):
+        BarrierResult(**base, barrier=1.0, converged=True, flag="looks-fine")
     with pytest.raises(ValidationError, match="expected 4"):
-        BarrierResult(**(base | {"n_images": 2}), barrier=None, converged=False)
+        BarrierResult(**(base | {"n_images": 2}), barrier=None, converged=False, flag="unconverged")
