@@ -11,3 +11,19 @@ class InputError(HopflowError, ValueError):
 
 class EngineError(HopflowError, RuntimeError):
     """A calculation failed in a way that a retry may fix (crash, timeout, unconverged beyond its limit)."""
+
+
+class ArchiveError(HopflowError):
+    """An archive cannot be exported or imported; nothing was written."""
+
+
+class ArchiveCorruptError(ArchiveError):
+    """The archive file is truncated, not a zip, or a member's bytes differ from its manifest checksum."""
+
+
+class ArchiveSchemaError(ArchiveError):
+    """The archive's format or schema revision is one this hopflow cannot read (e.g. newer than its own)."""
+
+
+class ArchiveConflictError(ArchiveError):
+    """The archive's rows clash with live work in this database (a run of the same identity is claimed or running)."""

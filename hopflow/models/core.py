@@ -89,6 +89,10 @@ class Run(Base):
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    archive_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    """The `archives` row of the import that brought this run in (None: run here)."""
+    origin: Mapped[dict[str, Any] | None]
+    """For an imported run: its id in the exporting database and the archives it passed through before."""
 
 
 class StageSetting(Base):
