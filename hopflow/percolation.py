@@ -50,6 +50,9 @@ class HopNetwork:
 
     sites: Structure
     edges: Mapping[int, frozenset[Edge]]
+    ends: Mapping[int, tuple[int, int]]
+    """Per distinct hop, the site orbits of its start and end (each orbit named by its lowest ion-site index): the
+    keys of the site energies, since one Wyckoff label can name several orbits (Na3AlF6's three F 4e)."""
 
     def dimensionality(self, pathway_ids: Iterable[int]) -> int:
         """Larsen dimensionality (0-3) of the network made of the given hop types."""
@@ -102,11 +105,14 @@ def hop_network(structure: Structure, hops: Sequence[HopBarrier]) -> HopNetwork:
     indices = [i for i, site in enumerate(structure) if site.specie.symbol == symbol]
     sites = Structure(structure.lattice, [symbol] * len(indices), structure.frac_coords[indices])
     ops = SpacegroupAnalyzer(structure, symprec=SYMPREC).get_symmetry_operations()
-    edges = {}
+    orbit = [min(_nearest(sites, sites.frac_coords, op.operate(frac))[0] for op in ops) for frac in sites.frac_coords]
+    edges, ends = {}, {}
     for hop in hops:
         start, end = np.array(hop.start_frac), np.array(hop.end_frac)
         edges[hop.pathway_id] = frozenset(_edge(sites, op.operate(start), op.operate(end)) for op in ops)
-    return HopNetwork(sites, edges)
+        ends[hop.pathway_id] = (orbit[_nearest(sites, sites.frac_coords, start)[0]],
+                                orbit[_nearest(sites, sites.frac_coords, end)[0]])
+    return HopNetwork(sites, edges, ends)
 
 
 def _edge(sites: Structure, start: np.ndarray, end: np.ndarray) -> Edge:
@@ -130,26 +136,27 @@ def _nearest(structure: Structure, frac_coords: np.ndarray,
     return index, image[index].astype(int)
 
 
-def site_energies(hops: Sequence[HopBarrier]) -> dict[str, float]:
-    """Energy of a vacancy per site orbit (label): a hop's start image has its vacancy at the END site, so
-    E[end_label] = start_energy and E[start_label] = end_energy; the lowest over hops."""
-    energies: dict[str, float] = {}
+def site_energies(hops: Sequence[HopBarrier], ends: Mapping[int, tuple[int, int]]) -> dict[int, float]:
+    """Energy of a vacancy per site orbit (`HopNetwork.ends`): a hop's start image has its vacancy at the END site,
+    so E[end orbit] = start_energy and E[start orbit] = end_energy; the lowest over hops."""
+    energies: dict[int, float] = {}
     for hop in hops:
-        for label, energy in ((hop.end_label, hop.start_energy), (hop.start_label, hop.end_energy)):
+        start, end = ends[hop.pathway_id]
+        for orbit, energy in ((end, hop.start_energy), (start, hop.end_energy)):
             if energy is not None:
-                energies[label] = min(energy, energies.get(label, energy))
+                energies[orbit] = min(energy, energies.get(orbit, energy))
     return energies
 
 
-def _ts_energies(hops: Sequence[HopBarrier]) -> dict[str, float] | None:
+def _ts_energies(hops: Sequence[HopBarrier], ends: Mapping[int, tuple[int, int]]) -> dict[int, float] | None:
     """The site energies when every known hop has its transition-state and end energies and every site orbit of the
     hops gets an energy (then thresholds sweep transition states); None otherwise."""
     known = [h for h in hops if h.barrier is not None]
     if not known or any(None in (h.ts_energy, h.start_energy, h.end_energy) for h in known):
         return None
-    energies = site_energies(known)
-    labels = {label for h in hops for label in (h.start_label, h.end_label)}
-    return energies if labels <= energies.keys() else None
+    energies = site_energies(known, ends)
+    orbits = {orbit for h in hops for orbit in ends[h.pathway_id]}
+    return energies if orbits <= energies.keys() else None
 
 
 Sweep = list[tuple[float, frozenset[int], int]]
@@ -181,7 +188,7 @@ def material_barriers(structure: Structure, hops: Sequence[HopBarrier], *, cut_o
     the unknown transition states lie: upper = T_d of the known hops - the lowest site energy; lower = T_d with each
     unknown hop at its higher end's site energy - the highest site energy (at least 0)."""
     network = hop_network(structure, hops)
-    energies = _ts_energies(hops)
+    energies = _ts_energies(hops, network.ends)
     known = {h.pathway_id: h for h in hops if h.barrier is not None}
     unknown = [h for h in hops if h.barrier is None]
     if energies is None:
@@ -189,17 +196,17 @@ def material_barriers(structure: Structure, hops: Sequence[HopBarrier], *, cut_o
         floors = {h.pathway_id: 0.0 for h in unknown}
     else:
         costs = {pid: float(h.ts_energy) for pid, h in known.items()}  # type: ignore[arg-type]
-        floors = {h.pathway_id: max(energies[h.start_label], energies[h.end_label]) for h in unknown}
+        floors = {h.pathway_id: max(energies[orbit] for orbit in network.ends[h.pathway_id]) for h in unknown}
     reach = 3 if cut_off else network.dimensionality(h.pathway_id for h in hops)
     upper = _sweep(network, costs)
     lower = _sweep(network, {**costs, **floors}) if unknown and not cut_off else []
-    answers = tuple(_answer(d, reach, upper, lower, known, energies, incomplete=bool(unknown) or cut_off,
+    answers = tuple(_answer(d, reach, upper, lower, network.ends, energies, incomplete=bool(unknown) or cut_off,
                             cut_off=cut_off) for d in DIMENSIONS)
     return MaterialBarriers("barrier" if energies is None else "ts", answers)  # type: ignore[arg-type]
 
 
-def _answer(d: int, reach: int, upper: Sweep, lower: Sweep, known: Mapping[int, HopBarrier],
-            energies: Mapping[str, float] | None, *, incomplete: bool, cut_off: bool) -> Percolation:
+def _answer(d: int, reach: int, upper: Sweep, lower: Sweep, ends: Mapping[int, tuple[int, int]],
+            energies: Mapping[int, float] | None, *, incomplete: bool, cut_off: bool) -> Percolation:
     """One dimensionality's E* (or bounds) from the sweeps over the known hops and with the unknown ones at zero."""
     if reach < d:
         return Percolation(d, "none")
@@ -207,7 +214,7 @@ def _answer(d: int, reach: int, upper: Sweep, lower: Sweep, known: Mapping[int, 
     ids = tuple(sorted(hit[1])) if hit else ()
     if not incomplete:
         assert hit is not None  # every hop is known and together they reach d
-        value = hit[0] - (_lowest_site(hit[1], known, energies) if energies is not None else 0.0)
+        value = hit[0] - (_lowest_site(hit[1], ends, energies) if energies is not None else 0.0)
         return Percolation(d, "complete", value, value, value, ids)
     high, low = (max(energies.values()), min(energies.values())) if energies is not None else (0.0, 0.0)
     top = hit[0] - low if hit else None
@@ -216,9 +223,9 @@ def _answer(d: int, reach: int, upper: Sweep, lower: Sweep, known: Mapping[int, 
     return Percolation(d, "incomplete", None, bottom, top, ids)
 
 
-def _lowest_site(chosen: Collection[int], known: Mapping[int, HopBarrier], energies: Mapping[str, float]) -> float:
+def _lowest_site(chosen: Collection[int], ends: Mapping[int, tuple[int, int]], energies: Mapping[int, float]) -> float:
     """The lowest vacancy energy among the site orbits the chosen hops touch."""
-    return min(energies[label] for pid in chosen for label in (known[pid].start_label, known[pid].end_label))
+    return min(energies[orbit] for pid in chosen for orbit in ends[pid])
 
 
 def unestimated(reach: int, *, cut_off: bool) -> MaterialBarriers:

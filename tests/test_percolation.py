@@ -148,3 +148,20 @@ def test_without_any_known_hop_the_answer_needs_no_network(rutile) -> None:
         built = material_barriers(structure, _hops(hops, [None] * len(hops)), cut_off=cut_off)
         reach = max(r.dimensionality_cumlengths for r in hops)
         assert unestimated(reach, cut_off=cut_off) == built
+
+
+def test_site_orbits_come_from_symmetry_not_labels(two_orbits) -> None:
+    """One Wyckoff label can name several orbits (Na3AlF6's three F 4e): the answer must not change when the two F
+    orbits share a label. The lowest TS is the 1c chain, which touches only the higher-energy 1c sites."""
+    structure, records = two_orbits
+    site = {"F 1b": -0.5, "F 1c": 0.0}
+    ts = [0.5, 0.4, 0.8, 0.3, 0.2]
+    hops = []
+    for hop, e_ts in zip(_hops(records, [0.0] * 5), ts, strict=True):
+        start, end = site[hop.end_label], site[hop.start_label]
+        hops.append(dataclasses.replace(hop, barrier=e_ts - min(start, end), ts_energy=e_ts, start_energy=start,
+                                        end_energy=end))
+    expected = material_barriers(structure, hops, cut_off=False)
+    assert _values(expected, "e_star") == pytest.approx([0.2, 0.9, 0.9])  # 3D: the 1b planes and 1b chains
+    same_label = [dataclasses.replace(h, start_label="F 2x", end_label="F 2x") for h in hops]
+    assert material_barriers(structure, same_label, cut_off=False) == expected
