@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,15 @@ class LeaderboardRow:
     """Engine that produced the barrier (colours the bar)."""
     hop_length: float | None = None
     """Hop length in Å, shown beside the label when given."""
+
+
+def profile_file_name(formula: str, structure_id: int, pathway_id: int, engine: str, model: str | None = None) -> str:
+    """File name of an energy profile by material and pathway (never by result row id): formula, structure,
+    pathway, engine and the model's family, e.g. `CaF2-s1-p3-mlip-idpp-chgnet.png`; only [A-Za-z0-9._-] kept."""
+    parts = [formula, f"s{structure_id}", f"p{pathway_id}", engine]
+    if model:
+        parts.append(model.split("-")[0])
+    return re.sub(r"[^A-Za-z0-9._-]", "_", "-".join(parts)) + ".png"
 
 
 def _smooth_profile(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

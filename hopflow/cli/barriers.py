@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
@@ -72,20 +71,18 @@ def write_material_plot(entries: list[MaterialEntry], path: Path) -> Path:
 
 
 def profile_name(formula: str, structure_id: int, row: Estimate | NebResult) -> str:
-    """File name of a result's energy profile: formula, structure, pathway, engine and model, e.g.
-    CaF2-s1-p3-mlip-idpp-chgnet.png."""
-    parts = [formula, f"s{structure_id}", f"p{row.pathway_id}", row.engine]
-    if row.model:
-        parts.append(row.model.split("-")[0])
-    return re.sub(r"[^A-Za-z0-9._-]", "_", "-".join(parts)) + ".png"
+    """File name of a result's energy profile (tasks.plots.profile_file_name), e.g. CaF2-s1-p3-mlip-idpp-chgnet.png."""
+    from tasks.plots import profile_file_name
+
+    return profile_file_name(formula, structure_id, row.pathway_id, row.engine, row.model)
 
 
-def write_profile_plots(session: Session, directory: Path) -> list[Path]:
-    """One energy-profile PNG per stored estimate and NEB result, named by `profile_name` (the row id appended when
-    two results would share a name)."""
+def write_profiles(session: Session, directory: Path) -> dict[tuple[str, int], Path]:
+    """One energy-profile PNG per stored estimate and NEB result, named by `profile_name` (the table and row id
+    appended when two results would share a name); keyed by (table, row id)."""
     from tasks.plots import plot_energy_profile
 
-    written: list[Path] = []
+    written: dict[tuple[str, int], Path] = {}
     for model in (Estimate, NebResult):
         rows = session.execute(select(model, Structure.formula, Pathway.structure_id, trusted(model))
                                .join(Pathway, Pathway.id == model.pathway_id)
@@ -94,10 +91,16 @@ def write_profile_plots(session: Session, directory: Path) -> list[Path]:
             title = f"{formula}, pathway {row.pathway_id}: {row.engine}" + (f" ({row.model})" if row.model else "")
             title += "" if is_trusted else f", {row.flag}"
             path = directory / profile_name(formula, structure_id, row)
-            if path in written:
+            if path in written.values():
                 path = path.with_name(f"{path.stem}-{model.__tablename__}{row.id}.png")
-            written.append(plot_energy_profile(plotted_result(row, bool(is_trusted)), path, title=title))
+            written[(model.__tablename__, row.id)] = plot_energy_profile(plotted_result(row, bool(is_trusted)), path,
+                                                                         title=title)
     return written
+
+
+def write_profile_plots(session: Session, directory: Path) -> list[Path]:
+    """`write_profiles` as a list of the files written."""
+    return list(write_profiles(session, directory).values())
 
 
 def _escaped(row: dict[str, Any]) -> dict[str, Any]:
@@ -150,20 +153,20 @@ def leaderboard(by: ByOption = Board.pathway, as_json: JsonOption = False, plot:
         console.print(f"leaderboard plot written to {escape(str(plot))}")
 
 
-def screen_report() -> Path:
-    """The end of `hopflow screen`: print both leaderboards, write the pathway plot and every energy profile under
-    HOPFLOW_HOME/plots; returns the plot directory."""
+def screen_report() -> dict[tuple[str, int], Path]:
+    """The end of `hopflow screen`: print both leaderboards (the per-material one last), write the pathway plot and
+    every energy profile under HOPFLOW_HOME/plots; returns the profiles by (table, row id)."""
     directory = get_settings().home / PLOTS_DIR
     with session_scope() as session:
         entries = pathway_leaderboard(session)
         materials = material_leaderboard(session)
-        profiles = write_profile_plots(session, directory)
+        profiles = write_profiles(session, directory)
     print_leaderboard(entries)
-    print_materials(materials)
     write_leaderboard_plot(entries, directory / LEADERBOARD_PNG)
     console.print(f"plots: {escape(str(directory / LEADERBOARD_PNG))} and {len(profiles)} energy profiles in "
                   f"{escape(str(directory))}")
-    return directory
+    print_materials(materials)
+    return profiles
 
 
 def register(app: typer.Typer) -> None:

@@ -6,10 +6,12 @@ import logging
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from sqlalchemy import func, inspect, select, table
 
 from hopflow import queue
-from hopflow.cli import barriers, learning, orchestration, pathways, stages, structures
+from hopflow.cli import archive, barriers, learning, orchestration, pathways, stages, structures
+from hopflow.cli import report as report_cli
 from hopflow.cli.render import console, emit_json
 from hopflow.cli.render import table as render_table
 from hopflow.db import get_engine, init_db, session_scope
@@ -78,7 +80,8 @@ def screen(
             report = stages.run_batch(name, limit=limit)
             console.print(report.summary)
     status()
-    barriers.screen_report()
+    profiles = barriers.screen_report()
+    console.print(f"report: {escape(str(report_cli.write_report(profiles=profiles)))}")
 
 
 structures.register(app)
@@ -87,5 +90,7 @@ orchestration.register(app)
 pathways.register(app)
 barriers.register(app)
 learning.register(app)
+archive.register(app)
+report_cli.register(app)
 
 __all__ = ["app", "get_engine"]
