@@ -492,6 +492,42 @@ def counts_by_state(session: Session) -> dict[str, dict[str, int]]:
     return out
 
 
+@dataclass(frozen=True)
+class StageCounts:
+    """Runs of one stage by state; `cached` counts the done runs that reused an earlier result."""
+
+    queued: int = 0
+    claimed: int = 0
+    running: int = 0
+    done: int = 0
+    failed: int = 0
+    cached: int = 0
+
+    @property
+    def finished(self) -> int:
+        return self.done + self.failed
+
+    @property
+    def total(self) -> int:
+        return self.queued + self.claimed + self.running + self.done + self.failed
+
+
+def progress_counts(session: Session, since: datetime | None = None) -> dict[str, StageCounts]:
+    """Runs per stage and state, cache hits apart; with `since`, only runs claimed at or after it (one batch's work:
+    items given back to the queue count no more)."""
+    scope = [Run.claimed_at >= since, Run.state != RunState.QUEUED] if since is not None else []
+    rows = session.execute(select(Run.stage, Run.state, Run.reused_run_id.is_not(None), func.count())
+                           .where(*scope).group_by(Run.stage, Run.state, Run.reused_run_id.is_not(None)))
+    tallies: dict[str, dict[str, int]] = {}
+    for stage, state, reused, count in rows:
+        tally = tallies.setdefault(stage, {})
+        tally[state] = tally.get(state, 0) + count
+        if reused and state == RunState.DONE:
+            tally["cached"] = tally.get("cached", 0) + count
+    return {stage: StageCounts(**{k: v for k, v in tally.items() if k in StageCounts.__dataclass_fields__})
+            for stage, tally in sorted(tallies.items())}
+
+
 def queue_head(session: Session, stage: Stage, n: int = 20, ranker: str | None = None,
                parameters: Mapping[str, Any] | None = None) -> list[tuple[int, int, float]]:
     """The next `n` claimable items: (run id, input id, score), in claim order."""
