@@ -31,9 +31,21 @@ def init() -> None:
 
 
 @app.command()
-def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+           watch: Annotated[bool, typer.Option(
+               "--watch", help="Show a progress bar per stage from the queue until Ctrl-C (a controller campaign).")]
+           = False,
+           interval: Annotated[float, typer.Option(min=0.1, help="Seconds between two looks (--watch).")] = 2.0,
+           until_idle: Annotated[bool, typer.Option(
+               "--until-idle", help="With --watch: stop once no run is queued, claimed or running.")] = False,
+           ) -> None:
     """Rows per table and runs per stage and state."""
     engine = init_db()
+    if watch:
+        from hopflow.cli.progress import watch_campaign
+
+        watch_campaign(console, interval=interval, until_idle=until_idle)
+        return
     names = sorted(n for n in inspect(engine).get_table_names() if n != "alembic_version")
     with session_scope() as session:
         rows = {n: session.scalar(select(func.count()).select_from(table(n))) for n in names}
@@ -55,10 +67,20 @@ def screen(
     ion: Annotated[str | None, typer.Option("--ion", help="Migrating ion (default: HOPFLOW_MIGRATING_ION).")] = None,
     structure: Annotated[list[str] | None, typer.Option(
         "--structure", help="Screen only these bundled entries (e.g. CaF2; repeat the option); default: all.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show Prefect's logs on the terminal too.")] = False,
 ) -> None:
     """The main job on the embedded default: init, import the bundled set, run every stage in batch mode, report."""
+    from hopflow.cli.progress import prefect_logs_to_file
+
+    with prefect_logs_to_file("screen", verbose) as log:
+        console.print(f"Prefect logs: {escape(str(log))}")
+        _screen(ion, structure)
+
+
+def _screen(ion: str | None, structure: list[str] | None) -> None:
     from tasks.structures import bundled_inputs
 
+    from hopflow.cli.progress import batch_progress
     from hopflow.importing import import_raw_inputs
 
     inputs = bundled_inputs()
@@ -73,12 +95,13 @@ def screen(
     failed = [o for o in outcomes if o["state"] == "failed"]
     console.print(f"import: {len(outcomes)} bundled inputs, {len(failed)} failed")
     settings = get_settings()
-    for name in settings.screen_stages:
-        if name in STAGES and name != "import":
-            # the barrier estimates are the expensive step: only the top-ranked pathways
-            limit = settings.screen_top if name == "estimates" else None
-            report = stages.run_batch(name, limit=limit)
-            console.print(report.summary)
+    with batch_progress(console):
+        for name in settings.screen_stages:
+            if name in STAGES and name != "import":
+                # the barrier estimates are the expensive step: only the top-ranked pathways
+                limit = settings.screen_top if name == "estimates" else None
+                report = stages.run_batch(name, limit=limit)
+                console.print(report.summary)
     status()
     profiles = barriers.screen_report()
     console.print(f"report: {escape(str(report_cli.write_report(profiles=profiles)))}")

@@ -16,6 +16,7 @@ from hopflow.registry import STAGES, get_stage
 
 StageArg = Annotated[str, typer.Argument(help="Stage name (hopflow status lists them).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+VerboseOption = Annotated[bool, typer.Option("--verbose", help="Show Prefect's logs on the terminal too.")]
 
 
 def _stage(name: str) -> Any:
@@ -79,12 +80,18 @@ def run(stage: StageArg,
         ion: Annotated[str | None, typer.Option(help="Migrating ion (stages with an ion parameter).")] = None,
         max_hop: Annotated[float | None, typer.Option(help="Largest hop length in Å (pathways).")] = None,
         max_paths: Annotated[int | None, typer.Option(help="Most hops kept per structure (pathways).")] = None,
+        verbose: VerboseOption = False,
         ) -> None:
     """Run a stage now on every eligible item (or its top N), on the stage's Dask cluster profile (no server needed)."""
+    from hopflow.cli.progress import batch_progress, prefect_logs_to_file
+
     st = _stage(stage)
     overrides = parameter_overrides(st, {"ion": ion, "max_hop": max_hop, "max_paths": max_paths}, engine, model)
     init_db()
-    report = run_batch(stage, overrides or None, limit=top)
+    with prefect_logs_to_file(f"run-{stage}", verbose) as log:
+        console.print(f"Prefect logs: {escape(str(log))}")
+        with batch_progress(console):
+            report = run_batch(stage, overrides or None, limit=top)
     console.print(report.summary)
     if report.failed:
         for run_id, error in sorted(report.failed.items()):
