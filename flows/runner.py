@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from hopflow import queue
 from hopflow.db import session_scope
-from hopflow.errors import InputError
+from hopflow.errors import InputError, is_retryable
 from hopflow.models import Run
 from hopflow.registry import get_stage
 from hopflow.settings import get_settings
@@ -171,5 +171,5 @@ def _record_outcome(run: Run, outcome: ItemOutcome, postprocess: Postprocess | N
 def _record_failure(run: Run, exc: BaseException, report: StageReport) -> None:
     message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, InputError) else str(exc)
     with session_scope(write=True) as session:
-        if queue.fail(session, run.id, message, retryable=not isinstance(exc, InputError)):
+        if queue.fail(session, run.id, message, retryable=is_retryable(exc)):
             report.failed[run.id] = message

@@ -27,3 +27,19 @@ class ArchiveSchemaError(ArchiveError):
 
 class ArchiveConflictError(ArchiveError):
     """The archive's rows clash with live work in this database (a run of the same identity is claimed or running)."""
+
+
+NEVER_RETRIED: tuple[type[BaseException], ...] = (
+    ValueError, TypeError, AttributeError, NameError, LookupError, AssertionError, ImportError, NotImplementedError,
+    ArithmeticError,
+)
+"""Bad input (InputError is a ValueError, and so are the libraries' parse errors) and programming errors: the same
+item fails the same way on every attempt."""
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """The retry policy by type: engine, OS, time-out and lost-worker errors (and whatever else a crash raises) may
+    pass on another attempt; bad input and programming errors never do."""
+    if isinstance(exc, (EngineError, OSError, TimeoutError, MemoryError)):
+        return True
+    return not isinstance(exc, NEVER_RETRIED)
