@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     vacancy_max_displacement: float = Field(
         default=1.0, gt=0, description="Å: an atom moving farther than this in a vacancy relaxation flags "
         "vacancy-moved.")
+    archive_batch_rows: int = Field(
+        default=2000, gt=0, description="Rows per Parquet row group and per insert batch of `hopflow export` and "
+        "`hopflow import-archive` (memory stays bounded by it).")
     screen_top: int = Field(default=10, description="Pathways `hopflow screen` estimates, in the estimates stage's rank order.")
 
     screen_stages: list[str] = Field(

@@ -179,7 +179,20 @@ def trace_chain(session: Any, run_id: int) -> list[dict[str, Any]]:
                               "key": source.key, **{k: v for k, v in (source.meta or {}).items() if v}})
             break
         run = producer(session, run.input_id) if producer else None
-    return chain
+    return chain + _archive_lines(session, chain)
+
+
+def _archive_lines(session: Any, chain: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per archive the chain's runs were imported from (none for runs made here)."""
+    from hopflow.archive import archive_line
+
+    lines: dict[str, dict[str, Any]] = {}
+    for link in chain:
+        if "run" in link:
+            line = archive_line(session, session.get(Run, link["run"]))
+            if line is not None:
+                lines.setdefault(line["archive"] + line["sha256"], line)
+    return list(lines.values())
 
 
 def register(app: typer.Typer) -> None:
