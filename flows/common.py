@@ -10,6 +10,10 @@ from prefect_dask import DaskTaskRunner
 from hopflow.registry import get_stage
 from hopflow.settings import get_settings
 
+TEMPORARY_SERVER_TIMEOUT_S = 120
+"""Prefect waits 20 s by default; a fresh temporary server migrates its database first, which took longer than that
+on 2 busy cores."""
+
 
 def profile_for(stage_name: str) -> str:
     """The Dask profile of a stage: `HOPFLOW_PROFILE_<STAGE>`, else `HOPFLOW_DASK_PROFILE`, else the stage's own."""
@@ -44,7 +48,9 @@ def share_temporary_server() -> str | None:
         return None
     from prefect.server.api.server import SubprocessASGIServer
 
+    # offline, the server's analytics service logs an ERROR per attempt to phone home
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     server = SubprocessASGIServer()  # one per process; it stops itself at exit
-    server.start()
+    server.start(timeout=TEMPORARY_SERVER_TIMEOUT_S)
     os.environ["PREFECT_API_URL"] = server.api_url
     return server.api_url

@@ -35,8 +35,10 @@ def import_(
         raws = MPApiClient().search(criteria)
     else:
         raws = file_inputs(what)
+    from hopflow.cli.progress import prefect_logs_to_file
+
     init_db()
-    with console.status(f"importing {len(raws)} inputs"):
+    with prefect_logs_to_file("import"), console.status(f"importing {len(raws)} inputs"):
         outcomes = import_raw_inputs(raws, ion=ion)
     failed = [o for o in outcomes if o["state"] == "failed"]
     for o in failed:
