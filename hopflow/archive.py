@@ -12,14 +12,15 @@ import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
+from functools import lru_cache
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from sqlalchemy import JSON, Boolean, DateTime, Engine, Float, Integer, LargeBinary, Select, Table, Text, cast, \
-    insert, or_, select, tuple_, update
+    or_, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
 from hopflow.db import get_engine, is_sqlite, session_scope, utcnow
@@ -292,14 +293,13 @@ def schema_head() -> str:
     return _revisions()[-1]
 
 
-def _revisions() -> list[str]:
+@lru_cache(maxsize=1)
+def _revisions() -> tuple[str, ...]:
     """Alembic revisions, oldest first."""
     from alembic.script import ScriptDirectory
 
-    from hopflow.db import alembic_config
-
-    script = ScriptDirectory.from_config(alembic_config(get_engine()))
-    return [r.revision for r in reversed(list(script.walk_revisions()))]
+    script = ScriptDirectory(str(resources.files("hopflow") / "migrations"))
+    return tuple(r.revision for r in reversed(list(script.walk_revisions())))
 
 
 def database_revision(engine: Engine) -> str | None:
@@ -561,27 +561,58 @@ def _batches(zf: zipfile.ZipFile, path: Path, member: str, batch_rows: int) -> I
 
 
 def _prepare(rows: list[dict[str, Any]], table: Table, revision: str) -> None:
-    """Archive rows as this schema's rows: JSON text parsed, columns added since `revision` defaulted, upgrades run."""
-    json_cols = [c.name for c in table.columns if _is_json(c)]
+    """Archive rows as this schema's rows: columns added since `revision` defaulted, upgrades run. JSON stays the
+    stored text (parsed only where an importer needs a value), so it is written back byte for byte."""
     missing = [(c.name, _column_default(c)) for c in table.columns if rows and c.name not in rows[0]]
     upgrades = _upgraders(revision, table.name) if revision != schema_head() else []
     for row in rows:
-        for name in json_cols:
-            if row.get(name) is not None:
-                row[name] = json.loads(row[name])
         for name, default in missing:
             row[name] = default
         for upgrade in upgrades:
             upgrade(row)
 
 
+def _json(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _allocate_ids(session: Session, table: Table, n: int) -> list[int]:
+    """`n` new ids of a table: from its sequence on PostgreSQL; after the largest on SQLite (whose write lock this
+    transaction holds)."""
+    if session.get_bind().dialect.name == "postgresql":
+        rows = session.execute(text(f"SELECT nextval(pg_get_serial_sequence('{table.name}', 'id')) "
+                                    "FROM generate_series(1, :n)"), {"n": n})
+        return [r[0] for r in rows]
+    top = session.execute(text(f"SELECT coalesce(max(id), 0) FROM {table.name}")).scalar()
+    return list(range(top + 1, top + 1 + n))
+
+
+def _sqlite_value(value: Any) -> Any:
+    if isinstance(value, datetime):  # as SQLAlchemy stores DateTime on SQLite: naive UTC text
+        return _utc(value).replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return value
+
+
 def _insert_rows(state: _Import, table: Table, rows: list[dict[str, Any]]) -> list[int]:
+    """Bulk insert with ids allocated up front: COPY on PostgreSQL, executemany on SQLite (JSON as its text)."""
     if not rows:
         return []
-    columns = [c.name for c in table.columns if c.name != "id"]
-    values = [{c: row.get(c) for c in columns} for row in rows]
-    stmt = insert(table).returning(table.c.id, sort_by_parameter_order=True)
-    return list(state.session.scalars(stmt, values))
+    ids = _allocate_ids(state.session, table, len(rows))
+    columns = [c.name for c in table.columns]
+    values = [tuple(i if c == "id" else row.get(c) for c in columns) for i, row in zip(ids, rows)]
+    dbapi = state.session.connection().connection.driver_connection
+    names = ", ".join(f'"{c}"' for c in columns)
+    if state.session.get_bind().dialect.name == "postgresql":
+        with dbapi.cursor() as cursor, cursor.copy(f'COPY "{table.name}" ({names}) FROM STDIN') as copy:
+            for row in values:
+                copy.write_row(row)
+    else:
+        marks = ", ".join("?" for _ in columns)
+        cursor = dbapi.cursor()
+        cursor.executemany(f'INSERT INTO "{table.name}" ({names}) VALUES ({marks})',
+                           [tuple(_sqlite_value(v) for v in row) for row in values])
+        cursor.close()
+    return ids
 
 
 def _store(state: _Import, member: Member, rows: list[dict[str, Any]], matched: Mapping[int, int]) -> None:
@@ -617,7 +648,7 @@ RUN_INPUTS = {"import": "sources", "pathways": "structures", "features": "pathwa
 
 def _origin(row: dict[str, Any]) -> dict[str, Any]:
     """An imported run's origin: its id in the exporting database and the archives it came through before."""
-    before = dict(row.get("origin") or {})
+    before = dict(_json(row.get("origin")) or {})
     via = list(before.get("via", []))
     if row.get("archive_name"):
         via.append({"archive": row["archive_name"], "sha256": row.get("archive_sha256"),
@@ -635,7 +666,7 @@ def _import_runs(state: _Import, member: Member, rows: list[dict[str, Any]]) -> 
         if inputs.existing(row["input_id"]):
             probe.append((inputs.local(row["input_id"]), row["param_hash"]))
         row["input_id"] = inputs.local(row["input_id"])
-        row["origin"] = _origin(row)
+        row["origin"] = json.dumps(_origin(row))
         row["archive_id"] = state.archive_id
     slots: dict[tuple[int, str], tuple[int, str]] = {}
     if probe:
@@ -668,7 +699,9 @@ def _adopt(state: _Import, local_id: int, row: dict[str, Any]) -> None:
     local = state.session.get(Run, local_id)
     values = {name: row.get(name) for name in ("state", "cache_key", "versions", "host", "flow_run_id", "claimed_at",
                                                "started_at", "finished_at", "archive_id", "origin", "error")}
-    values["history"] = [*(local.history or []), *(row.get("history") or [])]
+    values["origin"] = _json(values["origin"])
+    values["versions"] = _json(values["versions"])
+    values["history"] = [*(local.history or []), *(_json(row.get("history")) or [])]
     values["attempts"] = row.get("attempts")
     state.session.execute(update(Run).where(Run.id == local_id).values(**values, lease_expires_at=None,
                                                                        claimant=None)
@@ -693,7 +726,7 @@ def _import_structures(state: _Import, member: Member, rows: list[dict[str, Any]
         others = candidates.get(row["fingerprint"], [])
         if not others:
             continue
-        mine = PmgStructure.from_dict(row["structure"])
+        mine = PmgStructure.from_dict(_json(row["structure"]))
         for sid, data in others:  # the fingerprint is a pre-filter; StructureMatcher decides
             if matcher.fit(mine, PmgStructure.from_dict(data)):
                 matched[row["id"]] = sid
@@ -729,8 +762,8 @@ def _fill_pathway_fingerprints(state: _Import, rows: list[dict[str, Any]]) -> No
         .where(Structure.id.in_({r["structure_id"] for r in rows})))}
     for row in rows:
         fp, structure = found[row["structure_id"]]
-        row["fingerprint"] = pathway_fingerprint(fp, lattice_parameters(structure), row["ion"], row["start_frac"],
-                                                 row["end_frac"])
+        row["fingerprint"] = pathway_fingerprint(fp, lattice_parameters(structure), row["ion"],
+                                                 _json(row["start_frac"]), _json(row["end_frac"]))
 
 
 def _import_vacancy_sites(state: _Import, member: Member, rows: list[dict[str, Any]]) -> None:
@@ -783,7 +816,7 @@ def _import_learning(key: Sequence[str], id_lists: Sequence[str]) -> Callable[[_
         table = member.table
         for row in rows:
             for column in id_lists:
-                row[column] = [pathways.local(i) for i in row[column] or []]
+                row[column] = json.dumps([pathways.local(i) for i in _json(row[column]) or []])
         stored = {tuple(_utc(v) if isinstance(v, datetime) else v for v in r[1:]): r[0]
                   for r in state.session.execute(select(table.c.id, *(table.c[k] for k in key)))}
         matched = {}
