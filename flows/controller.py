@@ -32,6 +32,7 @@ from prefect.exceptions import ObjectNotFound
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from flows.artifacts import publish_overview
 from hopflow import queue
 from hopflow.db import get_engine, session_scope
 from hopflow.leaderboard import material_leaderboard, pathway_leaderboard
@@ -386,8 +387,10 @@ def tick(client: SyncPrefectClient, *, engine: Engine | None = None, stages: Seq
 
 
 def progress_rows(session: Session, report: TickReport) -> list[dict[str, Any]]:
-    """One row per stage: target, live flow runs, runs per state, submitted this tick."""
+    """One row per stage: runs per state (done runs that reused a result also counted as cached), target, live flow
+    runs, submitted this tick."""
     counts = queue.counts_by_state(session)
+    cached = queue.progress_counts(session)
     ticks = {s.stage: s for s in report.stages}
     rows = []
     for name in sorted(set(STAGES) | set(counts)):
@@ -395,9 +398,10 @@ def progress_rows(session: Session, report: TickReport) -> list[dict[str, Any]]:
             continue
         stage_tick = ticks.get(name)
         by_state = counts.get(name, {})
-        rows.append({"stage": name, "target": queue.target(session, STAGES[name]),
+        rows.append({"stage": name, **{state: by_state.get(state, 0) for state in RunState.ALL},
+                     "cached": cached.get(name, queue.StageCounts()).cached,
+                     "target": queue.target(session, STAGES[name]),
                      "live_flow_runs": stage_tick.live if stage_tick else None,
-                     **{state: by_state.get(state, 0) for state in RunState.ALL},
                      "submitted": len(stage_tick.submitted) if stage_tick else 0,
                      "note": (stage_tick.error or "") if stage_tick else ""})
     return rows
@@ -422,7 +426,8 @@ def _artifact(client: SyncPrefectClient, key: str, kind: str, data: Any, descrip
 
 
 def publish_artifacts(client: SyncPrefectClient, engine: Engine, report: TickReport) -> None:
-    """Progress per stage and both leaderboards, as Prefect table artifacts (a new version every tick)."""
+    """Progress per stage and both leaderboards, as Prefect table artifacts (a new version every tick), and the
+    markdown overview with the plots when the leaderboards changed."""
     with session_scope(engine) as session:
         progress = progress_rows(session, report)
         materials = material_rows(session)
@@ -431,6 +436,11 @@ def publish_artifacts(client: SyncPrefectClient, engine: Engine, report: TickRep
     _artifact(client, MATERIALS_KEY, "table", materials,
               "hopflow materials: percolation barriers E*(3D/2D/1D) per structure, lowest first (eV)")
     _artifact(client, LEADERBOARD_KEY, "table", board, "hopflow leaderboard: lowest trusted barrier per pathway (eV)")
+    with session_scope(engine) as session:
+        targets = {row["stage"]: row["target"] for row in progress}
+        live = {row["stage"]: row["live_flow_runs"] for row in progress}
+        ctx = FlowRunContext.get()
+        publish_overview(client, session, targets, live, ctx.flow_run.id if ctx and ctx.flow_run else None)
 
 
 # ---------------------------------------------------------------- manual submission

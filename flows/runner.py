@@ -152,7 +152,18 @@ def run_stage(stage_name: str, run_ids: Sequence[int] | None, process: Task[...,
                 _record_outcome(run, outcome, postprocess, report)
                 open_ids.discard(run.id)
     logger.info(report.summary)
+    _publish_summary(report)
     return report
+
+
+def _publish_summary(report: StageReport) -> None:
+    """The stage's markdown artifact in the Prefect UI; a server that refuses it costs a warning, not the results."""
+    from flows.artifacts import publish_stage_summary
+
+    try:
+        publish_stage_summary(report.stage, report.summary, report.failed, current_flow_run_id())
+    except Exception as exc:  # noqa: BLE001
+        get_run_logger().warning("stage summary artifact not published: %s: %s", type(exc).__name__, exc)
 
 
 def _record_outcome(run: Run, outcome: ItemOutcome, postprocess: Postprocess | None, report: StageReport) -> None:

@@ -263,7 +263,7 @@ def test_tick_publishes_progress_and_leaderboard(engine, prefect_client, deploym
     progress = {row["stage"]: row for row in json.loads(_latest_artifact(prefect_client, ctl.PROGRESS_KEY).data)}
     assert progress[SYNTHETIC] | {"note": ""} == {
         "stage": SYNTHETIC, "target": 1, "live_flow_runs": 0, "queued": 10, "claimed": BATCH, "running": 0,
-        "done": 0, "failed": 0, "submitted": 1, "note": ""}
+        "done": 0, "failed": 0, "cached": 0, "submitted": 1, "note": ""}
     for key in (ctl.LEADERBOARD_KEY, ctl.MATERIALS_KEY):  # no pathways yet: empty (tests/test_leaderboard.py fills them)
         assert json.loads(_latest_artifact(prefect_client, key).data) == []
 

@@ -1,0 +1,204 @@
+"""Markdown artifacts for the Prefect UI: each stage flow run's summary with the report's path, and the controller's
+overview (progress per stage, the best materials and pathways, the leaderboard plot and the best energy profiles as
+inline PNGs, which the UI's markdown renderer shows). Every data string is escaped for markdown and HTML."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from hopflow import queue
+from hopflow.leaderboard import MaterialEntry, PathwayEntry, material_leaderboard, pathway_leaderboard
+from hopflow.models import Estimate, NebResult
+from hopflow.settings import get_settings
+from hopflow.stages import BARRIER_COLUMNS
+
+OVERVIEW_KEY = "hopflow-overview"
+REPORT_HTML = "report.html"
+OVERVIEW_ROWS = 10
+OVERVIEW_PROFILES = 3
+"""Energy profiles in the overview (its PNGs are re-published only when the leaderboards or the progress change)."""
+PROGRESS_STATES = ("queued", "claimed", "running", "done", "failed", "cached")
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>])")
+
+
+def md(value: Any) -> str:
+    """A data value as literal markdown text: HTML escaped, markdown punctuation backslashed, one line."""
+    text = html.escape(str(value), quote=True).replace("\n", " ")
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
+def code(value: Any) -> str:
+    """A data value as an inline code span (shown literally: no markup inside, backticks replaced)."""
+    return "`" + str(value).replace("`", "'").replace("\n", " ") + "`"
+
+
+def md_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table; cells escaped with `md`."""
+    lines = ["| " + " | ".join(md(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join("" if v is None else md(_fmt(v)) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def report_path() -> Path:
+    """Where `hopflow screen` and `hopflow report` write the HTML report."""
+    return get_settings().home / REPORT_HTML
+
+
+def report_line() -> str:
+    path = report_path()
+    state = "written" if path.is_file() else "not written yet"
+    return f"HTML report ({state}; {code('hopflow report')} writes it afresh): {code(path.resolve().as_uri())}"
+
+
+def stage_markdown(stage: str, summary: str, failed: Mapping[int, str], flow_run_id: str | None) -> str:
+    """A stage flow run's artifact: its summary, its failures (run id, error), the report's path."""
+    parts = [f"# {md(stage)} flow run", "", md(summary), ""]
+    if failed:
+        parts += ["## Failed runs", "", md_table(["run", "error", "trace"],
+                                                [(run_id, error[:300], f"hopflow trace {run_id}")
+                                                 for run_id, error in sorted(failed.items())]), ""]
+    if flow_run_id:
+        parts += [f"Flow run {code(flow_run_id)}; queue state: {code('hopflow status')}", ""]
+    parts.append(report_line())
+    return "\n".join(parts)
+
+
+def publish_stage_summary(stage: str, summary: str, failed: Mapping[int, str], flow_run_id: str | None) -> None:
+    """Attach the summary artifact to the current flow run (key `hopflow-stage-<stage>`, a new version per run)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(markdown=stage_markdown(stage, summary, failed, flow_run_id),
+                             key=f"hopflow-stage-{re.sub(r'[^a-z0-9-]', '-', stage.lower())}",
+                             description=f"hopflow {stage}: {summary}")
+
+
+# ---------------------------------------------------------------- the controller's overview
+
+
+def progress_table(session: Session, targets: Mapping[str, int], live: Mapping[str, int | None]) -> str:
+    """Runs per stage and state (cache hits apart) with the target and the live flow runs the tick found."""
+    counts = queue.progress_counts(session)
+    rows = []
+    for stage in sorted(set(counts) | {s for s, t in targets.items() if t}):
+        c = counts.get(stage, queue.StageCounts())
+        share = f"{100 * c.finished / c.total:.0f} %" if c.total else "–"
+        rows.append((stage, *(getattr(c, s) for s in PROGRESS_STATES), share, targets.get(stage, 0), live.get(stage)))
+    return md_table(["stage", *PROGRESS_STATES, "finished", "target", "live runs"], rows)
+
+
+def _e_star(entry: MaterialEntry, d: int) -> str:
+    status = getattr(entry, f"status_{d}d")
+    if status == "complete":
+        return f"{getattr(entry, f'e_star_{d}d'):.3f}"
+    if status == "none":
+        return "none"
+    upper = getattr(entry, f"upper_{d}d")
+    return f"{getattr(entry, f'lower_{d}d'):.3f} – {'?' if upper is None else f'{upper:.3f}'} (incomplete)"
+
+
+def _image(alt: str, png: bytes) -> str:
+    return f"![{md(alt)}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
+
+
+def _profile_png(session: Session, entry: PathwayEntry, directory: Path) -> bytes:
+    """The energy profile of a pathway's chosen result."""
+    from tasks.engines.base import BarrierResult
+    from tasks.plots import plot_energy_profile
+
+    table = NebResult if entry.table == NebResult.__tablename__ else Estimate
+    row = session.get(table, entry.result_id)
+    assert row is not None
+    result = BarrierResult.model_construct(**{name: getattr(row, name) for name in BARRIER_COLUMNS})
+    title = f"{entry.formula} pathway {entry.pathway_id}: {entry.engine}" + (f" ({entry.model})" if entry.model else "")
+    return plot_energy_profile(result, directory / f"profile-{entry.pathway_id}.png", title=title).read_bytes()
+
+
+def _materials_png(materials: Sequence[MaterialEntry], directory: Path) -> bytes:
+    from tasks.plots import LeaderboardRow, plot_leaderboard
+
+    rows = [LeaderboardRow(label=f"{m.formula} #{m.structure_id}", barrier=m.value(3), engine=m.status_3d)
+            for m in materials]
+    return plot_leaderboard(rows, directory / "materials.png", title="Percolation barriers E*(3D)").read_bytes()
+
+
+def overview_markdown(session: Session, targets: Mapping[str, int], live: Mapping[str, int | None],
+                      with_images: bool = True) -> str:
+    """The controller's overview: progress per stage, the best materials and pathways (the CLI's leaderboards),
+    the materials plot and the best energy profiles inline, and the report's path."""
+    materials = material_leaderboard(session, OVERVIEW_ROWS)
+    pathways = pathway_leaderboard(session, OVERVIEW_ROWS)
+    parts = ["# hopflow", "", "## Progress per stage when the leaderboards last changed", "",
+             progress_table(session, targets, live), "", f"(live: the {code('hopflow-progress')} artifact, every tick)", "",
+             "## Materials: percolation barriers E* (eV)", "",
+             md_table(["formula", "structure", "E*(3D)", "E*(2D)", "E*(1D)", "hops known", "cut off"],
+                      [(m.formula, m.structure_id, _e_star(m, 3), _e_star(m, 2), _e_star(m, 1),
+                        f"{m.hops_known}/{m.hops_total}", m.cut_off or "") for m in materials]), "",
+             "## Pathways: best trusted barrier (eV)", "",
+             md_table(["formula", "pathway", "hop (Å)", "barrier", "flag", "engine", "model", "model spread",
+                       "trace"],
+                      [(p.formula, p.pathway_id, p.hop_length, p.barrier, p.flag, p.engine, p.model or "",
+                        p.model_spread, f"hopflow trace {p.run_id}") for p in pathways]), ""]
+    if with_images:
+        with tempfile.TemporaryDirectory() as tmp:
+            if materials:
+                parts += [_image("percolation barriers E*(3D)", _materials_png(materials, Path(tmp))), ""]
+            for entry in [p for p in pathways if p.barrier is not None][:OVERVIEW_PROFILES]:
+                parts += [f"### {md(entry.formula)} pathway {entry.pathway_id}", "",
+                          _image(f"energy profile of {entry.formula} pathway {entry.pathway_id}",
+                                 _profile_png(session, entry, Path(tmp))), ""]
+    parts.append(report_line())
+    return "\n".join(parts)
+
+
+def overview_digest(session: Session) -> str:
+    """Changes when a leaderboard changes (the overview, with its PNGs, is re-published only then; the live progress
+    is the `hopflow-progress` table artifact, every tick)."""
+    materials = [(m.structure_id, m.value(3), m.value(2), m.value(1)) for m in material_leaderboard(session,
+                                                                                                   OVERVIEW_ROWS)]
+    pathways = [(p.pathway_id, p.table, p.result_id) for p in pathway_leaderboard(session, OVERVIEW_ROWS)]
+    where = (str(session.get_bind().url), str(report_path()))  # another database is another overview
+    return hashlib.sha256(repr((where, materials, pathways)).encode()).hexdigest()[:16]
+
+
+def latest_description(client: Any, key: str) -> str | None:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                  sort=ArtifactSort.CREATED_DESC, limit=1)
+    return found[0].description if found else None
+
+
+def publish_overview(client: Any, session: Session, targets: Mapping[str, int], live: Mapping[str, int | None],
+                     flow_run_id: Any = None) -> bool:
+    """Publish the overview when it changed since the last one; returns whether it did."""
+    from prefect.client.schemas.actions import ArtifactCreate
+
+    digest = overview_digest(session)
+    marker = f"[{digest}]"
+    previous = latest_description(client, OVERVIEW_KEY)
+    if previous is not None and marker in previous:
+        return False
+    client.create_artifact(ArtifactCreate(key=OVERVIEW_KEY, type="markdown",
+                                          data=overview_markdown(session, targets, live),
+                                          description=f"hopflow overview: progress, leaderboards, plots {marker}",
+                                          flow_run_id=flow_run_id))
+    return True
+
+
+__all__ = ["OVERVIEW_KEY", "code", "md", "md_table", "overview_markdown", "publish_overview", "publish_stage_summary",
+           "stage_markdown"]
