@@ -27,7 +27,8 @@ SELECTED = ("CaF2", "SrF2", "BaF2", "PbF2", "LiF")
 """The export's --formula selection: five of the six formulas."""
 PATHWAYS_PER_STRUCTURE = 4
 SITES_PER_STRUCTURE = 2
-BATCH = 5000
+BATCH_STRUCTURES = 500
+"""Structures whose rows are inserted together while the graph is built."""
 
 
 def _cell(formula: str, kind: str, scale: float) -> dict[str, Any]:
@@ -74,11 +75,11 @@ def build(url: str, n_structures: int) -> dict[str, int]:
 
     tables: dict[str, list[dict[str, Any]]] = {}
 
-    def flush(force: bool = False) -> None:
-        with session_scope(engine, write=True) as session:
+    def flush() -> None:
+        with session_scope(engine, write=True) as session:  # parents before children (foreign keys)
             for model in (Run, Source, Structure, Pathway, Features, VacancySite, Vacancy, Estimate):
                 rows = tables.get(model.__tablename__, [])
-                if rows and (force or len(rows) >= BATCH):
+                if rows:
                     session.execute(insert(model.__table__), rows)
                     counts[model.__tablename__] = counts.get(model.__tablename__, 0) + len(rows)
                     tables[model.__tablename__] = []
@@ -165,9 +166,9 @@ def build(url: str, n_structures: int) -> dict[str, int]:
                               "charge": 0, "timings": {"total_s": 4.2}, "settings": {"nimages": 3},
                               "corrections": [], "continued": False, "versions": {"chgnet": "0.4.2"},
                               "workdir": None})
-        if sid % 500 == 0:
+        if sid % BATCH_STRUCTURES == 0:
             flush()
-    flush(force=True)
+    flush()
     from sqlalchemy import text
 
     with session_scope(engine, write=True) as session:  # every source points at its structure, as import leaves it

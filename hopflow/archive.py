@@ -726,9 +726,14 @@ def _import_structures(state: _Import, member: Member, rows: list[dict[str, Any]
         others = candidates.get(row["fingerprint"], [])
         if not others:
             continue
-        mine = PmgStructure.from_dict(_json(row["structure"]))
-        for sid, data in others:  # the fingerprint is a pre-filter; StructureMatcher decides
-            if matcher.fit(mine, PmgStructure.from_dict(data)):
+        data = _json(row["structure"])
+        same = [sid for sid, other in others if other == data]  # the very same stored cell: equal, no fit needed
+        if same:
+            matched[row["id"]] = same[0]
+            continue
+        mine = PmgStructure.from_dict(data)
+        for sid, other in others:  # the fingerprint is a pre-filter; StructureMatcher decides
+            if matcher.fit(mine, PmgStructure.from_dict(other)):
                 matched[row["id"]] = sid
                 break
     _store(state, member, rows, matched)

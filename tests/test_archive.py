@@ -347,3 +347,31 @@ def test_cli_export_and_import(source_db, tmp_path) -> None:
         assert session.scalars(select(Source.location)).all() == ["LiF"]
     refused = CliRunner().invoke(app, ["export", str(tmp_path / "none.zip")])
     assert refused.exit_code == 1 and "nothing selected" in refused.output
+
+
+@pytest.mark.parametrize(("change", "added"), [("translated", 0), ("sheared", 1)])
+def test_structures_are_matched_by_structure_matcher_not_by_fingerprint(source_db, tmp_path, change, added) -> None:
+    """A stored CaF2 with the archive's fingerprint but other stored coordinates: the same crystal shifted by a
+    translation is matched (StructureMatcher), a sheared one with the same fingerprint is a new structure."""
+    from pymatgen.core import Lattice
+    from pymatgen.core import Structure as PmgStructure
+    from sqlalchemy import update
+
+    archive = tmp_path / "caf2.zip"
+    export_closure(Selection(formulas=("CaF2",)), archive, engine=source_db)
+    target = _sqlite(tmp_path / "target.sqlite")
+    import_archive(archive, engine=target)
+    with session_scope(target, write=True) as session:
+        sid, data = session.execute(select(Structure.id, Structure.structure)).one()
+        crystal = PmgStructure.from_dict(data)
+        if change == "translated":
+            crystal.translate_sites(list(range(len(crystal))), [0.1, 0.05, 0.0])
+        else:  # sheared 15° (StructureMatcher's angle tolerance is 5°)
+            a, b, c = crystal.lattice.abc
+            crystal = PmgStructure(Lattice.from_parameters(a, b, c, 75, 90, 90), crystal.species,
+                                   crystal.frac_coords)
+        session.execute(update(Structure.__table__).where(Structure.id == sid)
+                        .values(structure=crystal.as_dict()))
+    report = import_archive(archive, engine=target)
+    assert report.tables["structures"].added == added and report.tables["structures"].matched == 1 - added
+    assert report.tables["sources"].matched == 1 and report.tables["sources"].added == 0
