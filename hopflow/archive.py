@@ -654,7 +654,10 @@ def _origin(row: dict[str, Any]) -> dict[str, Any]:
         via.append({"archive": row["archive_name"], "sha256": row.get("archive_sha256"),
                     "imported_at": _utc(row.get("archive_imported_at")).isoformat()
                     if row.get("archive_imported_at") else None, "run_id": before.get("run_id")})
-    return {"run_id": row["id"], "via": via} if via else {"run_id": row["id"]}
+    origin: dict[str, Any] = {"run_id": row["id"]}
+    if row.get("reused_run_id") is not None:
+        origin["reused_run_id"] = row["reused_run_id"]
+    return {**origin, "via": via} if via else origin
 
 
 def _import_runs(state: _Import, member: Member, rows: list[dict[str, Any]]) -> None:
