@@ -39,8 +39,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('runs') as batch_op:
-        batch_op.drop_index(batch_op.f('ix_runs_archive_id'))
-        batch_op.drop_column('origin')
-        batch_op.drop_column('archive_id')
+    op.drop_index(op.f('ix_runs_archive_id'), table_name='runs')
+    # ALTER TABLE ... DROP COLUMN (SQLite >= 3.35): batch mode would copy the run table, which the foreign keys of
+    # every result table pointing at it forbid
+    op.execute(sa.text('ALTER TABLE runs DROP COLUMN origin'))
+    op.execute(sa.text('ALTER TABLE runs DROP COLUMN archive_id'))
     op.drop_table('archives')
