@@ -6,6 +6,7 @@ computed again."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -24,7 +25,7 @@ from typer.testing import CliRunner
 from hopflow import queue
 from hopflow.archive import Selection, export_closure, import_archive, schema_head
 from hopflow.cli.main import app
-from hopflow.cli.stages import run_batch, trace_chain
+from hopflow.cli.stages import run_batch
 from hopflow.db import get_engine, init_db, make_engine, session_scope
 from hopflow.errors import ArchiveCorruptError, ArchiveSchemaError
 from hopflow.importing import import_raw_inputs
@@ -152,20 +153,30 @@ def _result_runs(engine: Engine) -> list[int]:
                                               .order_by(Run.stage, Run.cache_key))]
 
 
-IDS = re.compile(r"^(run|source|reused_run|origin_run)=\S+$|#\d+")
+ID_KEYS = ("run", "source", "reused_run", "origin_run")
 
 
-def _traces(engine: Engine) -> list[list[str]]:
-    """`hopflow trace` of every result, printed as the command prints it, with the ids taken out."""
+def _without_ids(link: dict[str, Any]) -> dict[str, Any]:
+    out = {k: ("ID" if k in ID_KEYS and v is not None else v) for k, v in link.items()}
+    if isinstance(out.get("input"), str):
+        out["input"] = re.sub(r"#\d+$", "#ID", out["input"])
+    return out
+
+
+def _traces(url: str) -> list[list[dict[str, Any]]]:
+    """`hopflow trace --json` of every result (the command itself, on the database at `url`), ids taken out."""
     out = []
-    with session_scope(engine) as session:
-        for run_id in _result_runs(engine):
-            lines = []
-            for link in trace_chain(session, run_id):
-                words = [f"{k}={v}" for k, v in link.items() if v is not None]
-                lines.append(" ".join(IDS.sub(lambda m: m.group(0).split("=")[0] + "=ID" if "=" in m.group(0)
-                                              else "#ID", w) for w in words))
-            out.append(lines)
+    engine = make_engine(url)
+    run_ids = _result_runs(engine)
+    engine.dispose()
+    for run_id in run_ids:
+        get_settings.cache_clear()
+        get_engine.cache_clear()
+        result = CliRunner().invoke(app, ["trace", str(run_id), "--json"], env={"HOPFLOW_DATABASE_URL": url})
+        assert result.exit_code == 0, result.output
+        out.append([_without_ids(link) for link in json.loads(result.output)])
+    get_settings.cache_clear()
+    get_engine.cache_clear()
     return out
 
 
@@ -187,11 +198,12 @@ def test_round_trip_sqlite_postgres_sqlite_keeps_every_trace(source_db, tmp_path
     back = _sqlite(tmp_path / "back.sqlite")
     import_archive(second, engine=back)
     assert _counts(back) == _counts(source_db)
-    before, after = _traces(source_db), _traces(back)
+    before, after = _traces(source_db.url.render_as_string(False)), _traces(back.url.render_as_string(False))
     assert len(before) == len(after) == _counts(source_db)["runs"]
     for old, new in zip(before, after):
         assert new[:-1] == old  # identical but for the ids ...
-        assert new[-1].startswith("archive=second.hopflow.zip ") and "via=first.hopflow.zip" in new[-1]  # ... and one
+        assert (new[-1]["archive"], new[-1]["via"]) == ("second.hopflow.zip", "first.hopflow.zip")  # ... and one line
+        assert new[-1]["sha256"] == hashlib.sha256(second.read_bytes()).hexdigest()[:16]
     with session_scope(back) as session:  # the original provenance is kept: flow runs, hosts, times, versions
         runs = session.scalars(select(Run).where(Run.stage == "estimates")).all()
         assert all(r.flow_run_id.startswith("flow-estimates-") and r.host and r.versions and r.archive_id
@@ -230,10 +242,13 @@ def _rewrite(archive: Path, dest: Path, change: Any) -> Path:
 
 
 def test_damaged_truncated_or_newer_archives_are_refused(source_db, tmp_path) -> None:
-    good = tmp_path / "good.zip"
+    good, lif = tmp_path / "good.zip", tmp_path / "lif.zip"
     export_closure(Selection(all=True), good, engine=source_db)
+    export_closure(Selection(formulas=("LiF",)), lif, engine=source_db)
     target = _sqlite(tmp_path / "target.sqlite")
+    import_archive(lif, engine=target)  # a database with rows of its own, which the refused imports leave alone
     empty = _counts(target)
+    assert empty["runs"] > 0
     data = good.read_bytes()
     truncated = tmp_path / "truncated.zip"
     truncated.write_bytes(data[: len(data) * 2 // 3])
@@ -251,7 +266,7 @@ def test_damaged_truncated_or_newer_archives_are_refused(source_db, tmp_path) ->
         import_archive(newer, engine=target)
     assert _counts(target) == empty
     with session_scope(target) as session:
-        assert session.scalar(select(func.count()).select_from(table("archives"))) == 0
+        assert session.scalar(select(func.count()).select_from(table("archives"))) == 1  # LiF's import only
     result = CliRunner().invoke(app, ["import-archive", str(truncated)])
     assert result.exit_code == 1 and "import refused" in result.output and "truncated" in result.output
 
@@ -278,8 +293,6 @@ def test_an_archive_of_an_older_revision_is_upgraded_on_import(source_db, tmp_pa
             sink = pa.BufferOutputStream()
             pq.write_table(data, sink)
             blob = sink.getvalue().to_pybytes()
-            import hashlib
-
             manifest["members"][name].update(sha256=hashlib.sha256(blob).hexdigest(), bytes=len(blob))
             out.writestr(name, blob, compress_type=zipfile.ZIP_STORED)
         out.writestr("manifest.json", json.dumps(manifest))
@@ -375,3 +388,28 @@ def test_structures_are_matched_by_structure_matcher_not_by_fingerprint(source_d
     report = import_archive(archive, engine=target)
     assert report.tables["structures"].added == added and report.tables["structures"].matched == 1 - added
     assert report.tables["sources"].matched == 1 and report.tables["sources"].added == 0
+
+
+def test_an_import_that_meets_live_work_is_refused_whole(source_db, tmp_path) -> None:
+    """A claimed run here with the identity of an archived one: the import stops there and rolls back everything it
+    had written in its transaction (sources, structures, pathways ... of the same archive)."""
+    from hopflow.errors import ArchiveConflictError
+
+    features, full = tmp_path / "features.zip", tmp_path / "full.zip"
+    export_closure(Selection(formulas=("CaF2",), stage="features"), features, engine=source_db)
+    export_closure(Selection(all=True), full, engine=source_db)
+    target = _sqlite(tmp_path / "target.sqlite")
+    import_archive(features, engine=target)
+    stage = get_stage("estimates")
+    with session_scope(target, write=True) as session:
+        queue.enqueue(session, stage)
+        pathway = session.scalars(select(Pathway.id).order_by(Pathway.id)).first()
+        (claimed,) = queue.claim_ids(session, stage, [pathway])
+    before = _counts(target)
+    with pytest.raises(ArchiveConflictError, match=f"run {claimed.id} \\(estimates of pathways #{pathway}\\) is "
+                                                   "claimed here"):
+        import_archive(full, engine=target)
+    assert _counts(target) == before  # LiF's rows, written before the clash, are gone with the transaction
+    with session_scope(target) as session:
+        assert session.get(Run, claimed.id).state == RunState.CLAIMED
+        assert session.scalar(select(func.count()).select_from(table("archives"))) == 1
