@@ -23,7 +23,7 @@ from sqlalchemy import JSON, Boolean, DateTime, Engine, Float, Integer, LargeBin
     or_, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
-from hopflow.db import get_engine, is_sqlite, session_scope, utcnow
+from hopflow.db import get_engine, session_scope, utcnow
 from hopflow.errors import ArchiveConflictError, ArchiveCorruptError, ArchiveError, ArchiveSchemaError
 from hopflow.fingerprints import pathway_fingerprint
 from hopflow.models import (Archive, BarrierModelRow, CalibrationRow, Estimate, Features, NebResult, Pathway, Run,
@@ -500,6 +500,10 @@ class _Import:
     maps: dict[str, IdMap] = field(default_factory=dict)
     pending_sources: list[tuple[int, int]] = field(default_factory=list)
     pending_reuse: list[tuple[int, int]] = field(default_factory=list)
+    new_structures: set[int] = field(default_factory=set)
+    """Local ids of the structures this import added (never a match for another archive structure)."""
+    added_slots: dict[tuple[str, int, str], int] = field(default_factory=dict)
+    """Runs this import added for inputs stored before it, by identity (two archive runs may meet in one)."""
 
     def map(self, table: str) -> IdMap:
         return self.maps.setdefault(table, IdMap())
@@ -679,6 +683,10 @@ def _import_runs(state: _Import, member: Member, rows: list[dict[str, Any]]) -> 
     matched: dict[int, int] = {}
     for row in rows:
         slot = slots.get((row["input_id"], row["param_hash"]))
+        earlier = state.added_slots.get((stage, row["input_id"], row["param_hash"]))
+        if earlier is not None:  # an archive run of the same identity was added a moment ago
+            matched[row["id"]] = earlier
+            continue
         if slot is None:
             continue
         local_id, local_state = slot
@@ -695,6 +703,10 @@ def _import_runs(state: _Import, member: Member, rows: list[dict[str, Any]]) -> 
         if reused is not None and row["id"] not in matched:
             state.pending_reuse.append((row["id"], reused))
     _store(state, member, rows, matched)
+    runs, probed = state.map("runs"), set(probe)
+    for row in rows:
+        if (row["input_id"], row["param_hash"]) in probed and runs.ids[row["id"]][1]:
+            state.added_slots[(stage, row["input_id"], row["param_hash"])] = runs.local(row["id"])
 
 
 def _adopt(state: _Import, local_id: int, row: dict[str, Any]) -> None:
@@ -722,7 +734,8 @@ def _import_structures(state: _Import, member: Member, rows: list[dict[str, Any]
     candidates: dict[str, list[tuple[int, dict[str, Any]]]] = {}
     for sid, fp, data in state.session.execute(select(Structure.id, Structure.fingerprint, Structure.structure)
                                                .where(Structure.fingerprint.in_(prints))):
-        candidates.setdefault(fp, []).append((sid, data))
+        if sid not in state.new_structures:  # the archive's own structures are distinct, as they were there
+            candidates.setdefault(fp, []).append((sid, data))
     matcher = StructureMatcher(comparator=ElementComparator())
     matched = {}
     for row in rows:
@@ -740,22 +753,26 @@ def _import_structures(state: _Import, member: Member, rows: list[dict[str, Any]
                 matched[row["id"]] = sid
                 break
     _store(state, member, rows, matched)
+    structures = state.map("structures")
+    state.new_structures.update(structures.local(r["id"]) for r in rows if r["id"] not in matched)
 
 
 def _import_pathways(state: _Import, member: Member, rows: list[dict[str, Any]]) -> None:
     structures, runs = state.map("structures"), state.map("runs")
+    probe = set()
     for row in rows:
-        row["existing_parent"] = structures.existing(row["structure_id"])
+        if runs.existing(row["run_id"]):  # an added run's pathways are added with it
+            probe.add(runs.local(row["run_id"]))
         row["structure_id"] = structures.local(row["structure_id"])
         row["run_id"] = runs.local(row["run_id"])
     _fill_pathway_fingerprints(state, [r for r in rows if r.get("fingerprint") is None])
-    probe = {r["structure_id"] for r in rows if r.pop("existing_parent")}
     stored = {}
     if probe:
-        stored = {(s, fp): i for i, s, fp in state.session.execute(
-            select(Pathway.id, Pathway.structure_id, Pathway.fingerprint).where(Pathway.structure_id.in_(probe)))}
-    matched = {r["id"]: stored[(r["structure_id"], r["fingerprint"])] for r in rows
-               if (r["structure_id"], r["fingerprint"]) in stored}
+        stored = {(s, r, fp): i for i, s, r, fp in state.session.execute(
+            select(Pathway.id, Pathway.structure_id, Pathway.run_id, Pathway.fingerprint)
+            .where(Pathway.run_id.in_(probe)))}
+    matched = {r["id"]: stored[(r["structure_id"], r["run_id"], r["fingerprint"])] for r in rows
+               if (r["structure_id"], r["run_id"], r["fingerprint"]) in stored}
     _store(state, member, rows, matched)
 
 
@@ -943,4 +960,4 @@ def archive_line(session: Session, run: Run) -> dict[str, Any] | None:
 
 
 __all__ = ["ArchiveError", "ExportReport", "ImportReport", "Selection", "archive_line", "export_closure",
-           "import_archive", "is_sqlite", "verify_archive"]
+           "import_archive", "verify_archive"]

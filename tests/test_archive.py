@@ -118,6 +118,8 @@ def built(tmp_path_factory) -> Iterator[Path]:
         assert len(run_batch("pathways").done) == 2
         assert len(run_batch("features").done) >= 2
         _add_vacancies_and_estimates()
+        # the same hops again under another parameter set: equal fingerprints, their own run and rows
+        assert len(run_batch("pathways", {"max_paths": 1}).done) == 2
         database = get_settings().home / "hopflow.sqlite"
         get_engine().dispose()
         get_engine.cache_clear()
@@ -184,6 +186,7 @@ def test_round_trip_sqlite_postgres_sqlite_keeps_every_trace(source_db, tmp_path
     first, second = tmp_path / "first.hopflow.zip", tmp_path / "second.hopflow.zip"
     report = export_closure(Selection(all=True), first, engine=source_db)
     assert report.rows["runs.estimates"] == report.rows["estimates"] >= 2 and report.rows["vacancies"] == 2
+    assert report.rows["runs.pathways"] == 4 and report.rows["pathways"] == report.rows["features"] + 2
     url, name = fresh_postgres_database()
     postgres = make_engine(url)
     try:
