@@ -15,6 +15,7 @@ import hashlib
 import multiprocessing as mp
 import os
 import resource
+import shutil
 import tempfile
 import time
 import uuid
@@ -256,6 +257,7 @@ def main() -> None:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+    shutil.rmtree(work, ignore_errors=True)
     for goal, value in (("export", exported), ("import", imported)):
         met = value["wall_s"] <= 60 and value["peak_mb"] <= 500
         print(f"{goal}: {value['wall_s']:.1f} s, {value['peak_mb']:.0f} MB -> goal (≤ 60 s, ≤ 500 MB) "
