@@ -189,7 +189,7 @@ def publish_overview(client: Any, session: Session, targets: Mapping[str, int], 
     from prefect.client.schemas.actions import ArtifactCreate
 
     digest = overview_digest(session)
-    marker = f"[{digest}]"
+    marker = f"(leaderboards {digest})"
     previous = latest_description(client, OVERVIEW_KEY)
     if previous is not None and marker in previous:
         return False
