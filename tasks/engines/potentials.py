@@ -85,15 +85,37 @@ def _weights(model: str, device: Device) -> Any:
         return SevenNetCalculator(model=_WEIGHTS[model], device=device).model
 
 
-def calculator(model: str, device: Device) -> Calculator:
-    """A fresh ASE calculator of the potential on `device`, sharing the process's one loaded network."""
+@lru_cache(maxsize=1)
+def _chgnet_calculator_class() -> type[Calculator]:
+    from chgnet.model.dynamics import CHGNetCalculator
+
+    class ChgnetCalculator(CHGNetCalculator):  # type: ignore[misc]
+        """CHGNet computing only what ASE asks for: its own calculator always runs task 'efsm', and the stress's
+        second backward pass doubles a forces call (0.4 s against 0.2 s on a 95-atom cell, identical forces)."""
+
+        def __init__(self, *args: Any, stress: bool, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.stress = stress
+
+        def calculate(self, atoms: Atoms | None = None, properties: list[str] | None = None,
+                      system_changes: list[str] | None = None, task: str | None = None) -> None:
+            wanted = set(properties or ("energy", "forces", "stress"))
+            if task is None:
+                task = ("e" if wanted <= {"energy", "free_energy"} else
+                        "efsm" if self.stress or wanted & {"stress", "magmoms"} else "ef")
+            super().calculate(atoms, properties, system_changes, task=task)
+
+    return ChgnetCalculator
+
+
+def calculator(model: str, device: Device, *, stress: bool = False) -> Calculator:
+    """A fresh ASE calculator of the potential on `device`, sharing the process's one loaded network; `stress`:
+    computed with every force call (cell relaxations), else only when asked for."""
     model = canonical_model(model)
     weights = _weights(model, device)
     with _quiet():
         if model == "chgnet-0.3.0":
-            from chgnet.model.dynamics import CHGNetCalculator
-
-            return CHGNetCalculator(model=weights, use_device=device)
+            return _chgnet_calculator_class()(model=weights, use_device=device, stress=stress)
         from sevenn.calculator import SevenNetCalculator
 
         return SevenNetCalculator(model=weights, file_type="model_instance", device=device)
@@ -155,7 +177,8 @@ def single_points(structures: Sequence[Structure], model: str, device: Device) -
         atoms = to_atoms(structure)
         atoms.calc = calculator(model, device)
         with _calm():
-            results.append((float(atoms.get_potential_energy()), max_force(atoms.get_forces())))
+            forces = atoms.get_forces()  # first: the energy comes with it (energy alone is a cheaper task)
+            results.append((float(atoms.get_potential_energy()), max_force(forces)))
     return results
 
 
@@ -187,7 +210,7 @@ def relax_bulk(structure: Structure, model: str, device: Device, *, fmax: float,
     from ase.filters import FrechetCellFilter
 
     atoms = to_atoms(structure)
-    atoms.calc = calculator(model, device)
+    atoms.calc = calculator(model, device, stress=True)
     atoms.set_constraint(FixSymmetry(atoms))
     converged, taken = _optimize(FrechetCellFilter(atoms), optimizer, logfile, fmax, steps)
     return Relaxed(to_structure(atoms), float(atoms.get_potential_energy()), max_force(atoms.get_forces()),
