@@ -74,8 +74,12 @@ def screened(tmp_path_factory) -> Screened:
                           capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-5000:]
-    report = Path(re.findall(r"^report: (\S+)$", done.stdout, re.MULTILINE)[-1])
-    log = Path(re.search(r"Prefect logs: (\S+\.log)", done.stdout).group(1))
+    joined = "".join(done.stdout.split())  # paths hold no spaces; a line rich wrapped or a bar beside it still match
+    report = home / "report.html"
+    assert f"report:{report}" in joined, output[-5000:]
+    found = re.search(r"Prefectlogs:(\S+?\.log)", joined)
+    assert found is not None, output[-5000:]
+    log = Path(found.group(1))
     return Screened(home=home, output=output, report=report, log=log)
 
 

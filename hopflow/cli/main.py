@@ -73,7 +73,7 @@ def screen(
     from hopflow.cli.progress import prefect_logs_to_file
 
     with prefect_logs_to_file("screen", verbose) as log:
-        console.print(f"Prefect logs: {escape(str(log))}")
+        console.print(f"Prefect logs: {escape(str(log))}", soft_wrap=True)
         _screen(ion, structure)
 
 
@@ -104,7 +104,7 @@ def _screen(ion: str | None, structure: list[str] | None) -> None:
                 console.print(report.summary)
     status()
     profiles = barriers.screen_report()
-    console.print(f"report: {escape(str(report_cli.write_report(profiles=profiles)))}")
+    console.print(f"report: {escape(str(report_cli.write_report(profiles=profiles)))}", soft_wrap=True)
 
 
 structures.register(app)

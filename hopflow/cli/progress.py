@@ -166,6 +166,9 @@ def _threads_safe() -> bool:
 def batch_progress(console: Console, stages: Sequence[str] | None = None) -> Iterator[StageBars]:
     """Bars for the work claimed inside the block, moved by a polling thread until the block ends."""
     bars = StageBars(stage_progress(console), since=utcnow(), stages=stages)
+    if not console.is_terminal:  # a live display on a pipe re-prints its lines and loses what follows it
+        yield bars
+        return
     stop = threading.Event()
 
     def watch() -> None:

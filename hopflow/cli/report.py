@@ -48,7 +48,7 @@ def report(path: Annotated[Path | None, typer.Argument(
     """One self-contained HTML report: per-material leaderboard, pathways with energy profiles, models, progress."""
     init_db()
     written = write_report(path)
-    console.print(f"report: {escape(str(written))}")
+    console.print(f"report: {escape(str(written))}", soft_wrap=True)
     if open_:
         typer.launch(written.resolve().as_uri())
 

@@ -89,7 +89,7 @@ def run(stage: StageArg,
     overrides = parameter_overrides(st, {"ion": ion, "max_hop": max_hop, "max_paths": max_paths}, engine, model)
     init_db()
     with prefect_logs_to_file(f"run-{stage}", verbose) as log:
-        console.print(f"Prefect logs: {escape(str(log))}")
+        console.print(f"Prefect logs: {escape(str(log))}", soft_wrap=True)
         with batch_progress(console):
             report = run_batch(stage, overrides or None, limit=top)
     console.print(report.summary)
