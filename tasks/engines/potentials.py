@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -54,10 +55,15 @@ def pick_device(requested: Device | None) -> Device:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+_QUIET_LOCK = threading.RLock()
+"""redirect_stdout swaps the process-wide sys.stdout: two Dask worker threads overlapping in `_quiet` could restore
+each other's StringIO and leave the command's own output going nowhere."""
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence the banners both packages print or warn on every model load and calculator construction."""
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    with _QUIET_LOCK, contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="No tensor product accelerator")
         yield
 
