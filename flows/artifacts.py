@@ -4,7 +4,6 @@ inline PNGs, which the UI's markdown renderer shows). Every data string is escap
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import html
 import re
@@ -19,6 +18,7 @@ from sqlalchemy.orm import Session
 from hopflow import queue
 from hopflow.leaderboard import MaterialEntry, PathwayEntry, material_leaderboard, pathway_leaderboard
 from hopflow.models import Estimate, NebResult
+from hopflow.report import data_uri
 from hopflow.settings import get_settings
 from hopflow.stages import BARRIER_COLUMNS
 
@@ -100,18 +100,8 @@ def progress_table(session: Session, targets: Mapping[str, int], live: Mapping[s
     return md_table(["stage", *PROGRESS_STATES, "finished", "target", "live runs"], rows)
 
 
-def _e_star(entry: MaterialEntry, d: int) -> str:
-    status = getattr(entry, f"status_{d}d")
-    if status == "complete":
-        return f"{getattr(entry, f'e_star_{d}d'):.3f}"
-    if status == "none":
-        return "none"
-    upper = getattr(entry, f"upper_{d}d")
-    return f"{getattr(entry, f'lower_{d}d'):.3f} – {'?' if upper is None else f'{upper:.3f}'} (incomplete)"
-
-
 def _image(alt: str, png: bytes) -> str:
-    return f"![{md(alt)}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
+    return f"![{md(alt)}]({data_uri(png)})"
 
 
 def _profile_png(session: Session, entry: PathwayEntry, directory: Path) -> bytes:
@@ -135,17 +125,26 @@ def _materials_png(materials: Sequence[MaterialEntry], directory: Path) -> bytes
     return plot_leaderboard(rows, directory / "materials.png", title="Percolation barriers E*(3D)").read_bytes()
 
 
+Boards = tuple[Sequence[MaterialEntry], Sequence[PathwayEntry]]
+"""The per-material and per-pathway leaderboards, best first."""
+
+
+def overview_boards(session: Session) -> Boards:
+    """The leaderboards the overview shows (the CLI's functions)."""
+    return material_leaderboard(session, OVERVIEW_ROWS), pathway_leaderboard(session, OVERVIEW_ROWS)
+
+
 def overview_markdown(session: Session, targets: Mapping[str, int], live: Mapping[str, int | None],
-                      with_images: bool = True) -> str:
+                      with_images: bool = True, boards: Boards | None = None) -> str:
     """The controller's overview: progress per stage, the best materials and pathways (the CLI's leaderboards),
     the materials plot and the best energy profiles inline, and the report's path."""
-    materials = material_leaderboard(session, OVERVIEW_ROWS)
-    pathways = pathway_leaderboard(session, OVERVIEW_ROWS)
+    materials, pathways = boards or overview_boards(session)
+    materials, pathways = materials[:OVERVIEW_ROWS], pathways[:OVERVIEW_ROWS]
     parts = ["# hopflow", "", "## Progress per stage when the leaderboards last changed", "",
              progress_table(session, targets, live), "", f"(live: the {code('hopflow-progress')} artifact, every tick)", "",
              "## Materials: percolation barriers E* (eV)", "",
              md_table(["formula", "structure", "E*(3D)", "E*(2D)", "E*(1D)", "hops known", "cut off"],
-                      [(m.formula, m.structure_id, _e_star(m, 3), _e_star(m, 2), _e_star(m, 1),
+                      [(m.formula, m.structure_id, m.e_star_text(3), m.e_star_text(2), m.e_star_text(1),
                         f"{m.hops_known}/{m.hops_total}", m.cut_off or "") for m in materials]), "",
              "## Pathways: best trusted barrier (eV)", "",
              md_table(["formula", "pathway", "hop (Å)", "barrier", "flag", "engine", "model", "model spread",
@@ -164,12 +163,11 @@ def overview_markdown(session: Session, targets: Mapping[str, int], live: Mappin
     return "\n".join(parts)
 
 
-def overview_digest(session: Session) -> str:
+def overview_digest(session: Session, boards: Boards) -> str:
     """Changes when a leaderboard changes (the overview, with its PNGs, is re-published only then; the live progress
     is the `hopflow-progress` table artifact, every tick)."""
-    materials = [(m.structure_id, m.value(3), m.value(2), m.value(1)) for m in material_leaderboard(session,
-                                                                                                   OVERVIEW_ROWS)]
-    pathways = [(p.pathway_id, p.table, p.result_id) for p in pathway_leaderboard(session, OVERVIEW_ROWS)]
+    materials = [(m.structure_id, m.value(3), m.value(2), m.value(1)) for m in boards[0][:OVERVIEW_ROWS]]
+    pathways = [(p.pathway_id, p.table, p.result_id) for p in boards[1][:OVERVIEW_ROWS]]
     where = (str(session.get_bind().url), str(report_path()))  # another database is another overview
     return hashlib.sha256(repr((where, materials, pathways)).encode()).hexdigest()[:16]
 
@@ -184,17 +182,19 @@ def latest_description(client: Any, key: str) -> str | None:
 
 
 def publish_overview(client: Any, session: Session, targets: Mapping[str, int], live: Mapping[str, int | None],
-                     flow_run_id: Any = None) -> bool:
-    """Publish the overview when it changed since the last one; returns whether it did."""
+                     flow_run_id: Any = None, boards: Boards | None = None) -> bool:
+    """Publish the overview when it changed since the last one; returns whether it did. `boards`: the leaderboards
+    when the caller has them already (best first, at least OVERVIEW_ROWS long where there are that many)."""
     from prefect.client.schemas.actions import ArtifactCreate
 
-    digest = overview_digest(session)
+    boards = boards or overview_boards(session)
+    digest = overview_digest(session, boards)
     marker = f"(leaderboards {digest})"
     previous = latest_description(client, OVERVIEW_KEY)
     if previous is not None and marker in previous:
         return False
     client.create_artifact(ArtifactCreate(key=OVERVIEW_KEY, type="markdown",
-                                          data=overview_markdown(session, targets, live),
+                                          data=overview_markdown(session, targets, live, boards=boards),
                                           description=f"hopflow overview: progress, leaderboards, plots {marker}",
                                           flow_run_id=flow_run_id))
     return True

@@ -389,32 +389,18 @@ def tick(client: SyncPrefectClient, *, engine: Engine | None = None, stages: Seq
 def progress_rows(session: Session, report: TickReport) -> list[dict[str, Any]]:
     """One row per stage: runs per state (done runs that reused a result also counted as cached), target, live flow
     runs, submitted this tick."""
-    counts = queue.counts_by_state(session)
-    cached = queue.progress_counts(session)
+    counts = queue.progress_counts(session)
     ticks = {s.stage: s for s in report.stages}
     rows = []
-    for name in sorted(set(STAGES) | set(counts)):
-        if name not in STAGES:
-            continue
+    for name in sorted(STAGES):
         stage_tick = ticks.get(name)
-        by_state = counts.get(name, {})
-        rows.append({"stage": name, **{state: by_state.get(state, 0) for state in RunState.ALL},
-                     "cached": cached.get(name, queue.StageCounts()).cached,
+        c = counts.get(name, queue.StageCounts())
+        rows.append({"stage": name, **{state: getattr(c, state) for state in RunState.ALL}, "cached": c.cached,
                      "target": queue.target(session, STAGES[name]),
                      "live_flow_runs": stage_tick.live if stage_tick else None,
                      "submitted": len(stage_tick.submitted) if stage_tick else 0,
                      "note": (stage_tick.error or "") if stage_tick else ""})
     return rows
-
-
-def leaderboard_rows(session: Session, limit: int = LEADERBOARD_SIZE) -> list[dict[str, Any]]:
-    """The best pathways so far, as plain rows in the order of `hopflow leaderboard --json --by pathway`."""
-    return [asdict(entry) for entry in pathway_leaderboard(session, limit)]
-
-
-def material_rows(session: Session, limit: int = LEADERBOARD_SIZE) -> list[dict[str, Any]]:
-    """The best structures so far, as plain rows in the order of `hopflow leaderboard --json --by structure`."""
-    return [asdict(entry) for entry in material_leaderboard(session, limit)]
 
 
 def _artifact(client: SyncPrefectClient, key: str, kind: str, data: Any, description: str) -> None:
@@ -430,17 +416,18 @@ def publish_artifacts(client: SyncPrefectClient, engine: Engine, report: TickRep
     markdown overview with the plots when the leaderboards changed."""
     with session_scope(engine) as session:
         progress = progress_rows(session, report)
-        materials = material_rows(session)
-        board = leaderboard_rows(session)
-    _artifact(client, PROGRESS_KEY, "table", progress, f"hopflow progress per stage. {report.summary}")
-    _artifact(client, MATERIALS_KEY, "table", materials,
-              "hopflow materials: percolation barriers E*(3D/2D/1D) per structure, lowest first (eV)")
-    _artifact(client, LEADERBOARD_KEY, "table", board, "hopflow leaderboard: lowest trusted barrier per pathway (eV)")
-    with session_scope(engine) as session:
+        materials = material_leaderboard(session, LEADERBOARD_SIZE)  # once per tick: the tables and the overview
+        board = pathway_leaderboard(session, LEADERBOARD_SIZE)
+        _artifact(client, PROGRESS_KEY, "table", progress, f"hopflow progress per stage. {report.summary}")
+        _artifact(client, MATERIALS_KEY, "table", [asdict(m) for m in materials],
+                  "hopflow materials: percolation barriers E*(3D/2D/1D) per structure, lowest first (eV)")
+        _artifact(client, LEADERBOARD_KEY, "table", [asdict(p) for p in board],
+                  "hopflow leaderboard: lowest trusted barrier per pathway (eV)")
         targets = {row["stage"]: row["target"] for row in progress}
         live = {row["stage"]: row["live_flow_runs"] for row in progress}
         ctx = FlowRunContext.get()
-        publish_overview(client, session, targets, live, ctx.flow_run.id if ctx and ctx.flow_run else None)
+        publish_overview(client, session, targets, live, ctx.flow_run.id if ctx and ctx.flow_run else None,
+                         boards=(materials, board))
 
 
 # ---------------------------------------------------------------- manual submission

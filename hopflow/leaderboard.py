@@ -79,6 +79,16 @@ class MaterialEntry:
     pathways_run_id: int
     """The pathways run whose hops make the network (the structure's newest)."""
 
+    def e_star_text(self, d: int, dash: str = " – ") -> str:
+        """E*(d) with 3 decimals, `none`, or its bounds `lower – upper (incomplete)` (`?`: no upper bound)."""
+        status = getattr(self, f"status_{d}d")
+        if status == "complete":
+            return f"{getattr(self, f'e_star_{d}d'):.3f}"
+        if status == "none":
+            return "none"
+        lower, upper = getattr(self, f"lower_{d}d"), getattr(self, f"upper_{d}d")
+        return f"{lower:.3f}{dash}{'?' if upper is None else f'{upper:.3f}'} (incomplete)"
+
     @classmethod
     def of(cls, formula: str, structure_id: int, run_id: int, answer: MaterialBarriers, *, known: int, total: int,
            cut_off: str | None) -> MaterialEntry:

@@ -293,16 +293,6 @@ def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _cell(entry: MaterialEntry, d: int) -> str:
-    status = getattr(entry, f"status_{d}d")
-    if status == "complete":
-        return f"{getattr(entry, f'e_star_{d}d'):.3f}"
-    if status == "none":
-        return "none"
-    lower, upper = getattr(entry, f"lower_{d}d"), getattr(entry, f"upper_{d}d")
-    return f"{lower:.3f} – {'?' if upper is None else f'{upper:.3f}'} (incomplete)"
-
-
 def _number(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
@@ -311,7 +301,7 @@ def _environment() -> Environment:
     env = Environment(autoescape=select_autoescape(default=True, default_for_string=True),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = _number
-    env.globals["e_star"] = _cell
+    env.globals["e_star"] = MaterialEntry.e_star_text
     return env
 
 

@@ -114,21 +114,12 @@ def print_leaderboard(entries: list[PathwayEntry]) -> None:
     table(f"leaderboard: best barrier of {len(entries)} pathways", [_escaped(asdict(e)) for e in entries], columns)
 
 
-def _cell(entry: MaterialEntry, d: int) -> str:
-    status = getattr(entry, f"status_{d}d")
-    if status == "complete":
-        return f"{getattr(entry, f'e_star_{d}d'):.3f}"
-    if status == "none":
-        return "none"
-    lower, upper = getattr(entry, f"lower_{d}d"), getattr(entry, f"upper_{d}d")
-    return f"{lower:.3f} .. {'?' if upper is None else f'{upper:.3f}'} (incomplete)"
-
-
 def print_materials(entries: list[MaterialEntry]) -> None:
     """The per-structure leaderboard as a table: E*(d) in eV, or its bounds."""
-    rows = [_escaped({"formula": e.formula, "structure_id": e.structure_id, "E*(3D)": _cell(e, 3),
-                      "E*(2D)": _cell(e, 2), "E*(1D)": _cell(e, 1), "hops": f"{e.hops_known}/{e.hops_total}",
-                      "cut_off": e.cut_off, "mode": e.mode}) for e in entries]
+    rows = [_escaped({"formula": e.formula, "structure_id": e.structure_id,
+                      **{f"E*({d}D)": e.e_star_text(d, " .. ") for d in (3, 2, 1)},
+                      "hops": f"{e.hops_known}/{e.hops_total}", "cut_off": e.cut_off, "mode": e.mode})
+            for e in entries]
     table(f"materials: percolation barriers of {len(entries)} structures (eV)", rows, MATERIAL_COLUMNS)
 
 
