@@ -152,7 +152,10 @@ def test_controller_drains_the_synthetic_stage_through_a_real_worker(engine, pre
     assert lowered, "the target was never lowered"
     after = [stage_tick for target, stage_tick in ticks if target == 1]
     assert after[0].submitted == () or after[0].live == 0  # the next tick already obeys the new target
-    assert all(live <= 1 for _, live in live_seen[-3:])
+    # runs submitted under the old target may still be draining the last items; none is added above the new one:
+    # live after the lowering only falls (runs finish) or rises to 1 (a submission at 0 live)
+    live_after = [live for target, live in live_seen if target == 1]
+    assert all(b <= max(a, 1) for a, b in zip(live_after, live_after[1:])), live_after
 
     # the killed flow run crashed, its items were requeued by sweep and completed later, once each
     assert prefect_client.read_flow_run(killed).state_type == StateType.CRASHED
