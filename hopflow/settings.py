@@ -99,6 +99,13 @@ class Settings(BaseSettings):
         description="Stages `hopflow screen` runs in batch mode after importing the bundled set, in order.",
     )
 
+    # reading input files (import): every read is bounded, whatever the file claims
+    max_input_bytes: int = Field(
+        default=8 * 1024 * 1024, gt=0, description="Largest input file import reads, in bytes (a 500-site CIF is "
+        "~50 KB); larger files are refused unread.")
+    input_read_seconds: float = Field(
+        default=30.0, gt=0, description="Longest import spends reading one input file before it is refused.")
+
     @property
     def url(self) -> str:
         """The effective database URL."""
