@@ -6,12 +6,15 @@ import math
 from dataclasses import fields
 from functools import cache
 
+import numpy as np
 import pytest
+from matminer.featurizers.site import EwaldSiteEnergy
 from pymatgen.core import Element, Species
 
 from hopflow.errors import InputError
-from tasks.features import EWALD_ACCURACY, NEIGHBOUR_CUTOFF, PathwayFeatures, featurize, shannon_radius
-from tasks.images import hop_images
+from tasks.features import (EWALD_ACCURACY, NEIGHBOUR_CUTOFF, PathwayFeatures, _max_overlap, featurize,
+                            shannon_radius)
+from tasks.images import HopImages, hop_images
 from tasks.pathways import PathwayRecord, find_pathways
 from tests.test_pathways import crystal, lattice_a
 
@@ -113,5 +116,33 @@ def test_shannon_radii_are_ionic_at_cn6_or_the_nearest_cn() -> None:
         shannon_radius(Species("Ca", 5))
 
 
-def test_named_constants() -> None:
-    assert EWALD_ACCURACY == 4 and NEIGHBOUR_CUTOFF > 2 * 1.33
+@cache
+def _short_hop() -> HopImages:
+    return hop_images(crystal("CaF2", oxidation_states=True), _paths()[0], nimages=1, **SUPERCELL)
+
+
+def test_neighbour_cutoff_loses_no_overlap() -> None:
+    """Every neighbour beyond NEIGHBOUR_CUTOFF overlaps less than the ones inside it: a search to twice the cutoff
+    finds the same largest overlap of each class."""
+    image, index = _short_hop().images[1], _short_hop().moving_index
+    radii = {str(s): shannon_radius(s) for s in image.composition.elements}
+    r_ion = radii[str(image[index].specie)]
+    for kind in ("cation", "anion"):
+        near = _max_overlap(image, index, radii, kind)
+        far = max(r_ion + radii[str(n.specie)] - n.nn_distance
+                  for n in image.get_neighbors(image[index], 2 * NEIGHBOUR_CUTOFF)
+                  if (n.specie.oxi_state > 0) == (kind == "cation"))
+        assert near == pytest.approx(far, abs=1e-12), kind
+
+
+def test_ewald_accuracy_resolves_the_profile_to_a_millielectronvolt() -> None:
+    """The Ewald profile of the moving ion at EWALD_ACCURACY decimal places matches one summed to 8 places: the
+    energy change along the hop (what the features use) agrees within 1 meV."""
+    hop = _short_hop()
+    profiles = {}
+    for accuracy in (EWALD_ACCURACY, 8):
+        featurizer = EwaldSiteEnergy(accuracy=accuracy)
+        energies = [featurizer.featurize(image, hop.moving_index)[0] for image in hop.images]
+        profiles[accuracy] = np.array(energies) - energies[0]
+    assert np.abs(profiles[EWALD_ACCURACY] - profiles[8]).max() < 1e-3
+    assert abs(profiles[8][1]) > 0.1  # the energy really changes along the hop: the comparison is not of zeros

@@ -193,9 +193,41 @@ def test_as_hop_rebuilds_the_hop_in_its_structure() -> None:
         p.as_hop(crystal("CaF2"))
 
 
-def test_automatic_limit_is_the_librarys() -> None:
+def _ion_shells(structure: Structure, ion: str) -> list[list[float]]:
+    """Per `ion` site: sorted distances to every other `ion` site up to the shortest lattice length, by brute force
+    over periodic images (independent of pymatgen's neighbour search)."""
+    frac = np.array([s.frac_coords for s in structure if s.specie.symbol == ion])
+    shifts = np.array(np.meshgrid(*[range(-2, 3)] * 3, indexing="ij")).reshape(3, -1).T
+    limit = min(structure.lattice.abc)
+    shells = []
+    for f in frac:
+        d = np.linalg.norm(structure.lattice.get_cartesian_coords(
+            (frac[:, None, :] + shifts[None, :, :] - f).reshape(-1, 3)), axis=1)
+        shells.append(sorted(d[(d > 1e-6) & (d < limit)]))
+    return shells
+
+
+@pytest.mark.parametrize("name", ["MgF2", "CaF2", "CeF3", "Na3AlF6", "TlF"])
+def test_automatic_limit_is_the_shell_that_connects_every_ion(name: str) -> None:
+    """pymatgen-analysis-diffusion's '>1d' rule: every ion reaches its second-nearest ion (a chain), and the
+    junction sites their third (a branch): max(max_i d2_i, min_j d3_j), from distances computed here."""
+    prim = canonical_cell(crystal(name))
+    shells = _ion_shells(prim, "F")
+    path_cutoff = max(s[1] for s in shells)
+    junction_cutoff = min(s[2] for s in shells if len(s) >= 3)
+    limit = automatic_max_hop(prim, "F")
+    assert limit == pytest.approx(max(path_cutoff, junction_cutoff), abs=1e-3)
+    # every ion has at least two hops within the limit, so the hop graph has no dead ends
+    assert all(sum(d <= limit + 1e-3 for d in s) >= 2 for s in shells)
+
+
+def test_rutile_limit_is_beyond_the_shared_edge() -> None:
+    """In rutile MgF2 each F has one F at 2.58 Å (the shared octahedral edge), so the limit must reach the next
+    shell (2.81 Å, four F): hops along the edge alone pair the ions into dimers and go nowhere."""
     prim = canonical_cell(crystal("MgF2"))
-    assert automatic_max_hop(prim, "F") == pytest.approx(2.8117, abs=1e-3)
+    first, second = sorted({round(d, 3) for d in _ion_shells(prim, "F")[0]})[:2]
+    assert first < 2.6 < second
+    assert automatic_max_hop(prim, "F") == pytest.approx(second, abs=1e-3)
 
 
 def test_bad_input_is_an_input_error_with_a_reason() -> None:
