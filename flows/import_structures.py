@@ -30,7 +30,9 @@ def sanitize_source(source: dict[str, Any], parameters: dict[str, Any]) -> Sanit
     known = {k: meta.get(k) for k in SourceMetadata.__dataclass_fields__}
     raw = RawInput(kind=source["kind"], key=source["key"], location=source["location"], payload=source["payload"],
                    format=source["format"], metadata=SourceMetadata(**known), read_error=read_error)
-    return sanitize(parse_input(raw), ion=parameters["ion"], max_sites=parameters["max_sites"], name=raw.location)
+    max_sites = parameters["max_sites"]
+    return sanitize(parse_input(raw, max_sites=max_sites), ion=parameters["ion"], max_sites=max_sites,
+                    name=raw.location)
 
 
 def deduplicate(session: Session, run: Run, sanitized: SanitizedStructure) -> ImportOutcome:

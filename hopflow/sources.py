@@ -10,7 +10,7 @@ from pymatgen.core import Structure as PmgStructure
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from hopflow.models import Source, Structure
+from hopflow.models import RunState, Source, Structure
 
 
 def register_sources(session: Session, raws: Iterable[Any]) -> list[int]:
@@ -36,14 +36,27 @@ def stored_with_formula(session: Session, formula: str) -> list[tuple[int, PmgSt
     return [(i, PmgStructure.from_dict(d)) for i, d in rows]
 
 
-def import_outcomes(session: Session, source_ids: Sequence[int]) -> list[dict[str, Any]]:
-    """Per source: its location, the structure it gave (new or duplicate), or the error recorded for it."""
+def import_outcomes(session: Session, source_ids: Sequence[int], phash: str,
+                    locations: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Per input (in order, repeats kept): its location, the structure its source gave (new or duplicate), and the
+    state and error of its import run under the parameter set `phash` ("queued" when it has none).
+
+    `locations` are the names this command used: a source keeps the name it was first seen under, and an error
+    recorded against that name is reported under the name given now.
+    """
     from hopflow.models import Run
 
+    ids = list(dict.fromkeys(source_ids))
+    sources = {s.id: s for s in session.scalars(select(Source).where(Source.id.in_(ids)))}
+    runs = {r.input_id: r for r in session.scalars(
+        select(Run).where(Run.stage == "import", Run.param_hash == phash, Run.input_id.in_(ids)))}
     out = []
-    for source in session.scalars(select(Source).where(Source.id.in_(list(source_ids))).order_by(Source.id)):
-        run = session.scalars(select(Run).where(Run.stage == "import", Run.input_id == source.id)
-                              .order_by(Run.id.desc())).first()
-        out.append({"source_id": source.id, "location": source.location, "structure_id": source.structure_id,
-                    "state": run.state if run else "queued", "error": run.error if run else None})
+    for index, source_id in enumerate(source_ids):
+        source, run = sources[source_id], runs.get(source_id)
+        location = locations[index] if locations is not None else source.location
+        error = run.error if run is not None and run.state == RunState.FAILED else None
+        if error is not None and location != source.location:
+            error = error.replace(source.location, location, 1)
+        out.append({"source_id": source.id, "location": location, "structure_id": source.structure_id,
+                    "state": run.state if run else RunState.QUEUED, "error": error})
     return out

@@ -5,10 +5,14 @@ No database work here: the import stage stores what these functions return.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
 import math
+import os
+import stat
+import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,8 +24,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pymatgen.analysis.bond_valence import BVAnalyzer
 from pymatgen.analysis.structure_matcher import ElementComparator, StructureMatcher
-from pymatgen.core import Element, Lattice, Structure
-from pymatgen.io.cif import CifParser
+from pymatgen.core import DummySpecies, Element, Lattice, Structure
+from pymatgen.io.cif import CifParser, str2float
 from pymatgen.io.vasp import Poscar
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
@@ -42,9 +46,13 @@ FINGERPRINT_VOLUME_DECIMALS = 1  # Å^3 per atom, rounding in the fingerprint
 CHARGE_TOLERANCE = 1e-6  # |sum of oxidation states| accepted as neutral
 
 CIF_SUFFIXES = (".cif", ".mcif")
+CIF_CELL_LENGTHS = ("_cell_length_a", "_cell_length_b", "_cell_length_c")
+CIF_CELL_ANGLES = ("_cell_angle_alpha", "_cell_angle_beta", "_cell_angle_gamma")
 POSCAR_SUFFIXES = (".vasp", ".poscar")
 POSCAR_PREFIXES = ("POSCAR", "CONTCAR")
 JSON_SUFFIXES = (".json",)
+UNKNOWN_FORMAT = "unknown"  # the format tag in the key of a file no reader recognises
+READ_CHUNK_BYTES = 1 << 20
 
 
 class MissingAPIKeyError(HopflowError, RuntimeError):
@@ -70,8 +78,9 @@ class SourceMetadata:
 class RawInput:
     """One unparsed input: its identity (`key`), where it came from and its text.
 
-    `key` is the sha256 of the content for files and bundled entries (of a marker and the path for a file that
-    cannot be read or does not exist), the MP id for Materials Project documents.
+    `key` is, for files, "<sha256 of the content>:<format>" (`file_key`; for a path that is not read, the hash of
+    its path and the reason), the sha256 of the content for bundled entries, the MP id for Materials Project
+    documents.
     `read_error` is set when the file could not be read or decoded; `parse_input` turns it into an `InputError`.
     """
 
@@ -141,54 +150,137 @@ def bundled_inputs() -> list[RawInput]:
     return inputs
 
 
-def _files_under(path: Path) -> list[Path]:
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    return [path]
+def _refused(path: Path, reason: str) -> RawInput:
+    """An input for a path that is not read: its key names the path and the reason, so a fixed file is a new input."""
+    marker = f"refused:{os.path.abspath(path)}:{reason}"
+    return RawInput("file", file_key(_sha256(marker.encode()), None), str(path), "", read_error=reason)
+
+
+def _walk(folder: Path) -> Iterator[tuple[Path, str | None]]:
+    """Every entry under `folder` (hidden ones excepted), each with the reason it cannot be an input, if one is
+    known before reading; linked folders are not followed (a link loop would never end)."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        yield folder, f"cannot list directory ({exc.strerror or type(exc).__name__})"
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        path = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk(path)
+        elif entry.is_symlink() and path.is_dir():
+            yield path, "symbolic link to a directory (not followed inside a folder)"
+        else:
+            yield path, None
 
 
 def _expand_paths(paths: Iterable[str | Path]) -> Iterator[tuple[Path, str | None]]:
     """Files named by `paths` (files, directories recursively, glob patterns), each with an error if it has none."""
     for item in paths:
         path = Path(item)
-        if path.exists():
-            yield from ((f, None) for f in _files_under(path))
+        if os.path.lexists(path):  # dangling links and link loops too: they are refused with their reason
+            yield from _walk(path) if path.is_dir() else [(path, None)]
             continue
-        files = [f for match in sorted(glob.glob(str(item), recursive=True)) for f in _files_under(Path(match))]
-        if not files:
+        matches = sorted(glob.glob(str(item), recursive=True))
+        if not matches:
             yield path, "no such file, directory or matching glob pattern"
-        yield from ((f, None) for f in files)
+        for match in matches:
+            yield from _walk(Path(match)) if Path(match).is_dir() else [(Path(match), None)]
 
 
-def _read_file(path: Path) -> RawInput:
+_FILE_TYPES = {stat.S_IFIFO: "a named pipe", stat.S_IFCHR: "a character device",
+               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
+
+
+def _not_regular(mode: int) -> str:
+    return f"not a regular file ({_FILE_TYPES.get(stat.S_IFMT(mode), 'special file')})"
+
+
+def _stat_error(path: Path, exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "symbolic link loop"
+    if exc.errno == errno.ENOENT and os.path.islink(path):
+        return f"dangling symbolic link (to {os.readlink(path)})"
+    return f"cannot read file ({exc.strerror or type(exc).__name__})"
+
+
+def _read_bounded(path: Path, max_bytes: int, seconds: float) -> bytes:
+    """The bytes of a regular file, read in chunks; InputError when it is not regular, too big or too slow.
+
+    Opened non-blocking, so a file swapped for a FIFO after the stat cannot hang the read; the time limit is
+    checked between chunks.
+    """
+    deadline = time.monotonic() + seconds
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        if not stat.S_ISREG(mode := os.fstat(fd).st_mode):
+            raise InputError(f"{path}: {_not_regular(mode)}")
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, READ_CHUNK_BYTES):
+            size += len(chunk)
+            if size > max_bytes:
+                raise InputError(f"{path}: file is over the limit of {max_bytes} bytes (HOPFLOW_MAX_INPUT_BYTES)")
+            if time.monotonic() > deadline:
+                raise InputError(f"{path}: reading took over {seconds:g} s (HOPFLOW_INPUT_READ_SECONDS)")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _read_file(path: Path, max_bytes: int, seconds: float) -> RawInput:
+    """One file as an input; a path that is not a readable regular file within the limits gives a refused input."""
     location = str(path)
     try:
-        data = path.read_bytes()
+        info = os.stat(path)  # follows links: a loop or a dangling link fails here, with its reason
     except OSError as exc:
-        reason = f"cannot read file ({exc.strerror or type(exc).__name__})"
-        return RawInput("file", _sha256(f"unreadable:{path.resolve()}".encode()), location, "", read_error=reason)
-    key = _sha256(data)
+        return _refused(path, _stat_error(path, exc))
+    if not stat.S_ISREG(info.st_mode):
+        return _refused(path, _not_regular(info.st_mode))
+    if info.st_size > max_bytes:
+        return _refused(path, f"file is {info.st_size} bytes, over the limit of {max_bytes} (HOPFLOW_MAX_INPUT_BYTES)")
+    try:
+        data = _read_bounded(path, max_bytes, seconds)
+    except InputError as exc:
+        return _refused(path, str(exc).removeprefix(f"{location}: "))
+    except OSError as exc:
+        return _refused(path, f"cannot read file ({exc.strerror or type(exc).__name__})")
+    digest = _sha256(data)
     try:
         text = data.decode("utf-8-sig")  # tolerates a byte-order mark
     except UnicodeDecodeError as exc:
         reason = f"not UTF-8 text (undecodable byte at offset {exc.start})"
-        return RawInput("file", key, location, "", read_error=reason)
-    return RawInput("file", key, location, text, format=detect_format(path.name, text))
+        return RawInput("file", file_key(digest, None), location, "", read_error=reason)
+    fmt = detect_format(path.name, text)
+    return RawInput("file", file_key(digest, fmt), location, text, format=fmt)
 
 
-def file_inputs(paths: Iterable[str | Path]) -> list[RawInput]:
-    """Inputs for single files, directories (recursively) and glob patterns; a bad file gives an input that fails."""
+def file_key(content_sha256: str, fmt: InputFormat | None) -> str:
+    """A file source's identity: its content and the format it is read as (a renamed file read another way is
+    another input)."""
+    return f"{content_sha256}:{fmt or UNKNOWN_FORMAT}"
+
+
+def file_inputs(paths: Iterable[str | Path], *, max_bytes: int | None = None,
+                read_seconds: float | None = None) -> list[RawInput]:
+    """Inputs for single files, directories (recursively) and glob patterns; a bad file gives an input that fails.
+
+    Only regular files are read, each within `max_bytes` and `read_seconds` (default: the settings).
+    """
+    settings = get_settings()
+    max_bytes = max_bytes or settings.max_input_bytes
+    read_seconds = read_seconds or settings.input_read_seconds
     inputs: list[RawInput] = []
-    seen: set[Path] = set()
+    seen: set[str] = set()
     for path, error in _expand_paths(paths):
-        resolved = path.resolve()
-        if resolved in seen:
+        real = os.path.realpath(path)  # never raises, unlike Path.resolve on a link loop
+        if real in seen:
             continue
-        seen.add(resolved)
-        if error is not None:
-            inputs.append(RawInput("file", _sha256(f"missing:{resolved}".encode()), str(path), "", read_error=error))
-        else:
-            inputs.append(_read_file(path))
+        seen.add(real)
+        inputs.append(_refused(path, error) if error is not None else _read_file(path, max_bytes, read_seconds))
     return inputs
 
 
@@ -215,6 +307,9 @@ def detect_format(name: str, text: str) -> InputFormat | None:
 def _check_structure(structure: Structure, location: str) -> Structure:
     if len(structure) == 0:
         raise InputError(f"{location}: structure has no sites")
+    unknown = sorted({el.symbol for el in structure.composition.elements if isinstance(el, DummySpecies)})
+    if unknown:
+        raise InputError(f"{location}: unknown element {', '.join(unknown)}")
     matrix = structure.lattice.matrix
     if not np.all(np.isfinite(matrix)):
         raise InputError(f"{location}: lattice has NaN or infinite entries")
@@ -226,11 +321,45 @@ def _check_structure(structure: Structure, location: str) -> Structure:
     return structure
 
 
-def _parse_cif(text: str, location: str) -> Structure:
+def _cif_number(value: Any) -> float:
+    """A CIF number without its uncertainty ("5.463(2)"); NaN when the value is not one number."""
+    try:
+        return float(str2float(value)) if isinstance(value, str) else math.nan
+    except ValueError:
+        return math.nan
+
+
+def _check_cif_block(block: Mapping[str, Any], location: str, max_sites: int) -> None:
+    """Refuse, before any structure is built, a CIF with impossible cell parameters or more atom rows than sites
+    allowed (each row gives at least one site)."""
+    for name in CIF_CELL_LENGTHS + CIF_CELL_ANGLES:
+        if name not in block:
+            continue  # pymatgen reports a missing cell itself
+        value = block[name]
+        number = _cif_number(value)
+        if not math.isfinite(number):
+            raise InputError(f"{location}: {name} is {value!r}, not a number")
+        if name in CIF_CELL_LENGTHS and number <= 0:
+            raise InputError(f"{location}: {name} is {value}, a lattice length must be positive")
+        if name in CIF_CELL_ANGLES and not 0 < number < 180:
+            raise InputError(f"{location}: {name} is {value}, a cell angle must lie between 0 and 180 degrees")
+    rows = next((block[k] for k in ("_atom_site_label", "_atom_site_type_symbol") if k in block), [])
+    nrows = len(rows) if isinstance(rows, list) else 1
+    if nrows > max_sites:
+        raise InputError(f"{location}: {nrows} atom rows exceed the limit of {max_sites} sites (HOPFLOW_MAX_SITES)")
+
+
+def _parse_cif(text: str, location: str, max_sites: int) -> Structure:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             parser = CifParser.from_str(text)
+            blocks = parser.as_dict()
+        except Exception as exc:  # pymatgen raises many types on broken CIFs
+            raise InputError(f"{location}: unreadable CIF ({_short(exc)})") from exc
+        for block in blocks.values():
+            _check_cif_block(block, location, max_sites)
+        try:
             structures = parser.parse_structures(primitive=False, on_error="ignore")
         except Exception as exc:  # pymatgen raises many types on broken CIFs
             raise InputError(f"{location}: unreadable CIF ({_short(exc)})") from exc
@@ -242,7 +371,54 @@ def _parse_cif(text: str, location: str) -> Structure:
     return structures[0]
 
 
-def _parse_poscar(text: str, location: str) -> Structure:
+def _is_coordinate_line(line: str) -> bool:
+    """Three numbers first (NaN too: `_check_structure` refuses it with its own reason)."""
+    fields = line.split()
+    if len(fields) < 3:
+        return False
+    try:
+        for f in fields[:3]:
+            float(f)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_poscar_counts(text: str, location: str, max_sites: int) -> None:
+    """Refuse, before pymatgen builds anything, a POSCAR whose count line is over `max_sites` or does not match
+    the coordinate lines after it (pymatgen would silently read a wrong structure). A layout this check cannot
+    follow is left to pymatgen's parser, which reports it."""
+    lines = text.splitlines()
+    if len(lines) < 7:
+        return
+    fields = lines[5].split()
+    counts_at = 5 if fields and all(f.lstrip("+-").isdigit() for f in fields) else 6
+    try:
+        counts = [int(f) for f in lines[counts_at].split()]
+    except (ValueError, IndexError):
+        return
+    if not counts:
+        return
+    if any(c < 0 for c in counts):
+        raise InputError(f"{location}: negative atom count in the count line {lines[counts_at].strip()!r}")
+    total = sum(counts)
+    if total > max_sites:
+        raise InputError(f"{location}: count line says {total} atoms, over the limit of {max_sites} sites "
+                         "(HOPFLOW_MAX_SITES)")
+    first = counts_at + 2  # after the coordinate-mode line
+    if len(lines) > counts_at + 1 and lines[counts_at + 1].strip()[:1] in ("s", "S"):
+        first += 1  # selective dynamics
+    coordinates = 0
+    for line in lines[first:]:
+        if not _is_coordinate_line(line):
+            break  # a blank line ends the positions (velocities may follow)
+        coordinates += 1
+    if coordinates != total:
+        raise InputError(f"{location}: count line says {total} atoms but {coordinates} coordinate lines follow")
+
+
+def _parse_poscar(text: str, location: str, max_sites: int) -> Structure:
+    _check_poscar_counts(text, location, max_sites)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -251,14 +427,17 @@ def _parse_poscar(text: str, location: str) -> Structure:
             raise InputError(f"{location}: unreadable POSCAR ({_short(exc)})") from exc
 
 
-def _structure_from_dict(data: Mapping[str, Any], location: str) -> Structure:
+def _structure_from_dict(data: Mapping[str, Any], location: str, max_sites: int) -> Structure:
+    sites = data.get("sites")
+    if isinstance(sites, list) and len(sites) > max_sites:
+        raise InputError(f"{location}: {len(sites)} sites exceed the limit of {max_sites} (HOPFLOW_MAX_SITES)")
     try:
         return Structure.from_dict(data)
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"{location}: JSON is not a pymatgen Structure ({_short(exc)})") from exc
 
 
-def _parse_json(text: str, location: str) -> Structure:
+def _parse_json(text: str, location: str, max_sites: int) -> Structure:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -270,13 +449,13 @@ def _parse_json(text: str, location: str) -> Structure:
         structure = data["structure"]
         if not isinstance(structure, dict):
             raise InputError(f"{location}: MP document has no structure object")
-        return _structure_from_dict(structure, location)
+        return _structure_from_dict(structure, location, max_sites)
     if "lattice" in data and "sites" in data:
-        return _structure_from_dict(data, location)
+        return _structure_from_dict(data, location, max_sites)
     raise InputError(f"{location}: JSON is neither a pymatgen Structure nor a Materials Project document")
 
 
-def _parse_bundled(text: str, location: str) -> Structure:
+def _parse_bundled(text: str, location: str, max_sites: int) -> Structure:
     entry = json.loads(text)
     try:
         lat = entry["lattice"]
@@ -304,15 +483,19 @@ def _short(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def parse_input(raw: RawInput) -> Structure:
-    """The structure in `raw`; raises `InputError` naming the input and the reason when there is none."""
+def parse_input(raw: RawInput, *, max_sites: int | None = None) -> Structure:
+    """The structure in `raw`; raises `InputError` naming the input and the reason when there is none.
+
+    Inputs that declare more than `max_sites` atoms (default: the setting) are refused before a structure is built.
+    """
+    max_sites = max_sites if max_sites is not None else get_settings().max_sites
     if raw.read_error is not None:
         raise InputError(f"{raw.location}: {raw.read_error}")
     if not raw.payload.strip():
         raise InputError(f"{raw.location}: empty file")
     if raw.format is None:
         raise InputError(f"{raw.location}: unknown format (expected CIF, POSCAR/CONTCAR/*.vasp, or JSON)")
-    structure = _PARSERS[raw.format](raw.payload, raw.location)
+    structure = _PARSERS[raw.format](raw.payload, raw.location, max_sites)
     return _check_structure(structure, raw.location)
 
 

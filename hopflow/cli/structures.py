@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from sqlalchemy import select
 
-from hopflow.cli.render import console, emit_json, err_console, table
+from hopflow.cli.render import console, emit_json, print_line, table
 from hopflow.db import init_db, session_scope
 from hopflow.models import Source, Structure
 from hopflow.settings import get_settings
@@ -42,10 +42,10 @@ def import_(
         outcomes = import_raw_inputs(raws, ion=ion)
     failed = [o for o in outcomes if o["state"] == "failed"]
     for o in failed:
-        err_console.print(f"[red]error[/red] {o['error']}", soft_wrap=True, markup=True)
+        print_line(o["error"] or f"{o['location']}: failed", label="error", stderr=True)
     new = sum(1 for o in outcomes if o["new"])
-    console.print(f"{len(outcomes)} inputs: {new} new structures, {len(outcomes) - new - len(failed)} already known "
-                  f"or duplicates, {len(failed)} failed")
+    print_line(f"{len(outcomes)} inputs: {new} new structures, {len(outcomes) - new - len(failed)} already known "
+               f"or duplicates, {len(failed)} failed")
     if failed:
         raise typer.Exit(code=1)
 
