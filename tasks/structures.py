@@ -41,6 +41,8 @@ BUNDLED_RESOURCE = "data/bundled_structures.json"
 
 SYMPREC = 0.1  # Å, spglib tolerance for the recorded space group (loose: experimental and relaxed cells alike)
 MIN_SITE_DISTANCE = 0.5  # Å; closer sites are overlapping atoms, not a crystal
+MAX_LATTICE_LENGTH = 1000.0  # Å; longer cell vectors are a unit or scale mistake, not a crystal
+MAX_VOLUME_PER_ATOM = 1000.0  # Å^3; solids have 5-100, a slab with vacuum a few hundred
 PRIMITIVE_TOLERANCE = 0.25  # Å, pymatgen's default for get_primitive_structure
 FINGERPRINT_VOLUME_DECIMALS = 1  # Å^3 per atom, rounding in the fingerprint
 CHARGE_TOLERANCE = 1e-6  # |sum of oxidation states| accepted as neutral
@@ -318,6 +320,11 @@ def _check_structure(structure: Structure, location: str) -> Structure:
     volume = structure.volume
     if not math.isfinite(volume) or volume <= 0:
         raise InputError(f"{location}: lattice has zero or undefined volume")
+    # neighbour searches grow with the cell: a wrong POSCAR scale factor (1e9) must not reach them
+    if (longest := max(structure.lattice.abc)) > MAX_LATTICE_LENGTH:
+        raise InputError(f"{location}: lattice length {longest:.4g} Å is over {MAX_LATTICE_LENGTH:g} Å, not a crystal")
+    if (per_atom := volume / len(structure)) > MAX_VOLUME_PER_ATOM:
+        raise InputError(f"{location}: {per_atom:.4g} Å^3 per atom is over {MAX_VOLUME_PER_ATOM:g} Å^3, not a crystal")
     return structure
 
 
