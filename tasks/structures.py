@@ -306,12 +306,17 @@ def detect_format(name: str, text: str) -> InputFormat | None:
 # ---------------------------------------------------------------- parsing
 
 
-def _check_structure(structure: Structure, location: str) -> Structure:
-    if len(structure) == 0:
-        raise InputError(f"{location}: structure has no sites")
+def _check_elements(structure: Structure, location: str) -> None:
+    """pymatgen reads an unknown symbol as a dummy species; refuse it here, naming it."""
     unknown = sorted({el.symbol for el in structure.composition.elements if isinstance(el, DummySpecies)})
     if unknown:
         raise InputError(f"{location}: unknown element {', '.join(unknown)}")
+
+
+def _check_structure(structure: Structure, location: str) -> Structure:
+    if len(structure) == 0:
+        raise InputError(f"{location}: structure has no sites")
+    _check_elements(structure, location)
     matrix = structure.lattice.matrix
     if not np.all(np.isfinite(matrix)):
         raise InputError(f"{location}: lattice has NaN or infinite entries")
@@ -372,6 +377,8 @@ def _parse_cif(text: str, location: str, max_sites: int) -> Structure:
             raise InputError(f"{location}: unreadable CIF ({_short(exc)})") from exc
         if len(structures) > 1:
             raise InputError(f"{location}: CIF holds {len(structures)} structures; give one per file")
+        if structures:
+            _check_elements(structures[0], location)
         # a CIF cut off between atom rows still parses: its formula no longer matches the atoms read
         if (problem := parser.check(structures[0])) is not None:
             raise InputError(f"{location}: atoms do not match the CIF's formula, truncated file? ({_short(problem)})")

@@ -44,4 +44,6 @@ def _fmt(value: Any) -> str:
         return f"{value:.4g}"
     if isinstance(value, Mapping):
         return " ".join(f"{k}{v:+g}" if isinstance(v, (int, float)) else f"{k}:{v}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
     return str(value)
