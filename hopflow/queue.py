@@ -20,6 +20,7 @@ from hopflow.models import Run, RunState, Score, StageSetting
 from hopflow.provenance import versions
 from hopflow.registry import Reused, Stage, get_stage
 from hopflow.settings import get_settings
+from hopflow.validation import check_cutoff, check_target
 
 CUTOFF_PREFIX = "cutoff."
 TARGET_KEY = "target"
@@ -95,8 +96,8 @@ def cutoff_values(session: Session, stage: Stage) -> dict[str, float]:
 
 
 def set_cutoff(session: Session, stage: Stage, name: str, value: float, reason: str = "set by user") -> bool:
-    stage.cutoff(name)  # validates the name against the registry
-    return set_stage_setting(session, stage.name, CUTOFF_PREFIX + name, float(value), reason)
+    value = check_cutoff(stage.cutoff(name), value)  # the name against the registry, the value finite and in bounds
+    return set_stage_setting(session, stage.name, CUTOFF_PREFIX + name, value, reason)
 
 
 def active_ranker(session: Session, stage: Stage) -> str:
@@ -118,9 +119,7 @@ def target(session: Session, stage: Stage) -> int:
 
 
 def set_target(session: Session, stage: Stage, value: int, reason: str = "set by user") -> bool:
-    if value < 0:
-        raise ValueError("a target is a number of live runs, >= 0")
-    return set_stage_setting(session, stage.name, TARGET_KEY, int(value), reason)
+    return set_stage_setting(session, stage.name, TARGET_KEY, check_target(value), reason)
 
 
 # ---------------------------------------------------------------- enqueue and rank
@@ -146,7 +145,7 @@ def enqueue(session: Session, stage: Stage, parameters: Mapping[str, Any] | None
     already = exists().where(Run.stage == stage.name, Run.input_id == items.c.item_id, Run.param_hash == phash)
     new_items = select(
         literal(stage.name), items.c.item_id, literal(phash), literal(params, type_=Run.parameters.type),
-        literal(RunState.QUEUED), literal(0), literal(stage.retry_limit),
+        literal(RunState.QUEUED), literal(0), literal(stage.attempts_allowed),
     ).where(~already)
     cols = ["stage", "input_id", "param_hash", "parameters", "state", "attempts", "max_attempts"]
     stmt = _insert(session, Run.__table__).from_select(cols, new_items).on_conflict_do_nothing()
@@ -210,6 +209,11 @@ def write_scores(session: Session, stage: Stage, ranker_name: str, scores: Mappi
 # ---------------------------------------------------------------- claim
 
 
+def _claim_order(active: bool) -> tuple[Any, Any]:
+    """The claim order's columns: the active ranker's denormalised priority, or another ranker's joined score."""
+    return (Run.priority, Run.input_id) if active else (Score.score, Score.item_id)
+
+
 def _claimable(stage: Stage, ranker: str, phash: str, cutoffs: Mapping[str, float], *, active: bool) -> Any:
     """Queued runs in claim order. The active ranker's order is denormalised onto `runs.priority` (index-ordered);
     any other ranker joins its scores."""
@@ -229,11 +233,24 @@ def _claimable(stage: Stage, ranker: str, phash: str, cutoffs: Mapping[str, floa
 
 def claim_statement(session: Session, stage: Stage, n: int, ranker: str, phash: str, claimant: str,
                     lease_seconds: float, cutoffs: Mapping[str, float], *, active: bool = True) -> Any:
-    """The one claim statement: mark the top-n eligible queued runs claimed, skipping rows others hold."""
+    """The one claim statement: mark the top-n eligible queued runs claimed, skipping rows others hold.
+
+    A run whose earlier batch crashed carries a `batch_limit`: the batch is cut at the first run that would exceed the
+    smallest limit seen so far in claim order (a prefix, so rank order is kept and the head run is always taken)."""
     now = utcnow()
-    pick = _claimable(stage, ranker, phash, cutoffs, active=active).limit(n)
+    order = _claim_order(active)
+    top = (_claimable(stage, ranker, phash, cutoffs, active=active)
+           .add_columns(Run.batch_limit, *(c.label(f"order_{i}") for i, c in enumerate(order))).limit(n))
     if session.get_bind().dialect.name == "postgresql":
-        pick = pick.with_for_update(of=Run, skip_locked=True)
+        top = top.with_for_update(of=Run, skip_locked=True)
+    top = top.subquery()
+    keys = [top.c[f"order_{i}"] for i in range(len(order))]
+    positioned = select(
+        top.c.id,
+        func.row_number().over(order_by=keys).label("position"),
+        func.min(func.coalesce(top.c.batch_limit, n)).over(order_by=keys, rows=(None, 0)).label("room"),
+    ).subquery()
+    pick = select(positioned.c.id).where(positioned.c.position <= positioned.c.room)
     return (
         update(Run)
         .where(Run.id.in_(pick.scalar_subquery()))
@@ -264,7 +281,7 @@ def claim(stage_name: str, n: int, ranker: str | None = None, *, parameters: Map
         stage.ranker(ranker)
         cutoffs = {c.name: float(live.get(CUTOFF_PREFIX + c.name, c.default)) for c in stage.cutoffs}
         stmt = claim_statement(session, stage, n, ranker, phash, claimant or default_claimant(),
-                               lease_seconds or stage.lease_seconds, cutoffs, active=ranker == active)
+                               lease_seconds or stage.lease, cutoffs, active=ranker == active)
         rows = session.execute(stmt).all()
     return [ClaimedRun(id=r.id, stage=stage.name, input_id=r.input_id, parameters=r.parameters) for r in rows]
 
@@ -282,7 +299,7 @@ def claim_ids(session: Session, stage: Stage, input_ids: Sequence[int], *, claim
                Run.state == RunState.QUEUED)
         .values(state=RunState.CLAIMED, claimant=claimant or default_claimant(), ranker="manual",
                 attempts=Run.attempts + 1, claimed_at=now,
-                lease_expires_at=now + timedelta(seconds=stage.lease_seconds))
+                lease_expires_at=now + timedelta(seconds=stage.lease))
         .returning(Run.id, Run.input_id, Run.parameters)
         .execution_options(synchronize_session=False)
     )
@@ -301,6 +318,30 @@ def attach_flow_run(session: Session, run_ids: Iterable[int], flow_run_id: str) 
     """Record which Prefect flow run owns these claimed runs (sweep uses it to find crashed runs)."""
     session.execute(update(Run).where(Run.id.in_(list(run_ids))).values(flow_run_id=flow_run_id)
                     .execution_options(synchronize_session=False))
+
+
+def renew(session: Session, run_ids: Iterable[int], lease_seconds: float, *, flow_run_id: str | None = None) -> int:
+    """Extend the leases of live runs a flow run is still working on (its heartbeat); returns how many were renewed.
+
+    With `flow_run_id`, only runs still owned by that flow run (or not yet handed to any) are renewed."""
+    owner = [or_(Run.flow_run_id.is_(None), Run.flow_run_id == flow_run_id)] if flow_run_id else []
+    stmt = (update(Run).where(Run.id.in_(list(run_ids)), Run.state.in_(RunState.LIVE), *owner)
+            .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+            .execution_options(synchronize_session=False))
+    return session.execute(stmt).rowcount or 0
+
+
+def renew_waiting(session: Session, flow_run_ids: Iterable[str]) -> int:
+    """Extend the leases of claimed, not yet started runs whose flow runs are still waiting to start (scheduled or
+    pending in Prefect): a busy worker pool is no lost work. Each stage's own lease; returns how many were renewed."""
+    waiting = [Run.state == RunState.CLAIMED, Run.flow_run_id.in_(list(flow_run_ids))]
+    renewed = 0
+    for name in session.scalars(select(Run.stage).where(*waiting).distinct()).all():
+        stmt = (update(Run).where(*waiting, Run.stage == name)
+                .values(lease_expires_at=utcnow() + timedelta(seconds=get_stage(name).lease))
+                .execution_options(synchronize_session=False))
+        renewed += session.execute(stmt).rowcount or 0
+    return renewed
 
 
 def start(session: Session, run_ids: Iterable[int], *, flow_run_id: str | None = None,
@@ -403,6 +444,21 @@ def release(session: Session, run_ids: Iterable[int], *, flow_run_id: str | None
     return session.execute(stmt).rowcount or 0
 
 
+def _spare_attempt(run: Run, batch_size: int) -> str:
+    """Poison isolation across flow runs: a lost run that never started, or that was lost with others of its batch
+    (a crashed or killed flow run takes every open item with it), gets its attempt back and at most half that batch
+    next time; only a run lost alone spends the attempt. Returns what the run's reason should add."""
+    if run.state == RunState.CLAIMED and run.flow_run_id is None:
+        run.attempts -= 1
+        return " (never handed to a flow run: attempt not counted)"
+    if batch_size <= 1:
+        return ""
+    run.attempts -= 1
+    run.batch_limit = max(1, min(run.batch_limit or batch_size, batch_size) // 2)
+    return (f" (lost with {batch_size - 1} other open items of its batch: attempt not counted, "
+            f"next batch at most {run.batch_limit})")
+
+
 def sweep(session: Session, *, stage: str | None = None, lost_flow_runs: Mapping[str, str] | None = None,
           now: datetime | None = None) -> SweepReport:
     """Requeue lost work (expired leases, crashed flow runs, retryable failures) while attempts remain; fail the rest.
@@ -428,11 +484,16 @@ def sweep(session: Session, *, stage: str | None = None, lost_flow_runs: Mapping
     retry_failed = session.scalars(
         select(Run).where(*scope, Run.state == RunState.FAILED, Run.attempts < Run.max_attempts).with_for_update()
     ).all()
+    batches: dict[str, list[Run]] = {}
     for run in candidates.values():
-        history = list(run.history or [])
-        history.append({"attempt": run.attempts, "at": now.isoformat(), "error": reasons[run.id], "kind": "lost"})
-        run.history = history
-        run.error = reasons[run.id]
+        batches.setdefault(run.flow_run_id or f"claimant {run.claimant}", []).append(run)
+    for batch in batches.values():
+        for run in batch:
+            reason = reasons[run.id] + _spare_attempt(run, len(batch))
+            history = list(run.history or [])
+            history.append({"attempt": run.attempts, "at": now.isoformat(), "error": reason, "kind": "lost"})
+            run.history = history
+            run.error = reason
     for run in [*candidates.values(), *retry_failed]:
         if run.attempts < run.max_attempts:
             run.state = RunState.QUEUED

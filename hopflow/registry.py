@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Select
 from sqlalchemy.orm import Session
 
-from hopflow.settings import Settings
+from hopflow.settings import Settings, get_settings
 
 InputQuery = Callable[[], Select[Any]]
 """A SELECT over the stage's input rows with an `item_id` column and the columns rankers and cutoffs use."""
@@ -49,6 +49,8 @@ class Cutoff:
     criterion: Callable[[Any, float], ColumnElement[bool]]
     broaden_step: float | None = None
     broaden_limit: float | None = None
+    minimum: float | None = 0.0
+    """Smallest value accepted (hopflow's cutoffs are distances and energies); None: any finite value."""
 
 
 @dataclass(frozen=True)
@@ -71,10 +73,31 @@ class Stage:
     deployment: str = ""
     resources: str = "local"
     batch_size: int = 10
-    retry_limit: int = 3
-    lease_seconds: float = 3600.0
+    retry_limit: int | None = None
+    """Attempts a run gets; None: `HOPFLOW_RETRY_LIMIT`."""
+    lease_seconds: float | None = None
+    """Lease of a claim, renewed while its flow run makes progress; None: `HOPFLOW_LEASE_SECONDS`."""
+    item_time_limit: float | None = None
+    """Seconds one item may run before its Dask worker is restarted and the item failed; None:
+    `HOPFLOW_ITEM_TIME_LIMIT` (0 there: no limit)."""
     default_target: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def attempts_allowed(self) -> int:
+        """The stage's retry limit, else the setting's."""
+        return self.retry_limit if self.retry_limit is not None else get_settings().retry_limit
+
+    @property
+    def lease(self) -> float:
+        """The stage's lease in seconds, else the setting's."""
+        return self.lease_seconds if self.lease_seconds is not None else get_settings().lease_seconds
+
+    @property
+    def time_limit(self) -> float | None:
+        """Seconds one item may run (None: unlimited): the stage's, else the setting's."""
+        limit = self.item_time_limit if self.item_time_limit is not None else get_settings().item_time_limit
+        return limit or None
 
     def ranker(self, name: str | None) -> Ranker:
         name = name or self.default_ranker

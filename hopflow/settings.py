@@ -8,11 +8,14 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+INT64_MAX = 2**63 - 1
+"""Integer settings stay within the 64-bit integers the database stores (hopflow.validation uses the same bound)."""
+
 
 class Settings(BaseSettings):
     """Run-time configuration; override any field with `HOPFLOW_<NAME>` or by constructing `Settings(...)`."""
 
-    model_config = SettingsConfigDict(env_prefix="HOPFLOW_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="HOPFLOW_", extra="ignore", allow_inf_nan=False)  # no nan/inf floats
 
     home: Path = Field(
         default=Path.home() / ".hopflow",
@@ -24,7 +27,7 @@ class Settings(BaseSettings):
         "Use `postgresql+psycopg://user:pass@host/db` for many concurrent workers, `sqlite://` for in-memory.",
     )
     migrating_ion: str = Field(default="F", description="Element symbol of the migrating ion (F, Li, Na, O, Cl ...).")
-    max_sites: int = Field(default=500, description="Largest structure (sites in the reduced cell) accepted on import.")
+    max_sites: int = Field(default=500, gt=0, le=INT64_MAX, description="Largest structure (sites in the reduced cell) accepted on import.")
     mp_api_key: SecretStr | None = Field(
         default=None,
         validation_alias=AliasChoices("MP_API_KEY", "HOPFLOW_MP_API_KEY"),
@@ -32,25 +35,33 @@ class Settings(BaseSettings):
     )
 
     # queue
-    lease_seconds: float = Field(default=3600.0, description="Default lease of a claimed run before sweep may requeue it.")
-    retry_limit: int = Field(default=3, description="Default number of attempts a run gets before it is failed for good.")
+    lease_seconds: float = Field(default=3600.0, gt=0, description="Default lease of a claimed run before sweep may requeue it.")
+    retry_limit: int = Field(default=3, ge=1, le=INT64_MAX, description="Default number of attempts a run gets before it is failed for good.")
+
+    # poison isolation, lease renewal, time limits (issue 12)
+    item_time_limit: float = Field(
+        default=0.0, ge=0, description="Seconds one item may run before its Dask worker process is restarted and the "
+        "item failed (retryable); the default of stages that set no item_time_limit; 0: no limit.")
+    lease_renew_fraction: float = Field(
+        default=1 / 3, gt=0, lt=1, description="A stage flow run renews its open claims every this fraction of the "
+        "lease while its Dask work is advancing.")
 
     # path finding
-    max_paths: int = Field(default=5, description="Most distinct hops kept per structure, shortest first.")
+    max_paths: int = Field(default=5, ge=1, le=INT64_MAX, description="Most distinct hops kept per structure, shortest first.")
     max_hop: float | None = Field(
-        default=None, description="Largest hop length in Å; None lets pymatgen-analysis-diffusion choose it."
+        default=None, gt=0, description="Largest hop length in Å; None lets pymatgen-analysis-diffusion choose it."
     )
-    supercell_min_length: float = Field(default=10.0, description="Smallest supercell lattice length in Å for vacancy hops.")
-    supercell_min_atoms: int = Field(default=40, description="Fewest atoms in a vacancy-hop supercell.")
-    supercell_max_atoms: int = Field(default=240, description="Most atoms in a vacancy-hop supercell.")
-    nimages: int = Field(default=5, description="Intermediate images along a hop (IDPP, NEB).")
+    supercell_min_length: float = Field(default=10.0, gt=0, description="Smallest supercell lattice length in Å for vacancy hops.")
+    supercell_min_atoms: int = Field(default=40, ge=1, le=INT64_MAX, description="Fewest atoms in a vacancy-hop supercell.")
+    supercell_max_atoms: int = Field(default=240, ge=1, le=INT64_MAX, description="Most atoms in a vacancy-hop supercell.")
+    nimages: int = Field(default=5, ge=1, le=INT64_MAX, description="Intermediate images along a hop (IDPP, NEB).")
 
     # compute
     dask_profile: str = Field(default="local", description="Dask cluster profile name from deployments/clusters.yaml.")
     max_chunks: int = Field(
-        default=16, description="Most Dask tasks one stage flow run splits its items into (fewer, larger tasks amortise "
+        default=16, ge=1, le=INT64_MAX, description="Most Dask tasks one stage flow run splits its items into (fewer, larger tasks amortise "
         "Prefect's per-task cost; more balance uneven items).")
-    dask_workers: int = Field(default=2, description="Worker processes of the local Dask cluster.")
+    dask_workers: int = Field(default=2, ge=1, le=INT64_MAX, description="Worker processes of the local Dask cluster.")
     cluster_profiles: Path | None = Field(
         default=None, description="Dask cluster profile file; None uses deployments/clusters.yaml shipped with hopflow."
     )
@@ -65,7 +76,7 @@ class Settings(BaseSettings):
         description="POTCAR root in pymatgen's PMG_VASP_PSP_DIR layout (POT_GGA_PAW_PBE/<symbol>/POTCAR); "
         "None uses pymatgen's own PMG_VASP_PSP_DIR setting.",
     )
-    vasp_max_errors: int = Field(default=5, description="Most custodian corrections per VASP calculation before it fails.")
+    vasp_max_errors: int = Field(default=5, ge=0, le=INT64_MAX, description="Most custodian corrections per VASP calculation before it fails.")
 
     estimate_engine: str = Field(
         default="mlip-idpp", description="Barrier engine of the estimates stage (mlip-idpp or mlip-neb)."
@@ -78,10 +89,10 @@ class Settings(BaseSettings):
         "`intermediate-minimum` (no barrier is ranked).")
     bulk_fmax: float = Field(default=0.02, gt=0, description="eV/Å: force (and scaled stress) threshold of the bulk "
                              "relaxation (lattice and positions, symmetry kept) before vacancies are made.")
-    bulk_steps: int = Field(default=300, gt=0, description="Optimizer step limit of the bulk relaxation.")
+    bulk_steps: int = Field(default=300, gt=0, le=INT64_MAX, description="Optimizer step limit of the bulk relaxation.")
     vacancy_fmax: float = Field(default=0.05, gt=0, description="eV/Å: force threshold of the vacancy relaxations "
                                 "(positions, fixed cell).")
-    vacancy_steps: int = Field(default=300, gt=0, description="Optimizer step limit of a vacancy relaxation.")
+    vacancy_steps: int = Field(default=300, gt=0, le=INT64_MAX, description="Optimizer step limit of a vacancy relaxation.")
     vacancy_optimizer: str = Field(default="BFGS", description="ASE optimizer of the relaxations (BFGS or FIRE).")
     vacancy_fill_distance: float = Field(
         default=1.0, gt=0, description="Å: an atom this close to the vacant site after relaxation fills the vacancy "
@@ -90,9 +101,9 @@ class Settings(BaseSettings):
         default=1.0, gt=0, description="Å: an atom moving farther than this in a vacancy relaxation flags "
         "vacancy-moved.")
     archive_batch_rows: int = Field(
-        default=2000, gt=0, description="Rows per Parquet row group and per insert batch of `hopflow export` and "
+        default=2000, gt=0, le=INT64_MAX, description="Rows per Parquet row group and per insert batch of `hopflow export` and "
         "`hopflow import-archive` (memory stays bounded by it).")
-    screen_top: int = Field(default=10, description="Pathways `hopflow screen` estimates, in the estimates stage's rank order.")
+    screen_top: int = Field(default=10, ge=0, le=INT64_MAX, description="Pathways `hopflow screen` estimates, in the estimates stage's rank order.")
 
     screen_stages: list[str] = Field(
         default=["pathways", "features", "estimates"],

@@ -93,6 +93,8 @@ class Run(Base):
     """The `archives` row of the import that brought this run in (None: run here)."""
     origin: Mapped[dict[str, Any] | None]
     """For an imported run: its id in the exporting database and the archives it passed through before."""
+    batch_limit: Mapped[int | None] = mapped_column(Integer)
+    """Largest batch this run may be claimed in: halved each time a batch it was in crashed (None: the stage's)."""
 
 
 class StageSetting(Base):

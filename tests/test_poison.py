@@ -1,0 +1,186 @@
+"""Poison isolation and time limits: a crashed batch's runs come back without an attempt counted and in smaller
+batches; inside a flow run a Dask worker killed by an item (os._exit) is bisected until that item runs alone, and a
+hanging item is stopped by restarting its worker; a running batch renews its leases."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import pytest
+from sqlalchemy import Engine, insert, select
+
+from deployments.clusters import task_runner
+from flows.synthetic import synthetic
+from hopflow import queue
+from hopflow.db import get_engine, init_db, make_engine, session_scope
+from hopflow.models import Run, RunState, SyntheticItem, SyntheticResult
+from hopflow.registry import get_stage, register
+from hopflow.settings import get_settings
+
+SYN = "synthetic"
+
+
+def _add(engine, kinds: list[str], fail_attempts: int = 1) -> None:
+    with session_scope(engine, write=True) as s:
+        s.execute(insert(SyntheticItem), [{"cpu_ms": 0.0, "sleep_ms": 0.0, "failure": kind,
+                                           "fail_attempts": fail_attempts, "priority": float(i)}
+                                          for i, kind in enumerate(kinds)])
+
+
+def _crash(engine, run_ids: list[int], flow_run_id: str) -> queue.SweepReport:
+    """The runs' flow run starts them, then its process dies (Prefect reports it Crashed)."""
+    with session_scope(engine, write=True) as s:
+        queue.start(s, run_ids, flow_run_id=flow_run_id)
+    with session_scope(engine, write=True) as s:
+        return queue.sweep(s, lost_flow_runs={flow_run_id: "Crashed"})
+
+
+def test_a_crashed_batch_comes_back_free_in_halves_until_one_run_is_lost_alone(engine) -> None:
+    _add(engine, ["none"] * 8)
+    sizes = []
+    batch = [c.id for c in queue.claim(SYN, 8, engine=engine, refresh=True)]
+    for crash in range(3):
+        sizes.append(len(batch))
+        report = _crash(engine, batch, f"flow-{crash}")
+        assert sorted(report.requeued) == sorted(batch)
+        batch = [c.id for c in queue.claim(SYN, 8, engine=engine)]
+    assert sizes == [8, 4, 2] and len(batch) == 1  # each crash halves the batch its runs may be claimed in
+    with session_scope(engine) as s:
+        runs = {r.id: r for r in s.scalars(select(Run))}
+    lone = runs[batch[0]]
+    assert lone.attempts == 1  # claimed again now; every crash with company was free
+    assert "attempt not counted" in lone.history[0]["error"] and "ended Crashed" in lone.history[0]["error"]
+    # lost alone: this one spends its attempt
+    _crash(engine, batch, "flow-alone")
+    with session_scope(engine) as s:
+        again = s.get(Run, batch[0])
+        assert again.state == RunState.QUEUED and again.attempts == 1 and again.batch_limit == 1
+        assert "attempt not counted" not in again.history[-1]["error"]
+    # the claim is one prefix in rank order: the lowest-priority runs with a small limit cut the batch
+    head = queue.claim(SYN, 8, engine=engine)
+    assert [c.id for c in head] == [batch[0]]
+
+
+def test_an_item_that_always_kills_its_process_still_fails_at_the_retry_limit(engine) -> None:
+    _add(engine, ["none", "exit"])
+    both = [c.id for c in queue.claim(SYN, 2, engine=engine, refresh=True)]
+    _crash(engine, both, "together")  # the two were lost together: free, and claimed one by one from now on
+    crashes = 0
+    while batch := [c.id for c in queue.claim(SYN, 2, engine=engine)]:
+        assert len(batch) == 1
+        with session_scope(engine, write=True) as s:
+            (run,) = queue.runs(s, batch)
+            item = run.input_id
+        if item == 1:
+            with session_scope(engine, write=True) as s:
+                queue.start(s, batch)
+                queue.complete(s, batch[0], SimpleNamespace(value=1.0, elapsed_s=0.0))
+        else:
+            crashes += 1
+            assert crashes <= 10, "the poison run was never failed"
+            _crash(engine, batch, f"alone-{crashes}")
+    with session_scope(engine) as s:
+        states = {r.input_id: (r.state, r.attempts) for r in s.scalars(select(Run))}
+    limit = get_stage(SYN).attempts_allowed
+    assert states == {1: (RunState.DONE, 1), 2: (RunState.FAILED, limit)} and crashes == limit
+
+
+def test_claims_never_started_by_a_flow_run_come_back_free_and_leases_renew(engine) -> None:
+    _add(engine, ["none"] * 3)
+    claimed = [c.id for c in queue.claim(SYN, 3, engine=engine, refresh=True, lease_seconds=0.01)]
+    with session_scope(engine, write=True) as s:
+        assert queue.renew(s, claimed[:1], 3600) == 1  # a heartbeat keeps this one
+    time.sleep(0.05)
+    with session_scope(engine, write=True) as s:
+        report = queue.sweep(s)
+    assert sorted(report.requeued) == sorted(claimed[1:])
+    with session_scope(engine) as s:
+        runs = {r.id: r for r in s.scalars(select(Run))}
+    assert runs[claimed[0]].state == RunState.CLAIMED
+    assert all(runs[i].attempts == 0 and runs[i].batch_limit is None for i in claimed[1:])
+
+
+@pytest.fixture
+def flow_engine(tmp_path, monkeypatch) -> Iterator[Engine]:
+    """A SQLite file for the flow-level checks (the queue tests above run on both backends), one Dask chunk a flow."""
+    url = f"sqlite:///{tmp_path / 'poison.sqlite'}"
+    init_db(make_engine(url)).dispose()
+    monkeypatch.setenv("HOPFLOW_DATABASE_URL", url)
+    monkeypatch.setenv("HOPFLOW_MAX_CHUNKS", "1")  # every item in one chunk on one worker
+    get_settings.cache_clear()
+    get_engine.cache_clear()
+    yield get_engine()
+    get_engine().dispose()
+    get_engine.cache_clear()
+
+
+@pytest.fixture
+def time_limited_stage() -> Iterator[float]:
+    limit = 4.0
+    original = get_stage(SYN)
+    register(dataclasses.replace(original, item_time_limit=limit, lease_seconds=3.0), replace=True)
+    yield limit
+    register(original, replace=True)
+
+
+def _flow_on_processes():
+    return synthetic.with_options(task_runner=task_runner("local"))
+
+
+@pytest.mark.prefect
+def test_a_worker_killed_by_an_item_is_bisected_until_that_item_runs_alone(flow_engine) -> None:
+    kinds = ["none"] * 3 + ["exit"] + ["none"] * 4
+    _add(flow_engine, kinds)
+    claimed = [c.id for c in queue.claim(SYN, len(kinds), engine=flow_engine, refresh=True)]
+    report = _flow_on_processes()(run_ids=claimed)
+    with session_scope(flow_engine) as s:
+        runs = {r.input_id: r for r in s.scalars(select(Run))}
+        results = dict(s.execute(select(SyntheticResult.item_id, SyntheticResult.run_id)).all())
+    poison = runs[4]
+    assert list(report.failed) == [poison.id]
+    assert "WorkerLostError" in poison.error and "died while running it alone" in poison.error
+    assert poison.state == RunState.FAILED and poison.attempts == 1
+    assert sorted(report.done) == sorted(r.id for i, r in runs.items() if i != 4)
+    assert sorted(results) == [i for i in runs if i != 4]  # one result each, written by this flow run
+    assert all(r.attempts == 1 for r in runs.values())  # the items bisected with the poison spent nothing
+
+
+@pytest.mark.prefect
+def test_a_hanging_item_is_stopped_at_its_time_limit_while_the_batch_renews_its_leases(
+        flow_engine, time_limited_stage) -> None:
+    kinds = ["none", "hang", "none", "none"]
+    _add(flow_engine, kinds)
+    # a claim's lease covers the flow run's start-up; from its start on, the batch holds 3 s leases
+    claimed = [c.id for c in queue.claim(SYN, len(kinds), engine=flow_engine, refresh=True, lease_seconds=120)]
+    finished = threading.Event()
+    swept: list[int] = []
+
+    def sweeper() -> None:  # the controller's sweep, all the while: a lease left to lapse would lose the batch
+        while not finished.wait(0.5):
+            with session_scope(flow_engine, write=True) as s:
+                swept.extend(queue.sweep(s).requeued)
+
+    thread = threading.Thread(target=sweeper)
+    thread.start()
+    started = time.monotonic()
+    try:
+        report = _flow_on_processes()(run_ids=claimed)
+    finally:
+        elapsed = time.monotonic() - started
+        finished.set()
+        thread.join()
+    with session_scope(flow_engine) as s:
+        runs = {r.input_id: r for r in s.scalars(select(Run))}
+    hung = runs[2]
+    assert elapsed > 2 * 3.0  # the batch outlived its 3 s lease twice over
+    assert set(swept) <= {hung.id}  # only the failed hang may be requeued (a retryable failure), nothing lost
+    assert list(report.failed) == [hung.id]
+    assert f"exceeded its time limit of {time_limited_stage:g} s" in hung.error
+    assert "ItemTimeLimitError" in hung.error and hung.attempts == 1
+    assert [h["kind"] for h in hung.history] == ["retryable"]
+    assert sorted(report.done) == sorted(r.id for i, r in runs.items() if i != 2)
+    assert all(r.history is None and r.state == RunState.DONE for i, r in runs.items() if i != 2)
