@@ -221,6 +221,14 @@ def checkpoint_database(engine: Engine | None = None, dest: Path | str | None = 
     folder = Path(dest) if dest is not None else get_settings().home / CHECKPOINT_DIR
     folder = folder / stamp
     folder.mkdir(parents=True, exist_ok=False)
+    try:
+        return _checkpoint_into(engine, folder, stamp)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # a failed checkpoint leaves no half-written dated folder
+        raise
+
+
+def _checkpoint_into(engine: Engine, folder: Path, stamp: str) -> CheckpointReport:
     if is_sqlite(engine):
         snapshot = folder / SQLITE_SNAPSHOT
         _snapshot_sqlite(engine, snapshot)

@@ -11,13 +11,14 @@ from rich.markup import escape
 from hopflow.cli.render import console, emit_json
 from hopflow.db import init_db
 from hopflow.errors import ArchiveError
+from hopflow.validation import row_id
 
 FileArg = Annotated[Path, typer.Argument(help="The archive file (a zip of Parquet tables and a manifest).")]
 
 
 def export(file: FileArg,
            structure: Annotated[list[int] | None, typer.Option(
-               "--structure", help="Structure id to export with its closure (repeat the option).")] = None,
+               "--structure", callback=row_id(), help="Structure id to export with its closure (repeat the option).")] = None,
            formula: Annotated[list[str] | None, typer.Option(
                "--formula", help="Reduced formula whose structures to export (repeat the option).")] = None,
            stage: Annotated[str, typer.Option(

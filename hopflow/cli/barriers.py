@@ -131,6 +131,8 @@ PlotOption = Annotated[Path | None, typer.Option("--plot", help="Also write the 
 def leaderboard(by: ByOption = Board.pathway, as_json: JsonOption = False, plot: PlotOption = None) -> None:
     """Best trusted barrier per pathway (VASP NEB over estimates), or per structure the percolation barriers
     E*(1D/2D/3D); lowest first."""
+    if plot is not None and not plot.parent.is_dir():
+        raise typer.BadParameter(f"folder {plot.parent} does not exist", param_hint="'--plot'")
     init_db()
     with session_scope() as session:
         entries: list[Any] = pathway_leaderboard(session) if by is Board.pathway else material_leaderboard(session)

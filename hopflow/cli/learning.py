@@ -10,9 +10,10 @@ import typer
 from hopflow.cli.render import console, emit_json, table
 from hopflow.db import init_db
 from hopflow.loop import retrain_cycle
+from hopflow.validation import SEED_MAX, bounded_int
 
 
-def retrain(seed: Annotated[int, typer.Option("--seed", help="Seed of the model and its cross-validation.")] = 0,
+def retrain(seed: Annotated[int, typer.Option("--seed", callback=bounded_int(ge=0, le=SEED_MAX), help="Seed of the model and its cross-validation.")] = 0,
             as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Retrain the barrier models on finished barriers, calibrate estimates against VASP, re-score the rankers."""
     init_db()

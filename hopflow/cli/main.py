@@ -3,24 +3,95 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+import re
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 from rich.markup import escape
 from sqlalchemy import func, inspect, select, table
 
 from hopflow import queue
 from hopflow.cli import archive, barriers, learning, orchestration, pathways, stages, structures
 from hopflow.cli import report as report_cli
-from hopflow.cli.render import console, emit_json
+from hopflow.cli.render import console, emit_json, err_console
 from hopflow.cli.render import table as render_table
 from hopflow.db import get_engine, init_db, session_scope
 from hopflow.registry import STAGES, get_stage
 from hopflow.settings import get_settings
+from hopflow.validation import finite_float
 
 logging.getLogger("distributed").setLevel(logging.WARNING)  # Dask's lifecycle chatter hides the results
 
-app = typer.Typer(help="hopflow: high-throughput screening of crystals for fast ion migration.", no_args_is_help=True)
+USAGE_EXIT = 2
+"""Exit code of a refused input or configuration (typer's own for usage errors)."""
+FAILURE_EXIT = 1
+
+
+def failure_message(exc: BaseException) -> tuple[str, int] | None:
+    """A known error as one line for the terminal and its exit code; None for anything else (a bug: traceback)."""
+    from pydantic import ValidationError
+    from sqlalchemy.exc import ArgumentError, DBAPIError
+
+    from hopflow.errors import HopflowError, InvalidValueError
+
+    if isinstance(exc, InvalidValueError):
+        return str(exc), USAGE_EXIT
+    if isinstance(exc, HopflowError):
+        return str(exc), FAILURE_EXIT
+    if isinstance(exc, ArgumentError):
+        return f"bad database URL (HOPFLOW_DATABASE_URL): {exc}", USAGE_EXIT
+    if isinstance(exc, DBAPIError):
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else type(exc).__name__
+        return f"database error: {reason}", FAILURE_EXIT
+    if isinstance(exc, ValidationError):
+        errors = "; ".join(f"{'.'.join(map(str, e['loc'])) or exc.title}: {e['msg']}" for e in exc.errors())
+        return f"invalid setting ({exc.title}): {errors}", USAGE_EXIT
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"cannot use {exc.filename}: {exc.strerror or exc}", FAILURE_EXIT
+    return None
+
+
+def without_secrets(text: str) -> str:
+    """`text` with the database password and the MP API key masked (they must never reach the terminal)."""
+    from sqlalchemy.engine import make_url
+
+    secrets: list[str] = []
+    try:
+        settings = get_settings()
+    except Exception:  # noqa: BLE001  (invalid settings are what is being reported)
+        return text
+    if settings.mp_api_key is not None and settings.mp_api_key.get_secret_value():
+        secrets.append(settings.mp_api_key.get_secret_value())
+    try:
+        password = make_url(settings.url).password
+    except Exception:  # noqa: BLE001  (an unparsable URL: mask what looks like user:password@)
+        password = None
+        text = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+    if password:
+        secrets.append(str(password))
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+class HopflowGroup(TyperGroup):
+    """The command group: known errors end a command with one line on stderr and an exit code, not a traceback."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            known = failure_message(exc)
+            if known is None:
+                raise
+            message, code = known
+            err_console.print(f"[red]error[/red] {escape(without_secrets(message))}", soft_wrap=True)
+            raise typer.Exit(code) from None
+
+
+app = typer.Typer(help="hopflow: high-throughput screening of crystals for fast ion migration.", no_args_is_help=True,
+                  cls=HopflowGroup)
 
 
 @app.command()
@@ -35,7 +106,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
            watch: Annotated[bool, typer.Option(
                "--watch", help="Show a progress bar per stage from the queue until Ctrl-C (a controller campaign).")]
            = False,
-           interval: Annotated[float, typer.Option(min=0.1, help="Seconds between two looks (--watch).")] = 2.0,
+           interval: Annotated[float, typer.Option(callback=finite_float(ge=0.1), help="Seconds between two looks (--watch).")] = 2.0,
            until_idle: Annotated[bool, typer.Option(
                "--until-idle", help="With --watch: stop once no run is queued, claimed or running.")] = False,
            ) -> None:

@@ -14,6 +14,7 @@ import typer
 from hopflow import queue
 from hopflow.db import session_scope
 from hopflow.registry import get_stage
+from hopflow.validation import bounded_int, finite_float, row_id
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -39,7 +40,7 @@ def _stage_or_exit(name: str) -> None:
         raise typer.BadParameter(str(exc.args[0])) from None
 
 
-def target(stage: StageArg, n: Annotated[int, typer.Argument(min=0, help="Live flow runs wanted (0 stops it).")],
+def target(stage: StageArg, n: Annotated[int, typer.Argument(callback=bounded_int(ge=0), help="Live flow runs wanted (0 stops it).")],
            reason: Reason = "set with hopflow target") -> None:
     """Set how many flow runs of a stage the controller keeps live (takes effect at its next tick)."""
     _stage_or_exit(stage)
@@ -48,8 +49,8 @@ def target(stage: StageArg, n: Annotated[int, typer.Argument(min=0, help="Live f
     typer.echo(f"{stage}: target {n}" + ("" if changed else " (unchanged)"))
 
 
-def submit(stage: StageArg, ids: Annotated[list[int], typer.Argument(help="Input item ids of the stage.")],
-           batch_size: Annotated[int | None, typer.Option(help="Items per flow run (default: the stage's).")] = None,
+def submit(stage: StageArg, ids: Annotated[list[int], typer.Argument(callback=row_id(), help="Input item ids of the stage.")],
+           batch_size: Annotated[int | None, typer.Option(callback=bounded_int(ge=1), help="Items per flow run (default: the stage's).")] = None,
            deployment: Annotated[str | None, typer.Option(help="`flow/deployment` (default: the stage's).")] = None,
            ) -> None:
     """Run a stage on chosen input items now, through the queue (items already claimed or done are skipped)."""
@@ -98,7 +99,7 @@ def tick(publish: Annotated[bool, typer.Option(help="Publish the progress and le
         typer.echo(f"  settings: {line}")
 
 
-def bootstrap(pool_limit: Annotated[int | None, typer.Option(help="Concurrency limit of the work pool.")] = None,
+def bootstrap(pool_limit: Annotated[int | None, typer.Option(callback=bounded_int(ge=1), help="Concurrency limit of the work pool.")] = None,
               deploy: Annotated[bool, typer.Option(help="Then run `prefect deploy --all`.")] = False) -> None:
     """Create the `hopflow-pool` process work pool and the settings Variables; optionally deploy prefect.yaml."""
     from deployments.bootstrap import bootstrap as run_bootstrap
@@ -116,7 +117,7 @@ def bootstrap(pool_limit: Annotated[int | None, typer.Option(help="Concurrency l
             raise typer.Exit(done.returncode)
 
 
-def cleanup(older_than_days: Annotated[float, typer.Option(min=0, help="Age of the oldest runs kept.")] = 7.0,
+def cleanup(older_than_days: Annotated[float, typer.Option(callback=finite_float(ge=0), help="Age of the oldest runs kept.")] = 7.0,
             ) -> None:
     """Delete finished flow runs older than N days from Prefect's database (hopflow's tables are untouched)."""
     from flows.maintenance import delete_old_flow_runs

@@ -12,11 +12,12 @@ from hopflow.cli.render import console, emit_json, table
 from hopflow.db import init_db, session_scope
 from hopflow.models import Features, Pathway, Structure
 from hopflow.stages import FEATURE_COLUMNS, PATHWAY_FIELDS, pathway_fields
+from hopflow.validation import bounded_int, row_id
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
-def pathways(structure_id: Annotated[int | None, typer.Argument(help="Only this structure's pathways.")] = None,
+def pathways(structure_id: Annotated[int | None, typer.Argument(callback=row_id(), help="Only this structure's pathways.")] = None,
              as_json: JsonOption = False) -> None:
     """List stored pathways (hops of the migrating ion), shortest first per structure."""
     init_db()
@@ -53,9 +54,9 @@ def features(as_json: JsonOption = False) -> None:
                                                  "ewald_energy_change", "nsites_supercell"])
 
 
-def show_path(pathway_id: Annotated[int, typer.Argument(help="Pathway id (hopflow pathways lists them).")],
+def show_path(pathway_id: Annotated[int, typer.Argument(callback=row_id(), help="Pathway id (hopflow pathways lists them).")],
               cif: Annotated[Path, typer.Option("--cif", help="CIF file to write (one data block per image).")],
-              nimages: Annotated[int | None, typer.Option(help="Intermediate images (default: setting).")] = None,
+              nimages: Annotated[int | None, typer.Option(callback=bounded_int(ge=1), help="Intermediate images (default: setting).")] = None,
               ) -> None:
     """Write a pathway's IDPP images (vacancy supercell, start to end) into one CIF for a structure viewer."""
     from pymatgen.core import Structure as PmgStructure
@@ -63,6 +64,8 @@ def show_path(pathway_id: Annotated[int, typer.Argument(help="Pathway id (hopflo
     from flows.features import pathway_record
     from tasks.images import hop_images
 
+    if not cif.parent.is_dir():
+        raise typer.BadParameter(f"folder {cif.parent} does not exist", param_hint="'--cif'")
     init_db()
     with session_scope() as session:
         pathway = session.get(Pathway, pathway_id)

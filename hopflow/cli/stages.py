@@ -9,10 +9,12 @@ import typer
 from rich.markup import escape
 
 from hopflow import queue
-from hopflow.cli.render import console, emit_json, table
+from hopflow.cli.render import console, emit_json, err_console, table
 from hopflow.db import init_db, session_scope
+from hopflow.errors import InvalidValueError
 from hopflow.models import Run, Source
 from hopflow.registry import STAGES, get_stage
+from hopflow.validation import bounded_int, check_parameters, finite_float, row_id
 
 StageArg = Annotated[str, typer.Argument(help="Stage name (hopflow status lists them).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
@@ -24,6 +26,13 @@ def _stage(name: str) -> Any:
         return get_stage(name)
     except KeyError as exc:
         raise typer.BadParameter(str(exc.args[0])) from None
+
+
+def _ranker(stage: Any, name: str | None) -> Any:
+    try:
+        return stage.ranker(name)
+    except KeyError as exc:
+        raise typer.BadParameter(str(exc.args[0]), param_hint="'--ranker'") from None
 
 
 def run_batch(stage_name: str, parameters: dict[str, Any] | None = None, limit: int | None = None) -> Any:
@@ -65,6 +74,10 @@ def parameter_overrides(stage: Any, given: dict[str, Any], engine: str | None = 
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
     overrides.update({k: v for k, v in given.items() if v is not None})
+    try:
+        check_parameters(overrides)
+    except InvalidValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     unknown = sorted(k for k in overrides if k not in known)
     if unknown:
         raise typer.BadParameter(f"stage {stage.name!r} has no parameter {', '.join(unknown)} (it has: "
@@ -76,10 +89,10 @@ def run(stage: StageArg,
         engine: Annotated[str | None, typer.Option(help="Barrier engine (barrier stages), e.g. mlip-neb.")] = None,
         model: Annotated[str | None, typer.Option(
             help="ML potential of the barrier engine (chgnet-0.3.0 or 7net-0; default HOPFLOW_BARRIER_MODEL).")] = None,
-        top: Annotated[int | None, typer.Option("--top", min=0, help="Claim at most N items, in rank order.")] = None,
+        top: Annotated[int | None, typer.Option("--top", callback=bounded_int(ge=0), help="Claim at most N items, in rank order.")] = None,
         ion: Annotated[str | None, typer.Option(help="Migrating ion (stages with an ion parameter).")] = None,
-        max_hop: Annotated[float | None, typer.Option(help="Largest hop length in Å (pathways).")] = None,
-        max_paths: Annotated[int | None, typer.Option(help="Most hops kept per structure (pathways).")] = None,
+        max_hop: Annotated[float | None, typer.Option(callback=finite_float(gt=0), help="Largest hop length in Å (pathways).")] = None,
+        max_paths: Annotated[int | None, typer.Option(callback=bounded_int(ge=1), help="Most hops kept per structure (pathways).")] = None,
         verbose: VerboseOption = False,
         ) -> None:
     """Run a stage now on every eligible item (or its top N), on the stage's Dask cluster profile (no server needed)."""
@@ -95,14 +108,18 @@ def run(stage: StageArg,
     console.print(report.summary)
     if report.failed:
         for run_id, error in sorted(report.failed.items()):
-            console.print(f"[red]run {run_id}[/red]: {error}")
+            console.print(f"[red]run {run_id}[/red]: {escape(error)}", soft_wrap=True)
+        err_console.print(f"[red]error[/red] {stage}: {len(report.failed)} items failed", soft_wrap=True)
+        raise typer.Exit(1)
 
 
-def queue_(stage: StageArg, n: Annotated[int, typer.Option("-n", help="How many.")] = 20,
+def queue_(stage: StageArg, n: Annotated[int, typer.Option("-n", callback=bounded_int(ge=0), help="How many.")] = 20,
            ranker: Annotated[str | None, typer.Option(help="Ranker (default: the active one).")] = None,
            as_json: JsonOption = False) -> None:
     """The head of a stage's queue: what would be claimed next, with scores."""
     st = _stage(stage)
+    if ranker is not None:
+        _ranker(st, ranker)
     init_db()
     with session_scope(write=True) as session:
         queue.enqueue(session, st)
@@ -119,7 +136,7 @@ def rank(stage: StageArg, ranker: Annotated[str, typer.Option(help="Ranker to (r
          activate: Annotated[bool, typer.Option(help="Also make it the ranker claims use.")] = False) -> None:
     """Recompute a ranker's scores for every input item of a stage (and optionally switch claims to it)."""
     st = _stage(stage)
-    st.ranker(ranker)
+    _ranker(st, ranker)
     init_db()
     with session_scope(write=True) as session:
         queue.enqueue(session, st)
@@ -130,7 +147,7 @@ def rank(stage: StageArg, ranker: Annotated[str, typer.Option(help="Ranker to (r
 
 
 def cutoff(stage: StageArg, name: Annotated[str, typer.Argument(help="Cutoff name.")],
-           value: Annotated[float, typer.Argument(help="New value.")],
+           value: Annotated[float, typer.Argument(callback=finite_float(), help="New value (put `--` before a negative one).")],
            reason: Annotated[str, typer.Option(help="Why: recorded with the change.")] = "set with hopflow cutoff",
            ) -> None:
     """Change a stage's cutoff (eligibility criterion); the history is kept."""
@@ -145,7 +162,7 @@ def cutoff(stage: StageArg, name: Annotated[str, typer.Argument(help="Cutoff nam
     console.print(f"{stage}: cutoff {name} = {value}")
 
 
-def trace(run_id: Annotated[int, typer.Argument(help="A run id (every result row names its run).")],
+def trace(run_id: Annotated[int, typer.Argument(callback=row_id(), help="A run id (every result row names its run).")],
           as_json: JsonOption = False) -> None:
     """Walk a result back through its runs and inputs to its source (file, bundled entry or MP id)."""
     init_db()
