@@ -127,6 +127,7 @@ def init_db(engine: Engine | None = None) -> Engine:
 
     engine = engine or get_engine()
     command.upgrade(alembic_config(engine), "head")
+    install_result_guards(engine)
     return engine
 
 
@@ -143,3 +144,56 @@ def _reject_result_changes(session: Session, _context: Any, _instances: Any) -> 
     for obj in (*session.dirty, *session.deleted):
         if isinstance(obj, Immutable) and (obj in session.deleted or session.is_modified(obj)):
             raise ImmutableResultError(f"{type(obj).__name__} {obj.id} is a stored result and cannot be changed")
+
+
+# ---------------------------------------------------------------- immutability under raw SQL (PostgreSQL)
+
+RESULT_REWRITE_SETTING = "hopflow.allow_result_rewrite"
+"""Transaction-local PostgreSQL setting the guard trigger honours: a migration that must rewrite stored results calls
+`allow_result_rewrite(op.get_bind())` first (docs/immutability.md)."""
+GUARD_FUNCTION = "hopflow_reject_result_change"
+GUARD_TRIGGER = "hopflow_immutable_result"
+
+
+def result_tables() -> list[str]:
+    """Every table whose model is `Immutable` (derived from the models, so a result table added later is covered)."""
+    import hopflow.models  # noqa: F401  (registers every model)
+
+    return sorted({mapper.local_table.name for mapper in Base.registry.mappers
+                   if issubclass(mapper.class_, Immutable) and mapper.local_table.name in Base.metadata.tables})
+
+
+def install_result_guards(engine: Engine) -> list[str]:
+    """On PostgreSQL, a trigger on every result table that rejects UPDATE and DELETE of its rows unless the
+    transaction set `hopflow.allow_result_rewrite`; idempotent; returns the tables guarded (none on SQLite, where the
+    ORM guard below is the only one)."""
+    if engine.dialect.name != "postgresql":
+        return []
+    from sqlalchemy import inspect, text
+
+    with engine.begin() as conn:
+        present = set(inspect(conn).get_table_names())
+        tables = [name for name in result_tables() if name in present]
+        conn.execute(text(f"""
+            CREATE OR REPLACE FUNCTION {GUARD_FUNCTION}() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF coalesce(current_setting('{RESULT_REWRITE_SETTING}', true), '') = 'on' THEN
+                    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+                END IF;
+                RAISE EXCEPTION 'hopflow: % of % row % refused: stored results are immutable', TG_OP,
+                    TG_TABLE_NAME, OLD.id USING ERRCODE = 'restrict_violation',
+                    HINT = 'a migration that must rewrite results runs SET LOCAL {RESULT_REWRITE_SETTING} = on';
+            END $$"""))
+        for name in tables:
+            conn.execute(text(f'CREATE OR REPLACE TRIGGER {GUARD_TRIGGER} BEFORE UPDATE OR DELETE ON "{name}" '
+                              f"FOR EACH ROW EXECUTE FUNCTION {GUARD_FUNCTION}()"))
+    return tables
+
+
+def allow_result_rewrite(connection: Any) -> None:
+    """Let the rest of this transaction update or delete result rows (migrations only; PostgreSQL; no-op on
+    SQLite). Ends with the transaction: `SET LOCAL`."""
+    if connection.dialect.name == "postgresql":
+        from sqlalchemy import text
+
+        connection.execute(text(f"SET LOCAL {RESULT_REWRITE_SETTING} = 'on'"))
