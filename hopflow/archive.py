@@ -30,6 +30,7 @@ from hopflow.models import (Archive, BarrierModelRow, CalibrationRow, Estimate, 
                             RunState, Source, Structure, Vacancy, VacancySite)
 from hopflow.models.barriers import UNCHECKED_FLAG
 from hopflow.settings import get_settings
+from hopflow.sources import file_key
 
 FORMAT = "hopflow-archive"
 FORMAT_VERSION = 1
@@ -456,6 +457,14 @@ def _flag_unchecked(row: dict[str, Any]) -> None:
 
 
 ROW_UPGRADES["0005"] = {"estimates": _flag_unchecked, "neb": _flag_unchecked}
+
+
+def _format_in_file_key(row: dict[str, Any]) -> None:
+    if row.get("kind") == "file" and ":" not in str(row.get("key")):
+        row["key"] = file_key(str(row["key"]), row.get("format"))
+
+
+ROW_UPGRADES["0007"] = {"sources": _format_in_file_key}
 
 
 def _upgraders(revision: str, table: str) -> list[Callable[[dict[str, Any]], None]]:

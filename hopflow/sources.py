@@ -12,6 +12,15 @@ from sqlalchemy.orm import Session
 
 from hopflow.models import RunState, Source, Structure
 
+UNKNOWN_FORMAT = "unknown"
+"""The format part of the key of a file no reader recognises (migration 0007 writes the same word)."""
+
+
+def file_key(content_sha256: str, fmt: str | None) -> str:
+    """A file source's identity: its content and the format it is read as (a renamed file read another way is
+    another input)."""
+    return f"{content_sha256}:{fmt or UNKNOWN_FORMAT}"
+
 
 def register_sources(session: Session, raws: Iterable[Any]) -> list[int]:
     """Store each raw input as a source (or find the stored one with the same kind and key); ids in input order."""

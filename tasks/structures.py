@@ -31,6 +31,7 @@ from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
 from hopflow.errors import HopflowError, InputError
 from hopflow.settings import get_settings
+from hopflow.sources import file_key
 
 InputKind = Literal["bundled", "file", "mp"]
 InputFormat = Literal["bundled", "cif", "poscar", "json", "mp-json"]
@@ -53,7 +54,6 @@ CIF_CELL_ANGLES = ("_cell_angle_alpha", "_cell_angle_beta", "_cell_angle_gamma")
 POSCAR_SUFFIXES = (".vasp", ".poscar")
 POSCAR_PREFIXES = ("POSCAR", "CONTCAR")
 JSON_SUFFIXES = (".json",)
-UNKNOWN_FORMAT = "unknown"  # the format tag in the key of a file no reader recognises
 READ_CHUNK_BYTES = 1 << 20
 
 
@@ -258,12 +258,6 @@ def _read_file(path: Path, max_bytes: int, seconds: float) -> RawInput:
         return RawInput("file", file_key(digest, None), location, "", read_error=reason)
     fmt = detect_format(path.name, text)
     return RawInput("file", file_key(digest, fmt), location, text, format=fmt)
-
-
-def file_key(content_sha256: str, fmt: InputFormat | None) -> str:
-    """A file source's identity: its content and the format it is read as (a renamed file read another way is
-    another input)."""
-    return f"{content_sha256}:{fmt or UNKNOWN_FORMAT}"
 
 
 def file_inputs(paths: Iterable[str | Path], *, max_bytes: int | None = None,

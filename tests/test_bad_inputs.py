@@ -90,7 +90,7 @@ def _generated_bad_files(tmp_path: Path) -> dict[str, str]:
     return {
         "huge_2000_atoms.json": "2000 sites exceed the limit of 500",
         "nan_lattice.json": "NaN or infinite",
-        "hostile'; DROP TABLE runs; --.cif": "unreadable CIF",
+        "hostile'; DROP TABLE runs; --.cif": "_cell_length_a is \"Robert');\", not a number",
     }
 
 

@@ -262,3 +262,40 @@ def test_outcomes_are_those_of_this_commands_parameter_set(tmp_path, monkeypatch
     assert code == 1 and error_lines(out) == ["error empty.cif: empty file"], out
     assert "2 inputs: 0 new structures, 1 already known or duplicates, 1 failed" in out
     assert row_hashes() == before
+
+
+# ---------------------------------------------------------------- migration 0007: the format joins a file's identity
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_migration_0007_adds_the_format_to_file_keys(backend, tmp_path) -> None:
+    from alembic import command
+    from sqlalchemy import text
+
+    from hopflow.db import alembic_config, make_engine
+    from tests.conftest import drop_postgres_database, fresh_postgres_database
+
+    url, name = (f"sqlite:///{tmp_path / 'old.sqlite'}", None) if backend == "sqlite" else fresh_postgres_database()
+    engine = make_engine(url)
+    try:
+        config = alembic_config(engine)
+        command.upgrade(config, "0006")
+        rows = [("file", "a" * 64, "cif"), ("file", "b" * 64, None), ("bundled", "c" * 64, "bundled"),
+                ("mp", "mp-1", "mp-json")]
+        with engine.begin() as conn:
+            for kind, key, fmt in rows:
+                conn.execute(text("INSERT INTO sources (kind, key, location, format, payload) "
+                                  "VALUES (:kind, :key, 'x', :fmt, '')"), {"kind": kind, "key": key, "fmt": fmt})
+
+        def keys() -> list[str]:
+            with engine.connect() as conn:
+                return list(conn.scalars(text("SELECT key FROM sources ORDER BY id")))
+
+        command.upgrade(config, "0007")
+        assert keys() == ["a" * 64 + ":cif", "b" * 64 + ":unknown", "c" * 64, "mp-1"]
+        command.downgrade(config, "0006")
+        assert keys() == [key for _, key, _ in rows]
+    finally:
+        engine.dispose()
+        if name:
+            drop_postgres_database(name)
