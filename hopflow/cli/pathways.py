@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from sqlalchemy import select
 
-from hopflow.cli.render import console, emit_json, table
+from hopflow.cli.render import emit_json, print_line, table
 from hopflow.db import init_db, session_scope
 from hopflow.models import Features, Pathway, Structure
 from hopflow.stages import FEATURE_COLUMNS, PATHWAY_FIELDS, pathway_fields
@@ -75,7 +75,7 @@ def show_path(pathway_id: Annotated[int, typer.Argument(callback=row_id(), help=
         record = pathway_record(pathway_fields(pathway))
     images = hop_images(structure, record, nimages=nimages)
     cif.write_text(images_cif(images.images, f"pathway{pathway_id}"))
-    console.print(f"pathway {pathway_id}: {len(images.images)} images ({images.nsites} atoms each) written to {cif}")
+    print_line(f"pathway {pathway_id}: {len(images.images)} images ({images.nsites} atoms each) written to {cif}")
 
 
 def images_cif(images: list[Any], name: str) -> str:
