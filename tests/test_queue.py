@@ -103,7 +103,7 @@ def test_killed_claimant_items_are_recovered_by_sweep(engine) -> None:
 def test_failures_are_retried_up_to_the_limit_then_failed_with_reasons(engine) -> None:
     add_items(engine, 2)
     stage = get_stage(SYN)
-    for attempt in range(1, stage.retry_limit + 1):
+    for attempt in range(1, stage.attempts_allowed + 1):
         claimed = queue.claim(SYN, 1, engine=engine, ranker="id")
         assert [c.input_id for c in claimed] == [1]
         with session_scope(engine, write=True) as s:
@@ -112,8 +112,8 @@ def test_failures_are_retried_up_to_the_limit_then_failed_with_reasons(engine) -
             queue.sweep(s)
     with session_scope(engine) as s:
         run = s.scalars(select(Run).where(Run.input_id == 1)).one()
-        assert run.state == RunState.FAILED and run.attempts == stage.retry_limit
-        assert [h["error"] for h in run.history] == [f"boom {i}" for i in range(1, stage.retry_limit + 1)]
+        assert run.state == RunState.FAILED and run.attempts == stage.attempts_allowed
+        assert [h["error"] for h in run.history] == [f"boom {i}" for i in range(1, stage.attempts_allowed + 1)]
     # a bad input is never retried
     claimed = queue.claim(SYN, 1, engine=engine)
     with session_scope(engine, write=True) as s:
