@@ -11,7 +11,7 @@ import pytest
 from prefect.client.schemas.actions import VariableUpdate
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.client.schemas.sorting import ArtifactSort
-from prefect.states import Crashed
+from prefect.states import Crashed, Running
 from sqlalchemy import select, update
 
 from flows import controller as ctl
@@ -107,6 +107,8 @@ def test_tick_requeues_work_of_crashed_flow_runs_and_expired_leases(engine, pref
     _set_target(engine, 2)
     crashed, survivor = _tick(prefect_client, engine, name).submitted
     prefect_client.set_flow_run_state(crashed, Crashed(message="worker lost"), force=True)
+    # a running flow run renews its own leases (a waiting one has them renewed by the tick): this one stopped
+    prefect_client.set_flow_run_state(survivor, Running(), force=True)
     expired_id = next(r.id for r in _runs(engine) if r.flow_run_id == survivor)
     with session_scope(engine, write=True) as session:
         session.execute(update(Run).where(Run.id == expired_id).values(lease_expires_at=utcnow() - timedelta(minutes=1)))
