@@ -136,17 +136,20 @@ def _insert(session: Session, table: Any) -> Any:
     return dialect.insert(table)
 
 
-def enqueue(session: Session, stage: Stage, parameters: Mapping[str, Any] | None = None) -> int:
-    """Queue a run for every input item that has none under this parameter set; rank the new items. Returns count."""
+def enqueue(session: Session, stage: Stage, parameters: Mapping[str, Any] | None = None, *,
+            input_ids: Sequence[int] | None = None) -> int:
+    """Queue a run for every input item (or only those of `input_ids`) that has none under this parameter set; rank
+    the new items. Returns count."""
     session.flush()
     params = stage_parameters(stage, parameters)
     phash = param_hash(params)
     items = stage.inputs().subquery()
+    chosen = [items.c.item_id.in_(list(input_ids))] if input_ids is not None else []
     already = exists().where(Run.stage == stage.name, Run.input_id == items.c.item_id, Run.param_hash == phash)
     new_items = select(
         literal(stage.name), items.c.item_id, literal(phash), literal(params, type_=Run.parameters.type),
         literal(RunState.QUEUED), literal(0), literal(stage.attempts_allowed),
-    ).where(~already)
+    ).where(~already, *chosen)
     cols = ["stage", "input_id", "param_hash", "parameters", "state", "attempts", "max_attempts"]
     stmt = _insert(session, Run.__table__).from_select(cols, new_items).on_conflict_do_nothing()
     added = len(session.execute(stmt.returning(Run.__table__.c.id)).all())  # rowcount is -1 here on psycopg
@@ -291,7 +294,7 @@ def claim_ids(session: Session, stage: Stage, input_ids: Sequence[int], *, claim
     """Claim chosen input items (manual submission) through the same queue: queued ones only, never twice."""
     params = stage_parameters(stage, parameters)
     phash = param_hash(params)
-    enqueue(session, stage, parameters)
+    enqueue(session, stage, parameters, input_ids=input_ids)  # a manual submission queues only what it names
     now = utcnow()
     stmt = (
         update(Run)

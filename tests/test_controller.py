@@ -45,7 +45,8 @@ def cut_stage():
     stage = dataclasses.replace(
         get_stage(SYNTHETIC), name="synthetic-cut",
         cutoffs=(Cutoff("max_priority", "items with priority at most this", default=10.0,
-                        criterion=lambda c, v: c.priority <= v, broaden_step=10.0, broaden_limit=40.0),))
+                        criterion=lambda c, v: c.priority <= v, broaden_step=10.0, broaden_limit=40.0,
+                        minimum=None),))  # priorities may be negative
     register(stage)
     yield stage
     STAGES.pop(stage.name)

@@ -258,6 +258,10 @@ def test_outcomes_are_those_of_this_commands_parameter_set(tmp_path, monkeypatch
     before = row_hashes()
     code, out = invoke("import", "--ion", "Li", "LiF.cif")
     assert code == 0 and "1 inputs: 0 new structures, 1 already known or duplicates, 0 failed" in out, out
+    with session_scope() as session:  # an --ion value queues import runs for the files it names only
+        li_runs = session.scalars(select(Source.location).join(Run, Run.input_id == Source.id)
+                                  .where(Run.stage == "import", Run.parameters["ion"].as_string() == "Li")).all()
+    assert li_runs == ["LiF.cif"], li_runs
     code, out = invoke("import", "empty.cif", "CaF2.cif")  # a bad file stays failed, whatever ran since
     assert code == 1 and error_lines(out) == ["error empty.cif: empty file"], out
     assert "2 inputs: 0 new structures, 1 already known or duplicates, 1 failed" in out
