@@ -1,5 +1,5 @@
 """Chaos run: synthetic items through controller ticks, a real Prefect server, a process worker and PostgreSQL, while
-items fail (exception, hang, hard exit of the Dask worker process), flow-run processes are SIGKILLed, one controller dies in the
+items fail (exception, hang past the lease, hard exit), flow-run processes are SIGKILLed, one controller dies in the
 middle of a tick and PostgreSQL drops every connection twice. Ends with an audit: nothing lost, nothing written twice.
 
     eval "$(bash scripts/services.sh env)"   # PostgreSQL + Prefect server (or set PREFECT_API_URL yourself)
@@ -44,8 +44,7 @@ from sqlalchemy.pool import NullPool  # noqa: E402
 ROOT = Path(_ROOT)
 STAGE = "synthetic"
 DEPLOYMENT = "synthetic/synthetic"
-PROFILE = "local"  # items run in a Dask worker process: an `exit` item kills it, a hang is stopped by restarting it
-DASK_WORKERS = 1  # one worker process per flow run (its start-up is what each flow run costs on 2 cores)
+PROFILE = "local-threads"  # the flow-run process runs the items on threads: an `exit` item kills the whole flow run
 TERMINATE_SQL = ("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                  "WHERE datname = current_database() AND pid <> pg_backend_pid()")
 KINDS = ("exception", "hang", "exit")
@@ -66,9 +65,8 @@ class ChaosConfig:
     items: int = 1000
     batch_size: int = 20
     target: int = 4
-    lease_seconds: float = 15.0
+    lease_seconds: float = 60.0
     retry_limit: int = 5
-    item_time_limit: float = 6.0
     failure_fraction: float = 0.3
     fail_attempts: int = 1
     permanent_exceptions: float = 0.5  # share of the exception items that raise on every attempt
@@ -117,8 +115,6 @@ class ChaosAudit:
     injected_seen: dict[str, int]
     permanent: int
     permanent_failed_at_limit: int
-    innocent_failed: int
-    hangs_by_time_limit: int
     max_attempts: int
 
     @property
@@ -141,7 +137,7 @@ class ChaosReport:
         a, e, c = self.audit, self.events, self.config
         return [
             f"chaos run: {a.items} synthetic items, batch {c.batch_size}, target {c.target}, lease {c.lease_seconds:g} s, "
-            f"retry limit {a.max_attempts}, item time limit {c.item_time_limit:g} s; {self.seconds:.0f} s wall",
+            f"retry limit {a.max_attempts}; {self.seconds:.0f} s wall",
             f"injected item failures: {sum(a.injected.values())} of {a.items} "
             f"({', '.join(f'{k} {v}' for k, v in a.injected.items())}); seen happening: "
             f"{', '.join(f'{k} {v}' for k, v in a.injected_seen.items())}",
@@ -153,8 +149,7 @@ class ChaosReport:
             f"ticks {e.ticks}, of which failed {len(e.tick_errors)}",
             f"flow runs submitted by ticks: {len(e.flow_runs)}; their end states: {self.flow_run_states}",
             f"items that raise on every attempt: {a.permanent}, failed for good at the retry limit: "
-            f"{a.permanent_failed_at_limit}; other items failed for good: {a.innocent_failed}",
-            f"hangs stopped by the item time limit: {a.hangs_by_time_limit} of {a.injected.get('hang', 0)}",
+            f"{a.permanent_failed_at_limit}",
             f"end state: {a.by_state}; attempts per run: {dict(sorted(a.attempts.items()))}",
             f"recorded reasons (history entries): {a.reasons}",
             f"items lost: {a.lost}; results written twice: {a.results_twice}; done without exactly one result: "
@@ -170,7 +165,7 @@ class ChaosReport:
 @contextmanager
 def chaos_stage(lease_seconds: float, retry_limit: int) -> Iterator[None]:
     """The synthetic stage with a short lease and this retry limit in this process (the controller's claims take the
-    stage's lease; its enqueue gives each run the stage's retry limit); the flow runs get both from worker_env."""
+    stage's lease; its enqueue gives each run the stage's retry limit)."""
     from hopflow.registry import get_stage, register
 
     original = get_stage(STAGE)
@@ -202,8 +197,7 @@ def add_items(engine: Engine, config: ChaosConfig, rng: random.Random) -> dict[s
 
 def worker_env(url: str, config: ChaosConfig, home: Path) -> dict[str, str]:
     return {"HOPFLOW_DATABASE_URL": url, "HOPFLOW_HOME": str(home), "HOPFLOW_PROFILE_SYNTHETIC": PROFILE,
-            "HOPFLOW_DASK_WORKERS": str(DASK_WORKERS), "HOPFLOW_LEASE_SECONDS": str(config.lease_seconds),
-            "HOPFLOW_RETRY_LIMIT": str(config.retry_limit), "HOPFLOW_ITEM_TIME_LIMIT": str(config.item_time_limit),
+            "HOPFLOW_LEASE_SECONDS": str(config.lease_seconds), "HOPFLOW_RETRY_LIMIT": str(config.retry_limit),
             "HOPFLOW_MAX_CHUNKS": str(config.max_chunks), "PREFECT_WORKER_QUERY_SECONDS": "1",
             "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
 
@@ -319,16 +313,12 @@ def terminal_count(engine: Engine) -> tuple[int, int]:
     return int(finished or 0), int(total or 0)
 
 
-HANG_ENDINGS = {"time limit", "lease expired", "flow run crashed"}
-"""How a hung item's attempt ends: its time limit (its worker restarted), or its flow run is lost (a kill) first."""
+HANG_ENDINGS = {"lease expired", "flow run crashed"}
+"""How a hung item's attempt ends: its lease runs out, or an exit item in the same batch kills the flow run first."""
 
 
 def _reason_kind(entry: dict[str, Any]) -> str:
     error = str(entry.get("error", ""))
-    if "exceeded its time limit" in error:
-        return "time limit"
-    if "died while running it alone" in error:
-        return "worker died, item alone"
     if "lease expired" in error:
         return "lease expired"
     if "ended Crashed" in error:
@@ -367,7 +357,7 @@ def audit(engine: Engine) -> ChaosAudit:
         kind = items.get(input_id, "none")
         kinds = {_reason_kind(h) for h in history}
         if (kind == "exception" and "injected exception" in kinds) or (kind == "hang" and kinds & HANG_ENDINGS) \
-                or (kind == "exit" and kinds & {"worker died, item alone", "flow run crashed"}):
+                or (kind == "exit" and "flow run crashed" in kinds):
             seen[kind] += 1
         if len(history) < attempts - 1 or (state == RunState.FAILED and not (error and history)):
             missing += 1
@@ -383,9 +373,6 @@ def audit(engine: Engine) -> ChaosAudit:
         permanent=len(permanent),
         permanent_failed_at_limit=sum(1 for i, s, attempts, limit, *_ in run_rows
                                       if i in permanent and s == RunState.FAILED and attempts == limit),
-        innocent_failed=sum(1 for i, s, *_ in run_rows if i not in permanent and s == RunState.FAILED),
-        hangs_by_time_limit=sum(1 for i, *_, history in run_rows
-                                if items.get(i) == "hang" and any(_reason_kind(h) == "time limit" for h in history)),
         max_attempts=max((limit for _, _, _, limit, *_ in run_rows), default=0),
     )
 
@@ -561,7 +548,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=int, default=defaults.target)
     parser.add_argument("--lease-seconds", type=float, default=defaults.lease_seconds)
     parser.add_argument("--retry-limit", type=int, default=defaults.retry_limit)
-    parser.add_argument("--item-time-limit", type=float, default=defaults.item_time_limit)
     parser.add_argument("--failure-fraction", type=float, default=defaults.failure_fraction)
     parser.add_argument("--kills", type=int, default=defaults.kills)
     parser.add_argument("--db-drops", type=int, default=defaults.db_drops)
@@ -575,7 +561,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     config = dataclasses.replace(defaults, items=args.items, batch_size=args.batch_size, target=args.target,
                                  lease_seconds=args.lease_seconds, retry_limit=args.retry_limit,
-                                 item_time_limit=args.item_time_limit,
                                  failure_fraction=args.failure_fraction,
                                  kills=args.kills, db_drops=args.db_drops, seed=args.seed)
     from prefect.client.orchestration import get_client

@@ -454,7 +454,7 @@ def _spare_attempt(run: Run, batch_size: int) -> str:
     if run.state == RunState.CLAIMED and run.flow_run_id is None:
         run.attempts -= 1
         return " (never handed to a flow run: attempt not counted)"
-    if batch_size <= 1:
+    if batch_size <= 1 or not get_settings().isolate_crashed_batches:
         return ""
     run.attempts -= 1
     run.batch_limit = max(1, min(run.batch_limit or batch_size, batch_size) // 2)

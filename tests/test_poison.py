@@ -1,5 +1,5 @@
-"""Poison isolation and time limits: a crashed batch's runs come back without an attempt counted and in smaller
-batches; inside a flow run a Dask worker killed by an item (os._exit) is bisected until that item runs alone, and a
+"""Poison isolation and time limits: with HOPFLOW_ISOLATE_CRASHED_BATCHES a crashed batch's runs come back without
+an attempt counted and in smaller batches (without it they spend the attempt); inside a flow run a Dask worker killed by an item (os._exit) is bisected until that item runs alone, and a
 hanging item is stopped by restarting its worker; a running batch renews its leases."""
 
 from __future__ import annotations
@@ -31,6 +31,15 @@ def _add(engine, kinds: list[str], fail_attempts: int = 1) -> None:
                                           for i, kind in enumerate(kinds)])
 
 
+@pytest.fixture
+def isolation(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("HOPFLOW_ISOLATE_CRASHED_BATCHES", "1")
+    get_settings.cache_clear()
+    yield
+    monkeypatch.delenv("HOPFLOW_ISOLATE_CRASHED_BATCHES")
+    get_settings.cache_clear()
+
+
 def _crash(engine, run_ids: list[int], flow_run_id: str) -> queue.SweepReport:
     """The runs' flow run starts them, then its process dies (Prefect reports it Crashed)."""
     with session_scope(engine, write=True) as s:
@@ -39,7 +48,7 @@ def _crash(engine, run_ids: list[int], flow_run_id: str) -> queue.SweepReport:
         return queue.sweep(s, lost_flow_runs={flow_run_id: "Crashed"})
 
 
-def test_a_crashed_batch_comes_back_free_in_halves_until_one_run_is_lost_alone(engine) -> None:
+def test_a_crashed_batch_comes_back_free_in_halves_until_one_run_is_lost_alone(engine, isolation) -> None:
     _add(engine, ["none"] * 8)
     sizes = []
     batch = [c.id for c in queue.claim(SYN, 8, engine=engine, refresh=True)]
@@ -65,7 +74,7 @@ def test_a_crashed_batch_comes_back_free_in_halves_until_one_run_is_lost_alone(e
     assert [c.id for c in head] == [batch[0]]
 
 
-def test_an_item_that_always_kills_its_process_still_fails_at_the_retry_limit(engine) -> None:
+def test_an_item_that_always_kills_its_process_still_fails_at_the_retry_limit(engine, isolation) -> None:
     _add(engine, ["none", "exit"])
     both = [c.id for c in queue.claim(SYN, 2, engine=engine, refresh=True)]
     _crash(engine, both, "together")  # the two were lost together: free, and claimed one by one from now on
@@ -87,6 +96,17 @@ def test_an_item_that_always_kills_its_process_still_fails_at_the_retry_limit(en
         states = {r.input_id: (r.state, r.attempts) for r in s.scalars(select(Run))}
     limit = get_stage(SYN).attempts_allowed
     assert states == {1: (RunState.DONE, 1), 2: (RunState.FAILED, limit)} and crashes == limit
+
+
+def test_without_isolation_a_crashed_batch_spends_its_attempt_and_keeps_its_size(engine) -> None:
+    assert not get_settings().isolate_crashed_batches
+    _add(engine, ["none"] * 4)
+    batch = [c.id for c in queue.claim(SYN, 4, engine=engine, refresh=True)]
+    _crash(engine, batch, "flow-default")
+    with session_scope(engine) as s:
+        runs = s.scalars(select(Run).where(Run.id.in_(batch))).all()
+        assert {(r.state, r.attempts, r.batch_limit) for r in runs} == {(RunState.QUEUED, 1, None)}
+    assert len(queue.claim(SYN, 4, engine=engine)) == 4
 
 
 def test_claims_never_started_by_a_flow_run_come_back_free_and_leases_renew(engine) -> None:
