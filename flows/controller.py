@@ -52,7 +52,6 @@ MATERIALS_KEY = "hopflow-materials"
 """Artifact of the per-structure leaderboard (hopflow.leaderboard.material_leaderboard)."""
 LEADERBOARD_SIZE = 20
 LIVE_STATES = (StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING)
-WAITING_STATES = (StateType.SCHEDULED, StateType.PENDING)
 OVER_STATES = (StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED)
 READ_CHUNK = 200  # flow runs per read (the API's default page size)
 UI_EDIT_REASON = "edited in the Prefect UI (variable {name})"
@@ -158,27 +157,6 @@ def over_flow_runs(client: SyncPrefectClient, flow_run_ids: Iterable[str]) -> di
     return over
 
 
-def waiting_flow_runs(client: SyncPrefectClient, flow_run_ids: Iterable[str]) -> list[str]:
-    """Of the given flow runs, those still waiting to start (scheduled or pending): their claims are not lost."""
-    ids = [UUID(str(v)) for v in flow_run_ids if _is_uuid(str(v))]
-    waiting: list[str] = []
-    for start in range(0, len(ids), READ_CHUNK):
-        chunk = ids[start:start + READ_CHUNK]
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=chunk),
-                                                                   state=_state_filter(WAITING_STATES)),
-                                     limit=len(chunk))
-        waiting += [str(r.id) for r in runs]
-    return waiting
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        UUID(value)
-    except ValueError:
-        return False
-    return True
-
-
 def live_flow_run_ids(session: Session) -> list[str]:
     """Flow runs that own claimed or running work (the lead may move this read into hopflow.queue)."""
     return list(session.scalars(select(Run.flow_run_id).where(
@@ -201,15 +179,12 @@ def sweep_lost(client: SyncPrefectClient | None, engine: Engine | None = None, s
     """Requeue (or fail, past the retry limit) work whose flow run is over or whose lease expired."""
     engine = engine or get_engine()
     lost: dict[str, str] = {}
-    waiting: list[str] = []
     if client is not None:
         with session_scope(engine) as session:
             owners = live_flow_run_ids(session)
         with _timed(phases, "sweep-api"):
             lost = over_flow_runs(client, owners)
-            waiting = waiting_flow_runs(client, [o for o in owners if o not in lost])
     with _timed(phases, "sweep-db"), session_scope(engine, write=True) as session:
-        queue.renew_waiting(session, waiting)
         report = queue.sweep(session, stage=stage, lost_flow_runs=lost)
     return report, lost
 

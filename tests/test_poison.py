@@ -1,11 +1,9 @@
-"""Poison isolation and time limits: with HOPFLOW_ISOLATE_CRASHED_BATCHES a crashed batch's runs come back without
-an attempt counted and in smaller batches (without it they spend the attempt); inside a flow run a Dask worker killed by an item (os._exit) is bisected until that item runs alone, and a
-hanging item is stopped by restarting its worker; a running batch renews its leases."""
+"""Poison isolation in the queue: with HOPFLOW_ISOLATE_CRASHED_BATCHES a crashed batch's runs come back without
+an attempt counted and in smaller batches (without it they spend the attempt); claims never handed to a flow run come
+back free; leases renew."""
 
 from __future__ import annotations
 
-import dataclasses
-import threading
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -13,12 +11,10 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import Engine, insert, select
 
-from deployments.clusters import task_runner
-from flows.synthetic import synthetic
 from hopflow import queue
-from hopflow.db import get_engine, init_db, make_engine, session_scope
-from hopflow.models import Run, RunState, SyntheticItem, SyntheticResult
-from hopflow.registry import get_stage, register
+from hopflow.db import session_scope
+from hopflow.models import Run, RunState, SyntheticItem
+from hopflow.registry import get_stage
 from hopflow.settings import get_settings
 
 SYN = "synthetic"
@@ -122,85 +118,3 @@ def test_claims_never_started_by_a_flow_run_come_back_free_and_leases_renew(engi
         runs = {r.id: r for r in s.scalars(select(Run))}
     assert runs[claimed[0]].state == RunState.CLAIMED
     assert all(runs[i].attempts == 0 and runs[i].batch_limit is None for i in claimed[1:])
-
-
-@pytest.fixture
-def flow_engine(tmp_path, monkeypatch) -> Iterator[Engine]:
-    """A SQLite file for the flow-level checks (the queue tests above run on both backends), one Dask chunk a flow."""
-    url = f"sqlite:///{tmp_path / 'poison.sqlite'}"
-    init_db(make_engine(url)).dispose()
-    monkeypatch.setenv("HOPFLOW_DATABASE_URL", url)
-    monkeypatch.setenv("HOPFLOW_MAX_CHUNKS", "1")  # every item in one chunk on one worker
-    get_settings.cache_clear()
-    get_engine.cache_clear()
-    yield get_engine()
-    get_engine().dispose()
-    get_engine.cache_clear()
-
-
-@pytest.fixture
-def time_limited_stage() -> Iterator[float]:
-    limit = 4.0
-    original = get_stage(SYN)
-    register(dataclasses.replace(original, item_time_limit=limit, lease_seconds=3.0), replace=True)
-    yield limit
-    register(original, replace=True)
-
-
-def _flow_on_processes():
-    return synthetic.with_options(task_runner=task_runner("local"))
-
-
-@pytest.mark.prefect
-def test_a_worker_killed_by_an_item_is_bisected_until_that_item_runs_alone(flow_engine) -> None:
-    kinds = ["none"] * 3 + ["exit"] + ["none"] * 4
-    _add(flow_engine, kinds)
-    claimed = [c.id for c in queue.claim(SYN, len(kinds), engine=flow_engine, refresh=True)]
-    report = _flow_on_processes()(run_ids=claimed)
-    with session_scope(flow_engine) as s:
-        runs = {r.input_id: r for r in s.scalars(select(Run))}
-        results = dict(s.execute(select(SyntheticResult.item_id, SyntheticResult.run_id)).all())
-    poison = runs[4]
-    assert list(report.failed) == [poison.id]
-    assert "WorkerLostError" in poison.error and "died while running it alone" in poison.error
-    assert poison.state == RunState.FAILED and poison.attempts == 1
-    assert sorted(report.done) == sorted(r.id for i, r in runs.items() if i != 4)
-    assert sorted(results) == [i for i in runs if i != 4]  # one result each, written by this flow run
-    assert all(r.attempts == 1 for r in runs.values())  # the items bisected with the poison spent nothing
-
-
-@pytest.mark.prefect
-def test_a_hanging_item_is_stopped_at_its_time_limit_while_the_batch_renews_its_leases(
-        flow_engine, time_limited_stage) -> None:
-    kinds = ["none", "hang", "none", "none"]
-    _add(flow_engine, kinds)
-    # a claim's lease covers the flow run's start-up; from its start on, the batch holds 3 s leases
-    claimed = [c.id for c in queue.claim(SYN, len(kinds), engine=flow_engine, refresh=True, lease_seconds=120)]
-    finished = threading.Event()
-    swept: list[int] = []
-
-    def sweeper() -> None:  # the controller's sweep, all the while: a lease left to lapse would lose the batch
-        while not finished.wait(0.5):
-            with session_scope(flow_engine, write=True) as s:
-                swept.extend(queue.sweep(s).requeued)
-
-    thread = threading.Thread(target=sweeper)
-    thread.start()
-    started = time.monotonic()
-    try:
-        report = _flow_on_processes()(run_ids=claimed)
-    finally:
-        elapsed = time.monotonic() - started
-        finished.set()
-        thread.join()
-    with session_scope(flow_engine) as s:
-        runs = {r.input_id: r for r in s.scalars(select(Run))}
-    hung = runs[2]
-    assert elapsed > 2 * 3.0  # the batch outlived its 3 s lease twice over
-    assert set(swept) <= {hung.id}  # only the failed hang may be requeued (a retryable failure), nothing lost
-    assert list(report.failed) == [hung.id]
-    assert f"exceeded its time limit of {time_limited_stage:g} s" in hung.error
-    assert "ItemTimeLimitError" in hung.error and hung.attempts == 1
-    assert [h["kind"] for h in hung.history] == ["retryable"]
-    assert sorted(report.done) == sorted(r.id for i, r in runs.items() if i != 2)
-    assert all(r.history is None and r.state == RunState.DONE for i, r in runs.items() if i != 2)

@@ -70,7 +70,7 @@ def _chunk_running(client: SyncPrefectClient, flow_run_id: str) -> bool:
 @pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.prefect
-def test_scancel_of_the_worker_job_resubmits_the_chunk_and_a_fresh_job_completes_it(
+def test_scancel_of_the_worker_job_requeues_the_batch_and_a_later_run_completes_it(
         sqlite_engine, slurm_overrides, prefect_client):
     with session_scope(sqlite_engine, write=True) as session:
         session.execute(insert(SyntheticItem), [{"cpu_ms": 0.0, "sleep_ms": SLEEP_MS, "failure": "none",
@@ -81,8 +81,8 @@ def test_scancel_of_the_worker_job_resubmits_the_chunk_and_a_fresh_job_completes
     flow_on_slurm = synthetic.with_options(task_runner=runner)
     flow_run_ids: list[str] = []
     states: list[Any] = []
-    # A worker that dies while running a task fails that task at once (flows/runner.py sets allowed-failures 0 too):
-    # the runner resubmits the chunk's items in halves, which adapt runs on a fresh job.
+    # A worker that dies while running a task fails that task at once (no rerun on a fresh job inside the same flow
+    # run): the flow records the loss against the chunk's items and the queue retries them later.
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         thread = threading.Thread(target=lambda: states.append(flow_on_slurm(run_ids=claimed, return_state=True)))
         thread.start()
@@ -108,14 +108,27 @@ def test_scancel_of_the_worker_job_resubmits_the_chunk_and_a_fresh_job_completes
     assert not thread.is_alive(), "the flow run did not finish after its worker job was cancelled"
     assert states and states[0].is_completed(), states
     first = states[0].result()
-    # the lost chunk went back in halves, without an attempt counted, and a fresh SLURM job finished it in this run
-    assert sorted(first.done) == sorted(claimed) and not first.failed
+    assert sorted(first.failed) == sorted(claimed) and not first.done
+    assert all("KilledWorker" in message for message in first.failed.values()), first.failed
+
+    # sweep requeues the lost batch; a later flow run on a fresh SLURM job completes it
+    with session_scope(sqlite_engine, write=True) as session:
+        swept = queue.sweep(session, stage="synthetic")
+    assert sorted(swept.requeued) == sorted(claimed)
+    again = [c.id for c in queue.claim("synthetic", ITEMS, engine=sqlite_engine, claimant="test")]
+    assert sorted(again) == sorted(claimed)
+    second_state = flow_on_slurm(run_ids=again, return_state=True)
+    assert second_state.is_completed(), second_state.message
+    second = second_state.result()
+    assert sorted(second.done) == sorted(claimed) and not second.failed
 
     with session_scope(sqlite_engine) as session:
         runs = session.scalars(select(Run).where(Run.id.in_(claimed))).all()
         per_item = dict(session.execute(select(SyntheticResult.item_id, func.count())
                                         .group_by(SyntheticResult.item_id)).all())
+        flow_runs = {r.id: r.flow_run_id for r in runs}
         assert {r.state for r in runs} == {RunState.DONE}
-        assert all(r.attempts == 1 and r.flow_run_id == flow_run_ids[0] for r in runs)
+        assert all(r.attempts == 2 and "KilledWorker" in r.history[0]["error"] for r in runs)
         assert per_item == {r.input_id: 1 for r in runs}  # no result written twice
+    assert flow_run_ids[0] not in set(flow_runs.values())  # completed by the later flow run
     assert _squeue_jobs("hopflow-small") == [] or all(s != "RUNNING" for _, s in _squeue_jobs("hopflow-small"))
