@@ -47,7 +47,7 @@ def postgres_engine(monkeypatch: pytest.MonkeyPatch) -> Iterator[Engine]:
 @pytest.mark.prefect
 def test_chaos_run_loses_nothing_and_writes_nothing_twice(postgres_engine, prefect_client, tmp_path, capsys):
     chaos = _chaos_module()
-    config = dataclasses.replace(chaos.ChaosConfig(), items=ITEMS, kills=KILLS, timeout_s=420.0)
+    config = dataclasses.replace(chaos.ChaosConfig(), items=ITEMS, kills=KILLS, timeout_s=540.0)
     report = chaos.run_chaos(postgres_engine, prefect_client, config, tmp_path)
     with capsys.disabled():
         print("\n" + "\n".join(report.lines()))
