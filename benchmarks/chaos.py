@@ -197,7 +197,6 @@ def add_items(engine: Engine, config: ChaosConfig, rng: random.Random) -> dict[s
 
 def worker_env(url: str, config: ChaosConfig, home: Path) -> dict[str, str]:
     return {"HOPFLOW_DATABASE_URL": url, "HOPFLOW_HOME": str(home), "HOPFLOW_PROFILE_SYNTHETIC": PROFILE,
-            "HOPFLOW_LEASE_SECONDS": str(config.lease_seconds), "HOPFLOW_RETRY_LIMIT": str(config.retry_limit),
             "HOPFLOW_MAX_CHUNKS": str(config.max_chunks), "PREFECT_WORKER_QUERY_SECONDS": "1",
             "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
 

@@ -50,14 +50,3 @@ def is_retryable(exc: BaseException) -> bool:
 
 class InvalidValueError(HopflowError, ValueError):
     """A number given to hopflow (a cutoff, target, parameter or option) is not finite or out of its bounds."""
-
-
-# ---------------------------------------------------------------- poison isolation (flows/runner.py)
-
-
-class WorkerLostError(EngineError):
-    """The Dask worker process died while it ran this item alone (the item is the one that kills it)."""
-
-
-class ItemTimeLimitError(EngineError):
-    """The item ran past its stage's time limit; its Dask worker process was restarted to stop it."""

@@ -334,19 +334,6 @@ def renew(session: Session, run_ids: Iterable[int], lease_seconds: float, *, flo
     return session.execute(stmt).rowcount or 0
 
 
-def renew_waiting(session: Session, flow_run_ids: Iterable[str]) -> int:
-    """Extend the leases of claimed, not yet started runs whose flow runs are still waiting to start (scheduled or
-    pending in Prefect): a busy worker pool is no lost work. Each stage's own lease; returns how many were renewed."""
-    waiting = [Run.state == RunState.CLAIMED, Run.flow_run_id.in_(list(flow_run_ids))]
-    renewed = 0
-    for name in session.scalars(select(Run.stage).where(*waiting).distinct()).all():
-        stmt = (update(Run).where(*waiting, Run.stage == name)
-                .values(lease_expires_at=utcnow() + timedelta(seconds=get_stage(name).lease))
-                .execution_options(synchronize_session=False))
-        renewed += session.execute(stmt).rowcount or 0
-    return renewed
-
-
 def start(session: Session, run_ids: Iterable[int], *, flow_run_id: str | None = None,
           lease_seconds: float | None = None) -> list[Run]:
     """Mark claimed runs running (with host, versions, flow run); runs no longer claimed, or handed to another flow

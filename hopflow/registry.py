@@ -76,10 +76,7 @@ class Stage:
     retry_limit: int | None = None
     """Attempts a run gets; None: `HOPFLOW_RETRY_LIMIT`."""
     lease_seconds: float | None = None
-    """Lease of a claim, renewed while its flow run makes progress; None: `HOPFLOW_LEASE_SECONDS`."""
-    item_time_limit: float | None = None
-    """Seconds one item may run before its Dask worker is restarted and the item failed; None:
-    `HOPFLOW_ITEM_TIME_LIMIT` (0 there: no limit)."""
+    """Lease of a claim before sweep may requeue it; None: `HOPFLOW_LEASE_SECONDS`."""
     default_target: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -92,12 +89,6 @@ class Stage:
     def lease(self) -> float:
         """The stage's lease in seconds, else the setting's."""
         return self.lease_seconds if self.lease_seconds is not None else get_settings().lease_seconds
-
-    @property
-    def time_limit(self) -> float | None:
-        """Seconds one item may run (None: unlimited): the stage's, else the setting's."""
-        limit = self.item_time_limit if self.item_time_limit is not None else get_settings().item_time_limit
-        return limit or None
 
     def ranker(self, name: str | None) -> Ranker:
         name = name or self.default_ranker

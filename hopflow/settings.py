@@ -39,17 +39,9 @@ class Settings(BaseSettings):
         default=False, description="Poison isolation across flow runs: runs lost with others of a crashed flow run get "
         "their attempt back and are claimed in half-size batches until the crashing run is lost alone. Off by default: "
         "each halving costs a crashed flow run, and the chaos run (30 always-crashing-on-first-try items in 300) did "
-        "not finish in 420 s with it on. Inside a flow run, chunks of a lost Dask worker are bisected either way.")
+        "not finish in 420 s with it on.")
     lease_seconds: float = Field(default=3600.0, gt=0, description="Default lease of a claimed run before sweep may requeue it.")
     retry_limit: int = Field(default=3, ge=1, le=INT64_MAX, description="Default number of attempts a run gets before it is failed for good.")
-
-    # poison isolation, lease renewal, time limits (issue 12)
-    item_time_limit: float = Field(
-        default=0.0, ge=0, description="Seconds one item may run before its Dask worker process is restarted and the "
-        "item failed (retryable); the default of stages that set no item_time_limit; 0: no limit.")
-    lease_renew_fraction: float = Field(
-        default=1 / 3, gt=0, lt=1, description="A stage flow run renews its open claims every this fraction of the "
-        "lease while its Dask work is advancing.")
 
     # path finding
     max_paths: int = Field(default=5, ge=1, le=INT64_MAX, description="Most distinct hops kept per structure, shortest first.")

@@ -120,7 +120,9 @@ SYNTHETIC = register(Stage(
     deployment="synthetic/synthetic",
     extra={"flow_function": "flows.synthetic:synthetic"},
     resources="local",
-    batch_size=20,  # retry limit, lease and item time limit: HOPFLOW_RETRY_LIMIT, _LEASE_SECONDS, _ITEM_TIME_LIMIT
+    batch_size=20,
+    retry_limit=3,
+    lease_seconds=300,
 ))
 
 

@@ -70,7 +70,7 @@ def check_parameters(parameters: Mapping[str, Any], name: str = "parameter") -> 
 
 def check_cutoff(cutoff: Any, value: Any) -> float:
     """A stage cutoff's new value: finite and not below the cutoff's `minimum`."""
-    return check_float(value, f"cutoff {cutoff.name}", ge=getattr(cutoff, "minimum", None))
+    return check_float(value, f"cutoff {cutoff.name}", ge=cutoff.minimum)
 
 
 def check_target(value: Any) -> int:
