@@ -51,9 +51,9 @@ def env(monkeypatch, tmp_path) -> Path:
     return psp
 
 
-def _cli(*args: str) -> str:
+def _cli(*args: str, exit_code: int = 0) -> str:
     result = CliRunner().invoke(app, list(args))
-    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert result.exit_code == exit_code, result.output + repr(result.exception)
     return result.output
 
 
@@ -90,7 +90,7 @@ def test_estimates_neb_leaderboard_end_to_end(env, tmp_path) -> None:
     # Top 2 by the shortest-first ranker (the default is physics): the bad pathway fails with its reason, CaF2's
     # completes.
     assert "now active" in _cli("rank", "estimates", "--ranker", "shortest", "--activate")
-    out = _cli("run", "estimates", "--engine", "mlip-idpp", "--top", "2")
+    out = _cli("run", "estimates", "--engine", "mlip-idpp", "--top", "2", exit_code=1)  # an item failed
     assert "1 done" in out and "1 failed" in out, out
     runs = {r.input_id: r for r in _runs("estimates")}
     assert {i for i, r in runs.items() if r.state != RunState.QUEUED} == {bad_id, caf2_id}
@@ -130,7 +130,7 @@ def test_estimates_neb_leaderboard_end_to_end(env, tmp_path) -> None:
     with session_scope() as session:
         highest = max(e.barrier for e in session.scalars(select(Estimate)))
     _cli("cutoff", "neb", "max_estimate", str(max(2.0, highest + 0.5)))
-    out = _cli("run", "neb")
+    out = _cli("run", "neb", exit_code=1)  # LiF failed
     assert "1 done" in out and "1 failed" in out, out
     neb_runs = {r.input_id: r for r in _runs("neb")}
     assert neb_runs[caf2_id].state == RunState.DONE
