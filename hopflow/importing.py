@@ -26,7 +26,7 @@ def import_raw_inputs(raws: Sequence[Any], *, ion: str | None = None) -> list[di
     with session_scope(write=True) as session:
         source_ids = register_sources(session, raws)
         before = set(session.scalars(select(Structure.id)))
-        claimed = queue.claim_ids(session, stage, source_ids, parameters=params)
+        claimed = queue.claim_ids(session, stage, source_ids, parameters=params, only_named=True)
     if claimed:
         share_temporary_server()
         import_structures(run_ids=[c.id for c in claimed])

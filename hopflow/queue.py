@@ -290,11 +290,14 @@ def claim(stage_name: str, n: int, ranker: str | None = None, *, parameters: Map
 
 
 def claim_ids(session: Session, stage: Stage, input_ids: Sequence[int], *, claimant: str | None = None,
-              parameters: Mapping[str, Any] | None = None) -> list[ClaimedRun]:
-    """Claim chosen input items (manual submission) through the same queue: queued ones only, never twice."""
+              parameters: Mapping[str, Any] | None = None, only_named: bool = False) -> list[ClaimedRun]:
+    """Claim chosen input items (manual submission) through the same queue: queued ones only, never twice.
+
+    The stage's inputs are queued under `parameters` first (rank, don't remove); with `only_named`, only the named
+    ones (an import under a one-off parameter set, e.g. another `--ion`, must not queue every source ever seen)."""
     params = stage_parameters(stage, parameters)
     phash = param_hash(params)
-    enqueue(session, stage, parameters, input_ids=input_ids)  # a manual submission queues only what it names
+    enqueue(session, stage, parameters, input_ids=input_ids if only_named else None)
     now = utcnow()
     stmt = (
         update(Run)
