@@ -140,10 +140,8 @@ def featurize(
     radii = {str(species): shannon_radius(species) for species in sorted({site.specie for site in structure}, key=str)}
     moving = images.images[0][images.moving_index].specie
     middle = len(images.images) // 2
-    overlaps = {
-        kind: [_max_overlap(image, images.moving_index, radii, kind) for image in images.images]
-        for kind in ("cation", "anion", "neutral")
-    }
+    per_image = [_max_overlaps(image, images.moving_index, radii) for image in images.images]
+    overlaps = {kind: [image[kind] for image in per_image] for kind in _KINDS}
     ewald = _ewald_profile(images)
     d_min = min_cation_anion_distance(structure)
 
@@ -230,16 +228,18 @@ _KINDS = {"cation": lambda q: q > 0, "anion": lambda q: q < 0, "neutral": lambda
 """Neighbour classes by the sign of their oxidation state."""
 
 
-def _max_overlap(image: Structure, index: int, radii: dict[str, float], kind: str) -> float | None:
-    """Largest r_ion + r_j - d_j over neighbours j of one class ('cation', 'anion', 'neutral') of site `index`."""
+def _max_overlaps(image: Structure, index: int, radii: dict[str, float]) -> dict[str, float | None]:
+    """Per neighbour class ('cation', 'anion', 'neutral'), the largest r_ion + r_j - d_j over the neighbours j of
+    site `index` in that class (None where the class has none): one neighbour search for all three."""
     site = image[index]
     r_ion = radii[str(site.specie)]
-    best = -math.inf
+    best = dict.fromkeys(_KINDS, -math.inf)
     for neighbour in image.get_neighbors(site, NEIGHBOUR_CUTOFF):
         oxidation = neighbour.specie.oxi_state
-        if _KINDS[kind](oxidation):
-            best = max(best, r_ion + radii[str(neighbour.specie)] - neighbour.nn_distance)
-    return None if best == -math.inf else float(best)
+        for kind, member in _KINDS.items():
+            if member(oxidation):
+                best[kind] = max(best[kind], r_ion + radii[str(neighbour.specie)] - neighbour.nn_distance)
+    return {kind: None if value == -math.inf else float(value) for kind, value in best.items()}
 
 
 def _profile_summary(profile: list[float | None], middle: int) -> dict[str, float | None]:

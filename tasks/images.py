@@ -8,6 +8,7 @@ from typing import Protocol
 import numpy as np
 from pymatgen.analysis.diffusion.neb.pathfinder import IDPPSolver, MigrationHop
 from pymatgen.core import Structure
+from pymatgen.util.coord import pbc_shortest_vectors
 
 from hopflow.errors import InputError
 from hopflow.settings import get_settings
@@ -18,6 +19,53 @@ MOVE_TOL = 0.01
 """Å: the moving ion's displacement may differ from the hop length by at most this."""
 STILL_TOL = 1e-3
 """Å: every other atom must move less than this between the end points."""
+
+
+class VectorizedIDPPSolver(IDPPSolver):
+    """pymatgen-analysis-diffusion's IDPP solver with its per-pair Python loops done as whole-array numpy.
+
+    Same algorithm, same minimum-image translations and the same arithmetic per element, so the same images (the
+    tests compare with the library's solver); the library's set-up makes one `get_distance_and_image` call per
+    atom pair and image (3.9 s of 7.5 s for a 95-atom CaF2 path), and each iteration loops over atoms in Python.
+    """
+
+    def __init__(self, structures: list[Structure]) -> None:
+        lattice = structures[0].lattice
+        natoms = len(structures[0])
+        nimages = len(structures) - 2
+        start, end = structures[0].distance_matrix, structures[-1].distance_matrix
+        target = np.array([start + i / (nimages + 1) * (end - start) for i in range(1, nimages + 1)])
+        eye = np.eye(natoms, dtype=np.float64)
+        upper = np.triu(np.ones((natoms, natoms), dtype=bool), k=1)
+        weights = np.zeros_like(target)
+        translations = np.zeros((nimages, natoms, natoms, 3))
+        for ni in range(nimages):
+            image = structures[ni + 1]
+            weights[ni] = 1.0 / (((target[ni] + image.distance_matrix) / 2.0) ** 4 + eye * 1e-8)
+            frac = image.frac_coords
+            # as Lattice.get_distance_and_image: the lattice image of j closest to i, for every pair at once
+            shortest = pbc_shortest_vectors(lattice, frac, frac)
+            jimage = np.round(lattice.get_fractional_coords(shortest) + frac[:, None, :] - frac[None, :, :])
+            cart = lattice.get_cartesian_coords(jimage.astype(np.int64))
+            pairs = np.where(upper[:, :, None], cart, 0.0)  # i < j, as the library; j > i is its negative
+            translations[ni] = pairs - np.transpose(pairs, (1, 0, 2))
+        self.init_coords = np.array([lattice.get_cartesian_coords(s.frac_coords) for s in structures])
+        self.translations = translations
+        self.weights = weights
+        self.structures = structures
+        self.target_dists = target
+        self.nimages = nimages
+
+    def _get_funcs_and_forces(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        natoms = self.translations.shape[1]
+        inner = x[1:-1]
+        vec = inner[:, :, None, :] - inner[:, None, :, :] - self.translations
+        trial = np.linalg.norm(vec, axis=3)
+        excess = trial - self.target_dists
+        aux = excess * self.weights / (trial + np.eye(natoms, dtype=np.float64))
+        funcs = [np.sum(excess[ni] ** 2 * self.weights[ni]) for ni in range(len(inner))]
+        grads = np.sum(aux[:, :, :, None] * vec, axis=2)
+        return 0.5 * np.array(funcs), -2 * grads
 
 
 class HopSource(Protocol):
@@ -101,7 +149,7 @@ def hop_images(
     images = linear
     if idpp:
         try:
-            images = IDPPSolver(linear).run()
+            images = VectorizedIDPPSolver(linear).run()
         except Exception as exc:  # the solver raises bare numpy/ValueErrors on degenerate paths
             raise InputError(f"{formula}: IDPP relaxation of the hop failed: {exc}") from exc
     matrix = np.rint(np.linalg.solve(structure.lattice.matrix.T, start.lattice.matrix.T).T).astype(int)

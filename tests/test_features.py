@@ -12,7 +12,7 @@ from matminer.featurizers.site import EwaldSiteEnergy
 from pymatgen.core import Element, Species
 
 from hopflow.errors import InputError
-from tasks.features import (EWALD_ACCURACY, NEIGHBOUR_CUTOFF, PathwayFeatures, _max_overlap, featurize,
+from tasks.features import (EWALD_ACCURACY, NEIGHBOUR_CUTOFF, PathwayFeatures, _max_overlaps, featurize,
                             shannon_radius)
 from tasks.images import HopImages, hop_images
 from tasks.pathways import PathwayRecord, find_pathways
@@ -128,7 +128,7 @@ def test_neighbour_cutoff_loses_no_overlap() -> None:
     radii = {str(s): shannon_radius(s) for s in image.composition.elements}
     r_ion = radii[str(image[index].specie)]
     for kind in ("cation", "anion"):
-        near = _max_overlap(image, index, radii, kind)
+        near = _max_overlaps(image, index, radii)[kind]
         far = max(r_ion + radii[str(n.specie)] - n.nn_distance
                   for n in image.get_neighbors(image[index], 2 * NEIGHBOUR_CUTOFF)
                   if (n.specie.oxi_state > 0) == (kind == "cation"))

@@ -58,7 +58,9 @@ def test_both_models_load_offline_and_give_finite_energies_and_forces(model: str
     device = pick_device(None)
     first, second = calculator(model, device), calculator(model, device)
     assert first is not second and first.model is second.model  # fresh calculators, one network per process
-    (energy, force), = single_points([vacancy_cell()], model, device)
+    (energy, force), = single_points([vacancy_cell()], model, device, forces=True)
+    (energy_alone, no_force), = single_points([vacancy_cell()], model, device)
+    assert no_force is None and energy_alone == pytest.approx(energy, abs=1e-5)  # no backward pass, same energy
     assert math.isfinite(energy) and math.isfinite(force)
     assert -6.5 < energy / 23 < -5.0  # eV/atom of CaF2 (MPtrj scale), not a unit mix-up
     assert 0.0 < force < 2.0  # the vacancy's neighbours are pulled, but gently
@@ -79,7 +81,7 @@ def test_bulk_relaxation_keeps_fluorite(model: str) -> None:
 
 def test_position_relaxation_converges_a_vacancy_cell() -> None:
     start = vacancy_cell()
-    (before, force_before), = single_points([start], "7net-0", "cpu")
+    (before, force_before), = single_points([start], "7net-0", "cpu", forces=True)
     r = relax_positions(start, "7net-0", "cpu", fmax=0.05, steps=200)
     assert r.converged and r.max_force < 0.05 < force_before and r.energy < before
     assert r.structure.lattice == start.lattice  # fixed cell

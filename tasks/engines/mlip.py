@@ -9,7 +9,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from pymatgen.analysis.diffusion.neb.pathfinder import IDPPSolver
 from pymatgen.core import Structure
 
 from hopflow.errors import EngineError
@@ -48,6 +47,7 @@ from tasks.engines.potentials import (
     to_atoms,
     to_structure,
 )
+from tasks.images import VectorizedIDPPSolver
 
 ENGINE_REVISION = "2"  # 2: any potential (CHGNet or SevenNet); barrier from the lower endpoint, profile flags
 DEFAULT_NEB_FMAX = 0.1  # eV/Å
@@ -125,7 +125,7 @@ def engine_version(model: str) -> str:
 def idpp_path(start: Structure, end: Structure, nimages: int) -> list[Structure]:
     """IDPP images between endpoints whose atoms already correspond one to one."""
     guess = start.interpolate(end, nimages + 1, pbc=True)
-    return IDPPSolver(guess).run()
+    return VectorizedIDPPSolver(guess).run()
 
 
 def _optimizer(name: Optimizer, target: Any, logfile: Path) -> Any:

@@ -1,0 +1,276 @@
+"""The cheap path in core-seconds per pathway: pathways → features → relaxed vacancies → mlip-idpp estimates over
+bundled structures, hopflow's batch mode against a plain 2-process pool over the very same functions, interleaved.
+
+    python -m benchmarks.cheap_path [--rounds 3] [--structures CaF2 KMgF3 …] [--all]
+
+Each round runs the pool, then hopflow, each in a fresh child process on a fresh HOPFLOW_HOME (nothing cached from a
+round before: no database rows, no loaded model, no relaxed bulk). Per stage the child measures the CPU time of its
+whole process tree (itself, the pool's or Dask's worker processes, the temporary Prefect server; terminated children
+included), start-up excluded: the pool's start is its two processes importing the task modules; hopflow's is the CPU
+of the same stage flow over an empty batch (flow run, Dask cluster up and down), subtracted from every stage.
+Both sides store their results through the same queue (the pool's writes are outside its timing), so each stage reads
+the same inputs; the number of items each stage computed is asserted equal in every round and on both sides.
+Worker processes on both sides run torch and BLAS with one thread (what Dask's nanny sets for its workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STAGES = ("pathways", "features", "vacancies", "estimates")
+DEFAULT_STRUCTURES = ("CaF2", "LiF", "KMgF3", "PbClF")
+"""Small cells (vacancy supercells of 64-96 atoms), a binary, a ternary and a mixed-anion layered one: three rounds
+on both sides fit in well under an hour on 2 cores. `--all` takes the whole bundled set."""
+MOONSHOT_CORE_S = 15.0
+"""The DDI-scale goal: about 30,000 pathways through the cheap path in an hour on one 128-core node."""
+SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+TASKS = {
+    "pathways": ("flows.pathways", "find_structure_pathways"),
+    "features": ("flows.features", "featurize_pathway"),
+    "vacancies": ("flows.vacancies", "relax_vacancy_site"),
+    "estimates": ("flows.estimates", "estimate_barrier"),
+}
+
+
+def tree_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and every descendant, live or terminated and waited for."""
+    import psutil
+
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:4])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:4])  # a live child's own reaped children are in its children_* fields
+        except psutil.Error:
+            pass
+    return total
+
+
+def measured(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = tree_cpu_seconds()
+    value = fn()
+    return tree_cpu_seconds() - start, value
+
+
+# ---------------------------------------------------------------- the child: one side of one round
+
+
+def _setup(home: str, structures: Sequence[str] | None) -> None:
+    os.environ["HOPFLOW_HOME"] = home
+    os.environ.pop("HOPFLOW_DATABASE_URL", None)
+    from hopflow.db import init_db
+    from hopflow.importing import import_raw_inputs
+    from tasks.structures import bundled_inputs
+
+    init_db()
+    inputs = bundled_inputs()
+    if structures:
+        wanted = set(structures)
+        inputs = [raw for raw in inputs if raw.location in wanted]
+        if len(inputs) != len(wanted):
+            raise SystemExit(f"bundled entries {sorted(wanted)}: found {[r.location for r in inputs]}")
+    import_raw_inputs(inputs)
+
+
+def store_vacancy_sites() -> int:
+    """Store the vacancy sites every eligible estimates pathway needs, as the estimates flow would before it relaxes
+    them (the claim it makes for that is given back)."""
+    from flows.estimates import needed_vacancies
+    from hopflow import queue
+    from hopflow.db import session_scope
+    from hopflow.queue import param_hash
+    from hopflow.registry import get_stage
+    from hopflow.stages import lattice_parameters
+    from hopflow.vacancies import ensure_sites
+
+    claimed = queue.claim("estimates", 1_000_000, refresh=True)
+    stage = get_stage("estimates")
+    with session_scope() as session:
+        runs = queue.runs(session, [c.id for c in claimed])
+        payloads = stage.load(session, [r.input_id for r in runs])
+    groups: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    for run in runs:
+        groups.setdefault(param_hash(run.parameters), (run.parameters, []))[1].append(payloads[run.input_id])
+    stored = 0
+    with session_scope(write=True) as session:
+        for _, items in groups.values():
+            rows = needed_vacancies.fn(items, _)
+            lattices = {item["structure_id"]: lattice_parameters(item["structure"]) for item in items}
+            stored += len(ensure_sites(session, rows, lattices))
+        queue.release(session, [c.id for c in claimed])
+    return stored
+
+
+def _single_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    for module, _ in TASKS.values():
+        __import__(module)
+
+
+def _call(stage: str, item: Any, parameters: dict[str, Any]) -> Any:
+    import importlib
+
+    module, name = TASKS[stage]
+    try:
+        return getattr(importlib.import_module(module), name).fn(item, parameters)
+    except Exception as exc:  # noqa: BLE001  (recorded against the item, as the stage runner does)
+        return exc
+
+
+def pool_stage(pool: ProcessPoolExecutor, stage_name: str) -> tuple[float, int]:
+    """CPU seconds of the pool over every eligible item of a stage (claim, load and store untimed); items computed."""
+    from hopflow import queue
+    from hopflow.db import session_scope
+    from hopflow.errors import is_retryable
+    from hopflow.registry import get_stage
+
+    stage = get_stage(stage_name)
+    claimed = queue.claim(stage_name, 1_000_000, refresh=True)
+    with session_scope(write=True) as session:
+        runs = queue.start(session, [c.id for c in claimed])
+        payloads = stage.load(session, [r.input_id for r in runs])
+    runs = [r for r in runs if r.input_id in payloads]
+    cpu, results = measured(lambda: list(pool.map(
+        _call, [stage_name] * len(runs), [payloads[r.input_id] for r in runs], [r.parameters for r in runs])))
+    done = 0
+    for run, result in zip(runs, results):
+        with session_scope(write=True) as session:
+            if isinstance(result, BaseException):
+                queue.fail(session, run.id, f"{type(result).__name__}: {result}", retryable=is_retryable(result))
+            else:
+                done += queue.complete(session, run.id, result)
+    return cpu, done
+
+
+def hopflow_stage(stage_name: str) -> tuple[float, int]:
+    """CPU seconds of `hopflow run STAGE`'s batch mode (one flow run, the stage's local Dask profile); items done."""
+    from hopflow.cli.stages import run_batch
+
+    cpu, report = measured(lambda: run_batch(stage_name))
+    return cpu, len(report.done)
+
+
+def child(side: str, home: str, structures: Sequence[str] | None) -> dict[str, Any]:
+    os.environ.update(SINGLE_THREAD_ENV)
+    _setup(home, structures)
+    out: dict[str, Any] = {"side": side, "stages": {}}
+    if side == "pool":
+        import multiprocessing
+
+        startup, pool = measured(lambda: ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"),
+                                                             initializer=_single_thread))
+        startup += measured(lambda: list(pool.map(abs, range(4))))[0]
+        run: Callable[[str], tuple[float, int]] = lambda s: pool_stage(pool, s)  # noqa: E731
+    else:
+        from flows.common import share_temporary_server
+        from flows.pathways import pathways
+
+        share_temporary_server()
+        startup, _ = measured(lambda: pathways(run_ids=[]))
+        run = lambda s: (lambda cpu, n: (cpu - startup, n))(*hopflow_stage(s))  # noqa: E731
+    out["startup_cpu_s"] = startup
+    for stage in STAGES:
+        if stage == "vacancies":
+            out["vacancy_sites"] = store_vacancy_sites()
+        cpu, n = run(stage)
+        out["stages"][stage] = {"cpu_s": cpu, "items": n}
+    from sqlalchemy import func, select
+
+    from hopflow.db import session_scope
+    from hopflow.models import Estimate, Pathway
+
+    with session_scope() as session:
+        out["pathways"] = session.scalar(select(func.count(Pathway.id)))
+        out["estimates_ok"] = session.scalar(select(func.count(Estimate.id)).where(Estimate.flag == "ok"))
+    if side == "pool":
+        pool.shutdown()
+    return out
+
+
+# ---------------------------------------------------------------- the parent: interleaved rounds
+
+
+@dataclass
+class Figures:
+    cpu: dict[str, dict[str, list[float]]]
+    items: dict[str, set[tuple[int, ...]]]
+
+
+def _run_child(side: str, structures: Sequence[str] | None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix=f"hopflow-cheap-{side}-") as home:
+        args = [sys.executable, "-m", "benchmarks.cheap_path", "--child", side, "--home", home]
+        if structures:
+            args += ["--structures", *structures]
+        env = os.environ | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.run(args, capture_output=True, text=True, env=env,
+                              cwd=Path(__file__).resolve().parent.parent, check=False)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"{side} child failed with exit {proc.returncode}")
+        return json.loads(lines[-1])
+
+
+def _spread(values: Sequence[float]) -> str:
+    return f"{statistics.median(values):7.2f} [{min(values):.2f}-{max(values):.2f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="Rounds of (pool, hopflow); at least 3 for the figures.")
+    parser.add_argument("--structures", nargs="*", default=None, help="Bundled entries by name (default: "
+                        + " ".join(DEFAULT_STRUCTURES) + ").")
+    parser.add_argument("--all", action="store_true", help="The whole bundled set.")
+    parser.add_argument("--child", choices=("pool", "hopflow"), help=argparse.SUPPRESS)
+    parser.add_argument("--home", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    structures = None if args.all else (args.structures or list(DEFAULT_STRUCTURES))
+    if args.child:
+        print(json.dumps(child(args.child, args.home, structures)))
+        return
+
+    cpu: dict[str, dict[str, list[float]]] = {side: {s: [] for s in (*STAGES, "total")} for side in ("pool", "hopflow")}
+    counts: set[tuple[int, ...]] = set()
+    npaths = 0
+    for r in range(args.rounds):
+        for side in ("pool", "hopflow"):
+            out = _run_child(side, structures)
+            npaths = out["pathways"]
+            items = tuple(out["stages"][s]["items"] for s in STAGES) + (out["pathways"], out["estimates_ok"])
+            counts.add(items)
+            for s in STAGES:
+                cpu[side][s].append(out["stages"][s]["cpu_s"] / npaths)
+            cpu[side]["total"].append(sum(out["stages"][s]["cpu_s"] for s in STAGES) / npaths)
+            print(f"round {r + 1} {side:7}: " + ", ".join(f"{s} {out['stages'][s]['cpu_s']:.1f} s "
+                  f"({out['stages'][s]['items']} items)" for s in STAGES)
+                  + f"; start-up {out['startup_cpu_s']:.1f} s; {npaths} pathways, {out['estimates_ok']} ok",
+                  flush=True)
+    assert len(counts) == 1, f"the rounds computed different numbers of items: {sorted(counts)}"
+
+    label = "the whole bundled set" if structures is None else ", ".join(structures)
+    print(f"\ncheap path, core-seconds per pathway ({npaths} pathways of {label}; {args.rounds} interleaved rounds; "
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}); median [min-max]")
+    print(f"  {'stage':10} {'pool':>22} {'hopflow':>22} {'hopflow/pool':>13}")
+    for s in (*STAGES, "total"):
+        ratio = statistics.median(cpu["hopflow"][s]) / max(statistics.median(cpu["pool"][s]), 1e-9)
+        print(f"  {s:10} {_spread(cpu['pool'][s]):>22} {_spread(cpu['hopflow'][s]):>22} {ratio:12.2f}x")
+    total = statistics.median(cpu["hopflow"]["total"])
+    print(f"  moonshot: {MOONSHOT_CORE_S:.0f} core-s per pathway; hopflow's total is {total:.1f} "
+          f"({total / MOONSHOT_CORE_S:.2f}x the goal)")
+
+
+if __name__ == "__main__":
+    main()
