@@ -6,8 +6,9 @@ bundled structures, hopflow's batch mode against a plain 2-process pool over the
 Each round runs the pool, then hopflow, each in a fresh child process on a fresh HOPFLOW_HOME (nothing cached from a
 round before: no database rows, no loaded model, no relaxed bulk). Per stage the child measures the CPU time of its
 whole process tree (itself, the pool's or Dask's worker processes, the temporary Prefect server; terminated children
-included), start-up excluded: the pool's start is its two processes importing the task modules; hopflow's is the CPU
-of the same stage flow over an empty batch (flow run, Dask cluster up and down), subtracted from every stage.
+included), start-up excluded: the pool's start is its two processes importing the task modules; hopflow's is what
+`hopflow screen` starts once for all its stages (the temporary Prefect server, the shared local Dask cluster whose
+two workers import the stage modules).
 Both sides store their results through the same queue (the pool's writes are outside its timing), so each stage reads
 the same inputs; the number of items each stage computed is asserted equal in every round and on both sides.
 Worker processes on both sides run torch and BLAS with one thread (what Dask's nanny sets for its workers).
@@ -175,18 +176,19 @@ def child(side: str, home: str, structures: Sequence[str] | None) -> dict[str, A
         startup += measured(lambda: list(pool.map(abs, range(4))))[0]
         run: Callable[[str], tuple[float, int]] = lambda s: pool_stage(pool, s)  # noqa: E731
     else:
-        from flows.common import share_temporary_server
-        from flows.pathways import pathways
+        from flows.common import batch_clusters
 
-        share_temporary_server()
-        startup, _ = measured(lambda: pathways(run_ids=[]))
-        run = lambda s: (lambda cpu, n: (cpu - startup, n))(*hopflow_stage(s))  # noqa: E731
+        clusters = batch_clusters(STAGES)  # as `hopflow screen`: one cluster for the command, modules preloaded
+        startup, _ = measured(clusters.__enter__)
+        run = hopflow_stage
     out["startup_cpu_s"] = startup
     for stage in STAGES:
         if stage == "vacancies":
             out["vacancy_sites"] = store_vacancy_sites()
         cpu, n = run(stage)
         out["stages"][stage] = {"cpu_s": cpu, "items": n}
+    if side == "hopflow":
+        clusters.__exit__(None, None, None)
     from sqlalchemy import func, select
 
     from hopflow.db import session_scope

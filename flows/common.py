@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
@@ -30,6 +33,56 @@ def stage_task_runner(stage_name: str) -> DaskTaskRunner:
     from deployments.clusters import task_runner
 
     return task_runner(profile_for(stage_name))
+
+
+_BATCH_CLUSTERS: dict[str, str] = {}
+"""Profile name -> scheduler address of the Dask cluster a batch-mode command shares among its stage flows."""
+
+
+def stage_module(stage_name: str) -> str:
+    """The module that holds a stage's flow (and imports its tasks)."""
+    return get_stage(stage_name).extra["flow_function"].partition(":")[0]
+
+
+@contextmanager
+def batch_clusters(stage_names: Sequence[str]) -> Iterator[dict[str, str]]:
+    """Batch mode: one Dask cluster per local profile for the whole command instead of one per stage flow run.
+
+    Its workers import the stages' modules when they start (`preload`), so the libraries and, once the first task
+    asked for it, the ML potential are loaded once per worker for the command, not once per stage. Flows started
+    with `batch_flow` inside the block connect to it. SLURM profiles keep a cluster per flow run (their adaptive
+    jobs follow each flow's work). Yields profile -> scheduler address of the clusters it started.
+    """
+    from distributed import Client, LocalCluster
+
+    from deployments.clusters import get_profile, task_runner_kwargs
+
+    share_temporary_server()  # first: the workers inherit its address
+    by_profile: dict[str, set[str]] = {}
+    for name in stage_names:
+        by_profile.setdefault(profile_for(name), set()).add(stage_module(name))
+    started: list[tuple[str, Any]] = []
+    try:
+        for profile, modules in by_profile.items():
+            if profile in _BATCH_CLUSTERS or get_profile(profile).cluster != "local":
+                continue
+            kwargs = dict(task_runner_kwargs(profile)["cluster_kwargs"])
+            cluster = LocalCluster(**kwargs, preload=sorted(modules))
+            started.append((profile, cluster))
+            with Client(cluster) as client:
+                client.wait_for_workers(len(cluster.workers))
+            _BATCH_CLUSTERS[profile] = cluster.scheduler_address
+        yield {profile: _BATCH_CLUSTERS[profile] for profile, _ in started}
+    finally:
+        for profile, cluster in reversed(started):
+            _BATCH_CLUSTERS.pop(profile, None)
+            cluster.close()
+
+
+def batch_flow(stage_name: str, flow_fn: Any) -> Any:
+    """The stage's flow on the batch command's shared cluster (`batch_clusters`), or as it is when none runs."""
+    address = _BATCH_CLUSTERS.get(profile_for(stage_name))
+    return flow_fn if address is None else flow_fn.with_options(task_runner=DaskTaskRunner(address=address))
 
 
 def stage_run_name(stage_name: str) -> str:

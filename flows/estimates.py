@@ -25,7 +25,7 @@ from hopflow.settings import get_settings
 from hopflow.stages import lattice_parameters
 from hopflow.vacancies import SiteRow, ensure_sites, settled, site_states
 from tasks.engines import BarrierResult, compute_barrier, get_engine
-from tasks.engines.mlip import idpp_path
+from tasks.engines.mlip import idpp_path, with_known_energy
 from tasks.images import hop_images
 from tasks.vacancies import VacancySymmetry, hop_endpoints
 
@@ -151,6 +151,11 @@ def relaxed_pathway_barrier(stage: str, item: dict[str, Any], parameters: dict[s
     relaxed = {symmetry.canonical(s)[0].site_index: Structure.from_dict(vacancy[s]["structure"]) for s in (a, b)}
     ends = hop_endpoints(symmetry, bulk, record.start_frac, record.end_frac, relaxed)
     images = idpp_path(ends.start, ends.end, parameters["nimages"])
+    model = parameters["vacancy"].get("model")
+    if model is not None and model == getattr(engine.settings, "model", None):
+        # each endpoint is a relaxed vacancy moved by a symmetry operation: its energy is the vacancy's
+        images = [with_known_energy(images[0], vacancy[b]["energy"], model), *images[1:-1],
+                  with_known_energy(images[-1], vacancy[a]["energy"], model)]
     result = compute_barrier(engine.name, images, barrier_workdir(stage, item["pathway_id"], parameters),
                              engine.settings)
     for end, v in (("start", vacancy[b]), ("end", vacancy[a])):

@@ -165,14 +165,16 @@ def _screen(ion: str | None, structure: list[str] | None) -> None:
     outcomes = import_raw_inputs(inputs, ion=ion)
     failed = [o for o in outcomes if o["state"] == "failed"]
     console.print(f"import: {len(outcomes)} bundled inputs, {len(failed)} failed")
+    from flows.common import batch_clusters
+
     settings = get_settings()
-    with batch_progress(console):
-        for name in settings.screen_stages:
-            if name in STAGES and name != "import":
-                # the barrier estimates are the expensive step: only the top-ranked pathways
-                limit = settings.screen_top if name == "estimates" else None
-                report = stages.run_batch(name, limit=limit)
-                console.print(report.summary)
+    names = [name for name in settings.screen_stages if name in STAGES and name != "import"]
+    with batch_progress(console), batch_clusters(names):
+        for name in names:
+            # the barrier estimates are the expensive step: only the top-ranked pathways
+            limit = settings.screen_top if name == "estimates" else None
+            report = stages.run_batch(name, limit=limit)
+            console.print(report.summary)
     status()
     profiles = barriers.screen_report()
     console.print(f"report: {escape(str(report_cli.write_report(profiles=profiles)))}", soft_wrap=True)

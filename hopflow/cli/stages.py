@@ -38,11 +38,11 @@ def _ranker(stage: Any, name: str | None) -> Any:
 def run_batch(stage_name: str, parameters: dict[str, Any] | None = None, limit: int | None = None) -> Any:
     """Batch mode: run a stage's flow on every eligible item, or on the top `limit` in rank order (the flow is named
     in the registry as module:function)."""
-    from flows.common import share_temporary_server
+    from flows.common import batch_flow, share_temporary_server
 
     stage = get_stage(stage_name)
     module, _, func = stage.extra["flow_function"].partition(":")
-    flow_fn = getattr(importlib.import_module(module), func)
+    flow_fn = batch_flow(stage_name, getattr(importlib.import_module(module), func))
     share_temporary_server()
     if limit is not None:
         claimed = queue.claim(stage_name, limit, parameters=parameters, refresh=True)
@@ -96,6 +96,7 @@ def run(stage: StageArg,
         verbose: VerboseOption = False,
         ) -> None:
     """Run a stage now on every eligible item (or its top N), on the stage's Dask cluster profile (no server needed)."""
+    from flows.common import batch_clusters
     from hopflow.cli.progress import batch_progress, prefect_logs_to_file
 
     st = _stage(stage)
@@ -103,7 +104,7 @@ def run(stage: StageArg,
     init_db()
     with prefect_logs_to_file(f"run-{stage}", verbose) as log:
         console.print(f"Prefect logs: {escape(str(log))}", soft_wrap=True)
-        with batch_progress(console):
+        with batch_progress(console), batch_clusters([stage]):
             report = run_batch(stage, overrides or None, limit=top)
     console.print(report.summary)
     if report.failed:

@@ -56,6 +56,11 @@ DEFAULT_SPRING = 0.1  # eV/Å², ASE's default
 DEFAULT_ENDPOINT_FMAX = 0.05  # eV/Å
 DEFAULT_ENDPOINT_STEPS = 300
 
+KNOWN_ENERGY = "energy"
+KNOWN_ENERGY_MODEL = "energy_model"
+"""Structure.properties keys of an image whose energy (eV, whole cell) the named potential computed already, e.g. a
+relaxed vacancy mapped onto a hop's endpoint by a symmetry operation: mlip-idpp takes it instead of recomputing."""
+
 INPUT_IMAGES_FILE = "input_images.json"
 FINAL_IMAGES_FILE = "final_images.json"
 OPTIMIZER_LOG = "optimizer.log"
@@ -126,6 +131,21 @@ def idpp_path(start: Structure, end: Structure, nimages: int) -> list[Structure]
     """IDPP images between endpoints whose atoms already correspond one to one."""
     guess = start.interpolate(end, nimages + 1, pbc=True)
     return VectorizedIDPPSolver(guess).run()
+
+
+def with_known_energy(structure: Structure, energy: float, model: str) -> Structure:
+    """The structure marked with its energy under `model` (see KNOWN_ENERGY)."""
+    marked = structure.copy()
+    marked.properties = {**marked.properties, KNOWN_ENERGY: float(energy), KNOWN_ENERGY_MODEL: canonical_model(model)}
+    return marked
+
+
+def known_energy(structure: Structure, model: str) -> float | None:
+    """The energy a structure carries for `model` (with_known_energy), else None."""
+    properties = structure.properties or {}
+    if properties.get(KNOWN_ENERGY_MODEL) != canonical_model(model) or properties.get(KNOWN_ENERGY) is None:
+        return None
+    return float(properties[KNOWN_ENERGY])
 
 
 def _optimizer(name: Optimizer, target: Any, logfile: Path) -> Any:
@@ -225,10 +245,13 @@ class MlipIdppEngine(_MlipEngine):
             images = idpp_path(start, end, len(images) - 2)
             find_moving_index(images)  # the relaxed endpoints must still be one hop apart
         write_structures(workdir / FINAL_IMAGES_FILE, images)
-        points = single_points(images, s.model, device)
+        energies = [known_energy(image, s.model) for image in images]
+        todo = [i for i, energy in enumerate(energies) if energy is None]
+        for i, (energy, _) in zip(todo, single_points([images[i] for i in todo], s.model, device), strict=True):
+            energies[i] = energy
         record = MlipRunRecord(
-            energies=tuple(e for e, _ in points),
-            max_forces=tuple(f for _, f in points),
+            energies=tuple(float(e) for e in energies if e is not None),
+            max_forces=(None,) * len(images),
             converged=endpoints_ok,
             endpoints_converged=endpoints_ok,
             device=device,
