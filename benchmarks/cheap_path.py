@@ -9,8 +9,9 @@ whole process tree (itself, the pool's or Dask's worker processes, the temporary
 included), start-up excluded: the pool's start is its two processes importing the task modules; hopflow's is what
 `hopflow screen` starts once for all its stages (the temporary Prefect server, the shared local Dask cluster whose
 two workers import the stage modules).
-Both sides store their results through the same queue (the pool's writes are outside its timing), so each stage reads
-the same inputs; the number of items each stage computed is asserted equal in every round and on both sides.
+Both sides read their inputs from and write their results to the database through the same queue functions (timed on
+both sides; the pool's claim, a query, is not), so what the ratio measures is Prefect's flow and task runs and Dask
+against a plain pool; the number of items each stage computed is asserted equal in every round and on both sides.
 Worker processes on both sides run torch and BLAS with one thread (what Dask's nanny sets for its workers).
 """
 
@@ -132,7 +133,7 @@ def _call(stage: str, item: Any, parameters: dict[str, Any]) -> Any:
 
 
 def pool_stage(pool: ProcessPoolExecutor, stage_name: str) -> tuple[float, int]:
-    """CPU seconds of the pool over every eligible item of a stage (claim, load and store untimed); items computed."""
+    """CPU seconds of the pool over every eligible item of a stage (load, map, store; the claim untimed); items done."""
     from hopflow import queue
     from hopflow.db import session_scope
     from hopflow.errors import is_retryable
@@ -140,20 +141,24 @@ def pool_stage(pool: ProcessPoolExecutor, stage_name: str) -> tuple[float, int]:
 
     stage = get_stage(stage_name)
     claimed = queue.claim(stage_name, 1_000_000, refresh=True)
-    with session_scope(write=True) as session:
-        runs = queue.start(session, [c.id for c in claimed])
-        payloads = stage.load(session, [r.input_id for r in runs])
-    runs = [r for r in runs if r.input_id in payloads]
-    cpu, results = measured(lambda: list(pool.map(
-        _call, [stage_name] * len(runs), [payloads[r.input_id] for r in runs], [r.parameters for r in runs])))
-    done = 0
-    for run, result in zip(runs, results):
+
+    def load_map_store() -> int:
         with session_scope(write=True) as session:
-            if isinstance(result, BaseException):
-                queue.fail(session, run.id, f"{type(result).__name__}: {result}", retryable=is_retryable(result))
-            else:
-                done += queue.complete(session, run.id, result)
-    return cpu, done
+            runs = queue.start(session, [c.id for c in claimed])
+            payloads = stage.load(session, [r.input_id for r in runs])
+        runs = [r for r in runs if r.input_id in payloads]
+        results = pool.map(_call, [stage_name] * len(runs), [payloads[r.input_id] for r in runs],
+                           [r.parameters for r in runs])
+        done = 0
+        for run, result in zip(runs, results):
+            with session_scope(write=True) as session:
+                if isinstance(result, BaseException):
+                    queue.fail(session, run.id, f"{type(result).__name__}: {result}", retryable=is_retryable(result))
+                else:
+                    done += queue.complete(session, run.id, result)
+        return done
+
+    return measured(load_map_store)
 
 
 def hopflow_stage(stage_name: str) -> tuple[float, int]:
@@ -176,10 +181,18 @@ def child(side: str, home: str, structures: Sequence[str] | None) -> dict[str, A
         startup += measured(lambda: list(pool.map(abs, range(4))))[0]
         run: Callable[[str], tuple[float, int]] = lambda s: pool_stage(pool, s)  # noqa: E731
     else:
-        from flows.common import batch_clusters
+        import importlib
+
+        from flows.common import batch_clusters, stage_module
 
         clusters = batch_clusters(STAGES)  # as `hopflow screen`: one cluster for the command, modules preloaded
-        startup, _ = measured(clusters.__enter__)
+
+        def start() -> None:
+            clusters.__enter__()
+            for stage in STAGES:  # the flow modules, as the pool's processes import the task modules
+                importlib.import_module(stage_module(stage))
+
+        startup, _ = measured(start)
         run = hopflow_stage
     out["startup_cpu_s"] = startup
     for stage in STAGES:
