@@ -140,7 +140,7 @@ def run_stage(stage_name: str, run_ids: Sequence[int] | None, process: Task[...,
         for run in missing:
             _record_failure(run, InputError(f"input {stage.input_table} #{run.input_id} no longer exists"), report)
             open_ids.discard(run.id)
-        chunks = chunked(todo, get_settings().max_chunks)
+        chunks = chunked(todo, min(get_settings().max_chunks, -(-len(todo) // stage.min_chunk_items)))
         futures = [run_chunk.with_options(name=f"{process.name}-chunk").submit(
             process, [payloads[r.input_id] for r in chunk], chunk[0].parameters) for chunk in chunks]
         for chunk, future in zip(chunks, futures):

@@ -78,6 +78,9 @@ class Stage:
     lease_seconds: float | None = None
     """Lease of a claim before sweep may requeue it; None: `HOPFLOW_LEASE_SECONDS`."""
     default_target: int = 0
+    min_chunk_items: int = 1
+    """Fewest items one Dask task of a stage flow carries: each task costs about a core-second of Prefect and Dask
+    work (context, task run, states), so a stage whose items take less than that packs several into one."""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property

@@ -155,7 +155,7 @@ def test_chgnet_idpp_between_unrelaxed_endpoints_passes_lower_configurations(idp
     assert r.energies[0] == pytest.approx(-583.0, abs=5.0)  # ~6.1 eV/atom: a CaF2 cell, not a unit mix-up
     assert r.moving_index == caf2_hop().moving_index
     assert r.reaction_coordinate[-1] > caf2_hop().hop_length  # the RMS path includes the neighbours' motion
-    assert all(f is not None and math.isfinite(f) for f in r.max_forces)
+    assert r.max_forces == (None,) * 5  # single points of energy alone: no backward pass for forces nobody uses
     assert {"chgnet", "torch", "ase"} <= set(r.versions) and r.versions["device"] in {"cpu", "cuda"}
     assert r.timings.run_s is not None and Path(r.workdir, FINAL_IMAGES_FILE).is_file()
 
