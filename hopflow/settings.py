@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     intermediate_minimum_tol: float = Field(
         default=0.02, ge=0, description="eV: an interior image this far below the lower endpoint flags a path "
         "`intermediate-minimum` (no barrier is ranked).")
+    mlip_batch_atoms: int | None = Field(
+        default=None, ge=1, le=INT64_MAX, description="Atoms per ML-potential call when CHGNet computes energies "
+        "alone (mlip-idpp's images) in batches; None: 2,000 on a GPU, one structure per call on a CPU (batches "
+        "measured no faster there). Bounds the memory of a call: 7 forces of 240-atom cells took 9 GiB at once.")
     bulk_fmax: float = Field(default=0.02, gt=0, description="eV/Å: force (and scaled stress) threshold of the bulk "
                              "relaxation (lattice and positions, symmetry kept) before vacancies are made.")
     bulk_steps: int = Field(default=300, gt=0, le=INT64_MAX, description="Optimizer step limit of the bulk relaxation.")

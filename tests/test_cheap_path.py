@@ -15,7 +15,7 @@ from pymatgen.core import Structure
 
 from tasks.engines import compute_barrier
 from tasks.engines.mlip import idpp_path, known_energy, with_known_energy
-from tasks.engines.potentials import single_points
+from tasks.engines.potentials import atom_batches, single_points
 from tasks.features import NEIGHBOUR_CUTOFF, PathwayFeatures, featurize, shannon_radius
 from tasks.images import HopImages, VectorizedIDPPSolver, hop_images
 from tasks.pathways import PathwayRecord, find_pathways
@@ -159,3 +159,20 @@ def test_barriers_and_their_ranking_match_the_reference_path(name: str, tmp_path
         fast.append(result.barrier)
         slow.append(reference)
     assert sorted(range(len(fast)), key=fast.__getitem__) == sorted(range(len(slow)), key=slow.__getitem__)
+
+
+def test_atom_batches_bound_the_atoms_per_call() -> None:
+    assert atom_batches([95, 95, 95, 95, 95], 200) == [[0, 1], [2, 3], [4]]
+    assert atom_batches([250, 10, 10], 200) == [[0], [1, 2]]  # a structure over the limit still runs, alone
+    assert atom_batches([], 100) == []
+
+
+def test_batched_energies_are_the_one_at_a_time_energies() -> None:
+    """Energy-only CHGNet calls in batches (what a GPU gets) give each image the energy of its own call."""
+    [(record, start, end)] = relaxed_endpoints("CaF2")[:1]
+    images = idpp_path(start, end, 3)
+    alone = single_points(images, MODEL, "cpu")
+    batched = single_points(images, MODEL, "cpu", batch_atoms=2 * len(images[0]))  # two images per call
+    assert [f for _, f in batched] == [None] * 5
+    assert np.allclose([e for e, _ in batched], [e for e, _ in alone], atol=1e-4)
+    assert max(e for e, _ in alone) - min(e for e, _ in alone) > 0.05  # the images differ: not one energy five times
