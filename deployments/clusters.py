@@ -54,14 +54,15 @@ DEPRECATED_JOBQUEUE_KEYS: Mapping[str, str] = MappingProxyType(
 CLUSTER_ONLY_KWARGS = frozenset({"scheduler_options", "shared_temp_directory"})
 DEFAULT_LOG_SUBDIR = Path("logs") / "dask"
 
-WORKER_ENVIRON: Mapping[str, int] = MappingProxyType(
-    {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1})
-"""What a Dask nanny sets before it starts its worker process: one thread per worker for torch and BLAS, as Dask
-does, but not Dask's other default, MALLOC_TRIM_THRESHOLD_=65536. A fixed trim threshold switches off glibc's
+UNSET_WORKER_ENVIRON = ("MALLOC_TRIM_THRESHOLD_",)
+"""Taken out of what a Dask nanny sets before it starts its worker process (Dask's one thread per worker for torch
+and BLAS stays): Dask's default MALLOC_TRIM_THRESHOLD_=65536. A fixed trim threshold switches off glibc's
 dynamic one, so every large tensor freed is given back to the kernel and faulted in again: a CHGNet vacancy
 relaxation spent 7.1 s of system time beside 14.4 s of user time with it, 1.0 s beside 15.3 s without (8x the page
 faults). Workers started by this process's nannies (local profiles) get it; SLURM jobs read their own Dask config."""
-dask.config.set({"distributed.nanny.pre-spawn-environ": dict(WORKER_ENVIRON)})
+dask.config.set({"distributed.nanny.pre-spawn-environ": {
+    key: value for key, value in (dask.config.get("distributed.nanny.pre-spawn-environ") or {}).items()
+    if key not in UNSET_WORKER_ENVIRON}})
 
 
 class ProfileError(HopflowError, ValueError):

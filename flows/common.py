@@ -51,7 +51,8 @@ def batch_clusters(stage_names: Sequence[str]) -> Iterator[dict[str, str]]:
     Its workers import the stages' modules when they start (`preload`), so the libraries and, once the first task
     asked for it, the ML potential are loaded once per worker for the command, not once per stage. Flows started
     with `batch_flow` inside the block connect to it. SLURM profiles keep a cluster per flow run (their adaptive
-    jobs follow each flow's work). Yields profile -> scheduler address of the clusters it started.
+    jobs follow each flow's work), and so do local profiles with `adapt`. Yields profile -> scheduler address of
+    the clusters it started.
     """
     from distributed import Client, LocalCluster
 
@@ -64,10 +65,12 @@ def batch_clusters(stage_names: Sequence[str]) -> Iterator[dict[str, str]]:
     started: list[tuple[str, Any]] = []
     try:
         for profile, modules in by_profile.items():
-            if profile in _BATCH_CLUSTERS or get_profile(profile).cluster != "local":
-                continue
-            kwargs = dict(task_runner_kwargs(profile)["cluster_kwargs"])
-            cluster = LocalCluster(**kwargs, preload=sorted(modules))
+            runner = task_runner_kwargs(profile)
+            if profile in _BATCH_CLUSTERS or get_profile(profile).cluster != "local" or runner["adapt_kwargs"]:
+                continue  # adaptive local profiles scale with each flow's work: they keep a cluster per flow run
+            kwargs = dict(runner["cluster_kwargs"])
+            kwargs["preload"] = [*(kwargs.get("preload") or []), *sorted(modules)]
+            cluster = LocalCluster(**kwargs)
             started.append((profile, cluster))
             with Client(cluster) as client:
                 client.wait_for_workers(len(cluster.workers))

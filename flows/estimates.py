@@ -11,6 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prefect import flow, get_run_logger, task
 from pymatgen.core import Structure
 
@@ -35,6 +36,8 @@ WORK_DIR = "work"
 """Work directories live under Settings.home / WORK_DIR."""
 VACANCY_POLL_S = 5.0
 """Seconds between looks at vacancies another flow run is relaxing."""
+SAME_BULK_TOL = 1e-8
+"""Two relaxed vacancies reuse their energies as endpoint energies only when relaxed from one bulk (Å, fractional)."""
 SYMMETRY_CACHE_SIZE = 16
 """Structures whose vacancy supercell and orbits a worker keeps (pathways of one structure come in rank order, not
 together)."""
@@ -164,7 +167,8 @@ def relaxed_pathway_barrier(stage: str, item: dict[str, Any], parameters: dict[s
     ends = hop_endpoints(symmetry, bulk, record.start_frac, record.end_frac, relaxed)
     images = idpp_path(ends.start, ends.end, parameters["nimages"])
     model = parameters["vacancy"].get("model")
-    if model is not None and model == getattr(engine.settings, "model", None):
+    if (model is not None and model == getattr(engine.settings, "model", None)
+            and _same_structure(vacancy[a]["bulk_structure"], vacancy[b]["bulk_structure"])):
         # each endpoint is a relaxed vacancy moved by a symmetry operation: its energy is the vacancy's
         images = [with_known_energy(images[0], vacancy[b]["energy"], model), *images[1:-1],
                   with_known_energy(images[-1], vacancy[a]["energy"], model)]
@@ -174,6 +178,13 @@ def relaxed_pathway_barrier(stage: str, item: dict[str, Any], parameters: dict[s
         if v["flag"] != "ok" and result.flag == "ok":
             result = result.flagged(v["flag"], f"{end} vacancy (#{v['vacancy_id']}): {v['flag_reason']}")
     return PathwayBarrier(result, start_vacancy_id=vacancy[b]["vacancy_id"], end_vacancy_id=vacancy[a]["vacancy_id"])
+
+
+def _same_structure(first: dict[str, Any], second: dict[str, Any]) -> bool:
+    """True when two stored structures are one (the endpoints are both built on one of their bulks)."""
+    a, b = Structure.from_dict(first), Structure.from_dict(second)
+    return (len(a) == len(b) and np.allclose(a.lattice.matrix, b.lattice.matrix, atol=SAME_BULK_TOL)
+            and np.allclose(a.frac_coords, b.frac_coords, atol=SAME_BULK_TOL))
 
 
 def pathway_barrier(stage: str, item: dict[str, Any], parameters: dict[str, Any]) -> BarrierResult:

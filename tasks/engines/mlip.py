@@ -49,7 +49,9 @@ from tasks.engines.potentials import (
 )
 from tasks.images import VectorizedIDPPSolver
 
-ENGINE_REVISION = "2"  # 2: any potential (CHGNet or SevenNet); barrier from the lower endpoint, profile flags
+ENGINE_REVISION = "3"
+"""2: any potential (CHGNet or SevenNet), barrier from the lower endpoint, profile flags; 3: mlip-idpp computes
+energies alone (no max_forces) and takes an endpoint's energy from its relaxed vacancy."""
 DEFAULT_NEB_FMAX = 0.1  # eV/Å
 DEFAULT_NEB_STEPS = 500
 DEFAULT_SPRING = 0.1  # eV/Å², ASE's default
@@ -234,7 +236,8 @@ class MlipIdppEngine(_MlipEngine):
     settings: MlipIdppSettings = field(default_factory=MlipIdppSettings)
 
     def run(self, workdir: Path) -> None:
-        """Energy and forces of every image (after the optional endpoint relaxation and re-interpolation)."""
+        """The energy of every image not carrying a known one (after the optional endpoint relaxation and
+        re-interpolation, which drop known energies)."""
         workdir = Path(workdir)
         clock = Stopwatch.started()
         s = self.settings

@@ -219,12 +219,13 @@ def single_points(structures: Sequence[Structure], model: str, device: Device, *
 
 def _chgnet_energies(structures: Sequence[Structure], device: Device,
                      batch_atoms: int) -> list[tuple[float, float | None]]:
+    if not all(s.is_ordered for s in structures):
+        raise InputError("an ML potential needs an ordered structure (one species per site)")
     network = _weights("chgnet-0.3.0", device)
     plain = [Structure(s.lattice, [site.specie.symbol for site in s], s.frac_coords) for s in structures]
     energies: list[tuple[float, float | None]] = []
     for batch in atom_batches([len(s) for s in plain], batch_atoms):
-        with _quiet():
-            predicted = network.predict_structure([plain[i] for i in batch], task="e", batch_size=len(batch))
+        predicted = network.predict_structure([plain[i] for i in batch], task="e", batch_size=len(batch))
         for i, prediction in zip(batch, predicted if isinstance(predicted, list) else [predicted], strict=True):
             per_cell = len(plain[i]) if network.is_intensive else 1  # as CHGNet's own calculator scales it
             energies.append((float(prediction["e"]) * per_cell, None))
