@@ -83,11 +83,11 @@ class Stage:
     work (context, task run, states), so a stage whose items take less than that packs several into one."""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-    @property
     def __post_init__(self) -> None:
         if self.min_chunk_items < 1:
             raise ValueError(f"stage {self.name!r}: min_chunk_items must be at least 1, got {self.min_chunk_items}")
 
+    @property
     def attempts_allowed(self) -> int:
         """The stage's retry limit, else the setting's."""
         return self.retry_limit if self.retry_limit is not None else get_settings().retry_limit
