@@ -248,12 +248,12 @@ class MlipIdppEngine(_MlipEngine):
             images = idpp_path(start, end, len(images) - 2)
             find_moving_index(images)  # the relaxed endpoints must still be one hop apart
         write_structures(workdir / FINAL_IMAGES_FILE, images)
-        energies = [known_energy(image, s.model) for image in images]
-        todo = [i for i, energy in enumerate(energies) if energy is None]
-        for i, (energy, _) in zip(todo, single_points([images[i] for i in todo], s.model, device), strict=True):
-            energies[i] = energy
+        known = [known_energy(image, s.model) for image in images]
+        todo = [i for i, energy in enumerate(known) if energy is None]
+        computed = dict(zip(todo, (e for e, _ in single_points([images[i] for i in todo], s.model, device)),
+                            strict=True))
         record = MlipRunRecord(
-            energies=tuple(float(e) for e in energies if e is not None),
+            energies=tuple(computed[i] if energy is None else energy for i, energy in enumerate(known)),
             max_forces=(None,) * len(images),
             converged=endpoints_ok,
             endpoints_converged=endpoints_ok,
