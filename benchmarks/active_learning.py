@@ -40,9 +40,9 @@ from hopflow.learning import (
     uncertain_scores,
 )
 from hopflow.settings import get_settings
-from tasks.features import featurize
-from tasks.pathways import PathwayRecord, find_pathways
-from tasks.structures import bundled_inputs, parse_input, sanitize
+from hopflow.tasks.features import featurize
+from hopflow.tasks.pathways import PathwayRecord, find_pathways
+from hopflow.tasks.structures import bundled_inputs, parse_input, sanitize
 
 ROOT = Path(__file__).resolve().parents[1]
 FEATURES_CSV = ROOT / "tests" / "data" / "bundled_pathway_features.csv"

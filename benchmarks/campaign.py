@@ -209,8 +209,8 @@ def counts(engine: Engine) -> dict[str, int]:
 def run_campaign(engine: Engine, client: Any, config: CampaignConfig, workdir: Path) -> CampaignReport:
     """Drive the campaign to the last item; sample live runs every second."""
     from benchmarks.chaos import DEPLOYMENT
-    from deployments.bootstrap import POOL_NAME
-    from flows.controller import count_live, tick
+    from hopflow.deployments.bootstrap import POOL_NAME
+    from hopflow.flows.controller import count_live, tick
     from hopflow import queue
     from hopflow.db import session_scope
     from hopflow.models import RunState

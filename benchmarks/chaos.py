@@ -289,7 +289,7 @@ def tick_once(lease_seconds: float, retry_limit: int, batch_size: int) -> None:
     """One controller tick of the synthetic stage (the subprocess that gets killed mid-way)."""
     from prefect.client.orchestration import get_client
 
-    from flows.controller import tick
+    from hopflow.flows.controller import tick
 
     with chaos_stage(lease_seconds, retry_limit), get_client(sync_client=True) as client:
         report = tick(client, stages=[STAGE], batch_sizes={STAGE: batch_size}, mirror=False, publish=False)
@@ -394,14 +394,14 @@ def flow_run_states(client: Any, flow_run_ids: list[str]) -> dict[str, int]:
 
 def run_chaos(engine: Engine, client: Any, config: ChaosConfig, workdir: Path) -> ChaosReport:
     """Drive a full chaos run against the database behind `engine` and the Prefect server of `client`."""
-    from flows.controller import count_live, tick
+    from hopflow.flows.controller import count_live, tick
     from hopflow import queue
     from hopflow.db import session_scope
     from hopflow.models import RunState
     from hopflow.registry import get_stage
     from prefect_helpers import delete_waiting_runs, deploy_stage, start_worker, stop_process_group, wait_for_worker
 
-    from deployments.bootstrap import POOL_NAME
+    from hopflow.deployments.bootstrap import POOL_NAME
 
     rng = random.Random(config.seed)
     url = engine.url.render_as_string(hide_password=False)

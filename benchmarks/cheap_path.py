@@ -38,10 +38,10 @@ MOONSHOT_CORE_S = 15.0
 """The DDI-scale goal: about 30,000 pathways through the cheap path in an hour on one 128-core node."""
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 TASKS = {
-    "pathways": ("flows.pathways", "find_structure_pathways"),
-    "features": ("flows.features", "featurize_pathway"),
-    "vacancies": ("flows.vacancies", "relax_vacancy_site"),
-    "estimates": ("flows.estimates", "estimate_barrier"),
+    "pathways": ("hopflow.flows.pathways", "find_structure_pathways"),
+    "features": ("hopflow.flows.features", "featurize_pathway"),
+    "vacancies": ("hopflow.flows.vacancies", "relax_vacancy_site"),
+    "estimates": ("hopflow.flows.estimates", "estimate_barrier"),
 }
 
 
@@ -73,7 +73,7 @@ def _setup(home: str, structures: Sequence[str] | None) -> None:
     os.environ.pop("HOPFLOW_DATABASE_URL", None)
     from hopflow.db import init_db
     from hopflow.importing import import_raw_inputs
-    from tasks.structures import bundled_inputs
+    from hopflow.tasks.structures import bundled_inputs
 
     init_db()
     inputs = bundled_inputs()
@@ -88,7 +88,7 @@ def _setup(home: str, structures: Sequence[str] | None) -> None:
 def store_vacancy_sites() -> int:
     """Store the vacancy sites every eligible estimates pathway needs, as the estimates flow would before it relaxes
     them (the claim it makes for that is given back)."""
-    from flows.estimates import needed_vacancies
+    from hopflow.flows.estimates import needed_vacancies
     from hopflow import queue
     from hopflow.db import session_scope
     from hopflow.queue import param_hash
@@ -196,7 +196,7 @@ def child(side: str, home: str, structures: Sequence[str] | None) -> dict[str, A
     else:
         import importlib
 
-        from flows.common import batch_clusters, stage_module
+        from hopflow.flows.common import batch_clusters, stage_module
 
         clusters = batch_clusters(STAGES)  # as `hopflow screen`: one cluster for the command, modules preloaded
 
@@ -211,7 +211,7 @@ def child(side: str, home: str, structures: Sequence[str] | None) -> dict[str, A
     for stage in STAGES:
         if stage == "vacancies":
             out["vacancy_sites"] = store_vacancy_sites()
-            from flows.estimates import _vacancy_symmetry
+            from hopflow.flows.estimates import _vacancy_symmetry
 
             _vacancy_symmetry.cache_clear()  # the estimates flow must find the vacancy sites itself, as in screen
         cpu, n = run(stage)

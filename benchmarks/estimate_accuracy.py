@@ -109,7 +109,7 @@ class VacancyCache:
         self._relaxed: dict[tuple[str, int], Any] = {}
 
     def symmetry(self, name: str, structure: Any) -> Any:
-        from tasks.vacancies import VacancySymmetry
+        from hopflow.tasks.vacancies import VacancySymmetry
 
         if name not in self._symmetry:
             self._symmetry[name] = VacancySymmetry.of(structure, "F", min_length=MIN_LENGTH, min_atoms=MIN_ATOMS,
@@ -119,7 +119,7 @@ class VacancyCache:
     def relaxed(self, name: str, structure: Any, site_index: int) -> tuple[Any, float]:
         """The relaxed vacancy at an orbit's canonical site (the stage's relaxation settings) and the seconds spent."""
         from hopflow.settings import get_settings
-        from tasks.vacancies import relax_vacancy
+        from hopflow.tasks.vacancies import relax_vacancy
 
         key = (name, site_index)
         if key in self._relaxed:
@@ -139,9 +139,9 @@ def compare(name: str, structure: Any, pathway: Any, cache: VacancyCache, workdi
     """Cheap estimate and CI-NEB of one pathway between the same relaxed endpoints."""
     from pymatgen.core import Structure
 
-    from tasks.engines import compute_barrier
-    from tasks.engines.mlip import idpp_path
-    from tasks.vacancies import hop_endpoints
+    from hopflow.tasks.engines import compute_barrier
+    from hopflow.tasks.engines.mlip import idpp_path
+    from hopflow.tasks.vacancies import hop_endpoints
 
     symmetry = cache.symmetry(name, structure)
     a, b = symmetry.hop_sites(pathway.start_frac, pathway.end_frac)
@@ -181,8 +181,8 @@ def compare(name: str, structure: Any, pathway: Any, cache: VacancyCache, workdi
 
 def selected_pathways(names: list[str], hops: int) -> list[tuple[str, Any, Any]]:
     """(name, sanitized structure, pathway) for the shortest `hops` hops of each structure, shortest hops first."""
-    from tasks.pathways import find_pathways
-    from tasks.structures import bundled_inputs, parse_input, sanitize
+    from hopflow.tasks.pathways import find_pathways
+    from hopflow.tasks.structures import bundled_inputs, parse_input, sanitize
 
     inputs = {raw.location: raw for raw in bundled_inputs()}
     missing = [n for n in names if n not in inputs]
@@ -257,7 +257,7 @@ def main() -> None:
     import torch
 
     from hopflow.errors import InputError
-    from tasks.engines.potentials import pick_device
+    from hopflow.tasks.engines.potentials import pick_device
 
     torch.set_num_threads(args.threads)
     print(f"mlip-idpp vs CI-NEB ({MODEL}, {NIMAGES} images, CI-NEB fmax {NEB_FMAX} eV/Å, {args.optimizer}, "

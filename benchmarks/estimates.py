@@ -25,7 +25,7 @@ def main() -> None:
 
     from sqlalchemy import select
 
-    from flows.estimates import relaxed_pathway_barrier
+    from hopflow.flows.estimates import relaxed_pathway_barrier
     from hopflow.cli.stages import run_batch
     from hopflow.db import init_db, session_scope
     from hopflow.importing import import_raw_inputs
@@ -33,8 +33,8 @@ def main() -> None:
     from hopflow.registry import get_stage
     from hopflow.queue import stage_parameters
     from hopflow.settings import get_settings
-    from tasks.engines.potentials import calculator, pick_device
-    from tasks.structures import bundled_inputs
+    from hopflow.tasks.engines.potentials import calculator, pick_device
+    from hopflow.tasks.structures import bundled_inputs
 
     init_db()
     t = time.perf_counter()

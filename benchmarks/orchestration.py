@@ -103,7 +103,7 @@ def _items(n: int, cpu_ms: float) -> list[dict[str, Any]]:
 
 def run_pool(n: int, cpu_ms: float, processes: int) -> Throughput:
     """The reference: a ProcessPoolExecutor over tasks.synthetic.synthetic_work (pool start-up included)."""
-    from tasks.synthetic import synthetic_work
+    from hopflow.tasks.synthetic import synthetic_work
 
     started = time.perf_counter()
     with ProcessPoolExecutor(processes) as pool:
@@ -161,8 +161,8 @@ def run_prefect(workdir: Path, url: str, n: int, cpu_ms: float, target: int, bat
     """Controller ticks (driven here) claim batches; a process worker runs the synthetic flow on a Dask cluster."""
     from prefect.client.orchestration import get_client
 
-    from deployments.bootstrap import POOL_NAME
-    from flows.controller import tick
+    from hopflow.deployments.bootstrap import POOL_NAME
+    from hopflow.flows.controller import tick
     from prefect_helpers import deploy_stage, start_worker, stop_process_group, wait_for_worker
 
     engine = _engine(url)
@@ -218,7 +218,7 @@ def measure_ticks(url: str, n: int, ticks: int) -> TickTimes:
 
     from prefect.client.orchestration import get_client
 
-    from flows.controller import tick
+    from hopflow.flows.controller import tick
 
     engine = _engine(url)
     _add_items(engine, n, 50.0)

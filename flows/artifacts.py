@@ -106,8 +106,8 @@ def _image(alt: str, png: bytes) -> str:
 
 def _profile_png(session: Session, entry: PathwayEntry, directory: Path) -> bytes:
     """The energy profile of a pathway's chosen result."""
-    from tasks.engines.base import BarrierResult
-    from tasks.plots import plot_energy_profile
+    from hopflow.tasks.engines.base import BarrierResult
+    from hopflow.tasks.plots import plot_energy_profile
 
     table = NebResult if entry.table == NebResult.__tablename__ else Estimate
     row = session.get(table, entry.result_id)
@@ -118,7 +118,7 @@ def _profile_png(session: Session, entry: PathwayEntry, directory: Path) -> byte
 
 
 def _materials_png(materials: Sequence[MaterialEntry], directory: Path) -> bytes:
-    from tasks.plots import LeaderboardRow, plot_leaderboard
+    from hopflow.tasks.plots import LeaderboardRow, plot_leaderboard
 
     rows = [LeaderboardRow(label=f"{m.formula} #{m.structure_id}", barrier=m.value(3), engine=m.status_3d)
             for m in materials]

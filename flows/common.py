@@ -30,7 +30,7 @@ def profile_for(stage_name: str) -> str:
 
 def stage_task_runner(stage_name: str) -> DaskTaskRunner:
     """A DaskTaskRunner built from the stage's cluster profile (deployments/clusters.yaml)."""
-    from deployments.clusters import task_runner
+    from hopflow.deployments.clusters import task_runner
 
     return task_runner(profile_for(stage_name))
 
@@ -56,7 +56,7 @@ def batch_clusters(stage_names: Sequence[str]) -> Iterator[dict[str, str]]:
     """
     from distributed import Client, LocalCluster
 
-    from deployments.clusters import get_profile, task_runner_kwargs
+    from hopflow.deployments.clusters import get_profile, task_runner_kwargs
 
     share_temporary_server()  # first: the workers inherit its address
     by_profile: dict[str, set[str]] = {}

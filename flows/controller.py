@@ -32,7 +32,7 @@ from prefect.exceptions import ObjectNotFound
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from flows.artifacts import publish_overview
+from hopflow.flows.artifacts import publish_overview
 from hopflow import queue
 from hopflow.db import get_engine, session_scope
 from hopflow.leaderboard import material_leaderboard, pathway_leaderboard

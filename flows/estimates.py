@@ -15,10 +15,10 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from pymatgen.core import Structure
 
-from flows.common import stage_run_name, stage_task_runner
-from flows.features import pathway_record
-from flows.runner import StageReport, claim_all, run_stage
-from flows.vacancies import relax_vacancy_site
+from hopflow.flows.common import stage_run_name, stage_task_runner
+from hopflow.flows.features import pathway_record
+from hopflow.flows.runner import StageReport, claim_all, run_stage
+from hopflow.flows.vacancies import relax_vacancy_site
 from hopflow import queue
 from hopflow.db import session_scope
 from hopflow.errors import EngineError
@@ -27,10 +27,10 @@ from hopflow.registry import get_stage
 from hopflow.settings import get_settings
 from hopflow.stages import lattice_parameters
 from hopflow.vacancies import SiteRow, ensure_sites, settled, site_states
-from tasks.engines import BarrierResult, compute_barrier, get_engine
-from tasks.engines.mlip import idpp_path, with_known_energy
-from tasks.images import hop_images
-from tasks.vacancies import VacancySymmetry, hop_endpoints
+from hopflow.tasks.engines import BarrierResult, compute_barrier, get_engine
+from hopflow.tasks.engines.mlip import idpp_path, with_known_energy
+from hopflow.tasks.images import hop_images
+from hopflow.tasks.vacancies import VacancySymmetry, hop_endpoints
 
 WORK_DIR = "work"
 """Work directories live under Settings.home / WORK_DIR."""

@@ -7,10 +7,10 @@ from typing import Any
 from prefect import flow, task
 from pymatgen.core import Structure
 
-from flows.common import stage_run_name, stage_task_runner
-from flows.runner import StageReport, run_stage
-from tasks.features import PathwayFeatures, featurize
-from tasks.pathways import PathwayRecord
+from hopflow.flows.common import stage_run_name, stage_task_runner
+from hopflow.flows.runner import StageReport, run_stage
+from hopflow.tasks.features import PathwayFeatures, featurize
+from hopflow.tasks.pathways import PathwayRecord
 
 
 def pathway_record(fields: dict[str, Any]) -> PathwayRecord:

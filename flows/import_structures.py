@@ -7,11 +7,11 @@ from typing import Any
 from prefect import flow, task
 from sqlalchemy.orm import Session
 
-from flows.common import stage_run_name, stage_task_runner
-from flows.runner import StageReport, run_stage
+from hopflow.flows.common import stage_run_name, stage_task_runner
+from hopflow.flows.runner import StageReport, run_stage
 from hopflow.models import Run
 from hopflow.sources import stored_with_formula
-from tasks.structures import RawInput, SanitizedStructure, SourceMetadata, find_duplicate, parse_input, sanitize
+from hopflow.tasks.structures import RawInput, SanitizedStructure, SourceMetadata, find_duplicate, parse_input, sanitize
 
 
 class ImportOutcome:

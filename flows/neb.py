@@ -6,10 +6,10 @@ from typing import Any
 
 from prefect import flow, task
 
-from flows.common import stage_run_name, stage_task_runner
-from flows.estimates import pathway_barrier
-from flows.runner import StageReport, run_stage
-from tasks.engines import BarrierResult
+from hopflow.flows.common import stage_run_name, stage_task_runner
+from hopflow.flows.estimates import pathway_barrier
+from hopflow.flows.runner import StageReport, run_stage
+from hopflow.tasks.engines import BarrierResult
 
 
 @task(name="neb-barrier")

@@ -158,7 +158,7 @@ def run_stage(stage_name: str, run_ids: Sequence[int] | None, process: Task[...,
 
 def _publish_summary(report: StageReport) -> None:
     """The stage's markdown artifact in the Prefect UI; a server that refuses it costs a warning, not the results."""
-    from flows.artifacts import publish_stage_summary
+    from hopflow.flows.artifacts import publish_stage_summary
 
     try:
         publish_stage_summary(report.stage, report.summary, report.failed, current_flow_run_id())

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.common import stage_run_name, stage_task_runner
-from flows.runner import StageReport, run_stage
-from tasks.synthetic import synthetic_item
+from hopflow.flows.common import stage_run_name, stage_task_runner
+from hopflow.flows.runner import StageReport, run_stage
+from hopflow.tasks.synthetic import synthetic_item
 
 
 @flow(name="synthetic", flow_run_name=lambda: stage_run_name("synthetic"), task_runner=stage_task_runner("synthetic"),

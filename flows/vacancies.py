@@ -7,9 +7,9 @@ from typing import Any
 from prefect import flow, task
 from pymatgen.core import Structure
 
-from flows.common import stage_run_name, stage_task_runner
-from flows.runner import StageReport, run_stage
-from tasks.vacancies import RelaxedVacancy, Supercell, relax_vacancy
+from hopflow.flows.common import stage_run_name, stage_task_runner
+from hopflow.flows.runner import StageReport, run_stage
+from hopflow.tasks.vacancies import RelaxedVacancy, Supercell, relax_vacancy
 
 
 @task(name="relax-vacancy")

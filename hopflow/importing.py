@@ -17,8 +17,8 @@ from hopflow.sources import import_outcomes, register_sources
 def import_raw_inputs(raws: Sequence[Any], *, ion: str | None = None) -> list[dict[str, Any]]:
     """Import raw inputs (already-imported sources are not redone); per input, in order: its outcome under this
     parameter set (the migrating ion `ion`, else the setting), its error, and whether it gave a new structure."""
-    from flows.common import share_temporary_server
-    from flows.import_structures import import_structures  # the command line may call flows (batch mode)
+    from hopflow.flows.common import share_temporary_server
+    from hopflow.flows.import_structures import import_structures  # the command line may call flows (batch mode)
 
     stage = get_stage("import")
     params = {"ion": ion} if ion else None

@@ -73,7 +73,7 @@ IMPORT = register(Stage(
     default_ranker="id",
     flow="import-structures",
     deployment="import-structures/import-structures",
-    extra={"flow_function": "flows.import_structures:import_structures"},
+    extra={"flow_function": "hopflow.flows.import_structures:import_structures"},
     resources="local",
     batch_size=50,
     retry_limit=2,
@@ -118,7 +118,7 @@ SYNTHETIC = register(Stage(
     default_ranker="priority",
     flow="synthetic",
     deployment="synthetic/synthetic",
-    extra={"flow_function": "flows.synthetic:synthetic"},
+    extra={"flow_function": "hopflow.flows.synthetic:synthetic"},
     resources="local",
     batch_size=20,
     retry_limit=3,
@@ -201,7 +201,7 @@ PATHWAYS = register(Stage(
     default_ranker="id",
     flow="pathways",
     deployment="pathways/pathways",
-    extra={"flow_function": "flows.pathways:pathways", "producer": structure_producer},
+    extra={"flow_function": "hopflow.flows.pathways:pathways", "producer": structure_producer},
     resources="local",
     min_chunk_items=8,  # ~0.5 core-s per structure: a Dask task per item would cost more than the item
     batch_size=20,
@@ -258,7 +258,7 @@ FEATURES = register(Stage(
     default_ranker="id",
     flow="features",
     deployment="features/features",
-    extra={"flow_function": "flows.features:features", "producer": pathway_producer},
+    extra={"flow_function": "hopflow.flows.features:features", "producer": pathway_producer},
     resources="local",
     min_chunk_items=2,  # ~4 core-s per pathway
     batch_size=20,
@@ -303,8 +303,8 @@ def engine_parameters(name: str, model: str | None = None) -> dict[str, Any]:
     Execution-only settings (VASP command, launcher, polling, device ...) stay out, so changing them keeps the hash.
     """
     # The engines live in tasks/; only their identity is needed here, so they are imported when a stage asks.
-    from tasks.engines import get_engine
-    from tasks.engines.vasp import EXECUTION_FIELDS as VASP_EXECUTION_FIELDS
+    from hopflow.tasks.engines import get_engine
+    from hopflow.tasks.engines.vasp import EXECUTION_FIELDS as VASP_EXECUTION_FIELDS
 
     engine = get_engine(name, {"model": model} if model is not None else None)
     skip = VASP_EXECUTION_FIELDS | MLIP_EXECUTION_FIELDS
@@ -346,7 +346,7 @@ VACANCY_REVISION = "1"
 def vacancy_parameters(settings: Settings, model: str | None = None) -> dict[str, Any]:
     """What a relaxed vacancy depends on: the potential and the relaxation settings, never the barrier engine, so
     every ML engine with the same model shares one relaxation."""
-    from tasks.engines.potentials import canonical_model, model_version
+    from hopflow.tasks.engines.potentials import canonical_model, model_version
 
     model = canonical_model(model or settings.barrier_model)
     return {"model": model, "model_version": model_version(model), "revision": VACANCY_REVISION,
@@ -404,7 +404,7 @@ VACANCIES = register(Stage(
     default_ranker="id",
     flow="vacancies",
     deployment="vacancies/vacancies",
-    extra={"flow_function": "flows.vacancies:vacancies", "producer": vacancy_site_producer},
+    extra={"flow_function": "hopflow.flows.vacancies:vacancies", "producer": vacancy_site_producer},
     resources="local",
     batch_size=10,
     retry_limit=2,
@@ -493,7 +493,7 @@ ESTIMATES = register(Stage(
                     broaden_step=0.25, broaden_limit=3.0),),
     flow="estimates",
     deployment="estimates/estimates",
-    extra={"flow_function": "flows.estimates:estimates", "producer": pathway_producer,
+    extra={"flow_function": "hopflow.flows.estimates:estimates", "producer": pathway_producer,
            "engine_parameters": _estimates_engine_parameters},
     resources="local",
     batch_size=10,
@@ -531,7 +531,7 @@ NEB = register(Stage(
                     criterion=lambda c, v: c.estimate <= v, broaden_step=0.25, broaden_limit=2.0),),
     flow="neb",
     deployment="neb/neb",
-    extra={"flow_function": "flows.neb:neb", "producer": pathway_producer, "engine_parameters": engine_parameters},
+    extra={"flow_function": "hopflow.flows.neb:neb", "producer": pathway_producer, "engine_parameters": engine_parameters},
     resources="slurm-vasp",
     batch_size=1,
     retry_limit=3,

@@ -12,8 +12,8 @@ from matminer.featurizers.site import EwaldSiteEnergy
 from pymatgen.core import Element, Species, Structure
 
 from hopflow.errors import InputError
-from tasks.images import HopImages, hop_images
-from tasks.pathways import PathwayRecord
+from hopflow.tasks.images import HopImages, hop_images
+from hopflow.tasks.pathways import PathwayRecord
 
 NEIGHBOUR_CUTOFF = 6.0
 """Å: neighbours of the moving ion considered for the radii overlap (beyond it every overlap is strongly negative)."""

@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tasks.engines.base import BarrierResult  # noqa: E402
+from hopflow.tasks.engines.base import BarrierResult  # noqa: E402
 
 DPI = 120
 PROFILE_SIZE = (6.0, 4.0)  # inches

@@ -16,8 +16,8 @@ from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 from pymatgen.util.coord import lattice_points_in_supercell
 
 from hopflow.errors import EngineError, InputError
-from tasks.engines.potentials import Relaxed, model_versions, pick_device, relax_bulk, relax_positions
-from tasks.pathways import SYMPREC, wyckoff_labels
+from hopflow.tasks.engines.potentials import Relaxed, model_versions, pick_device, relax_bulk, relax_positions
+from hopflow.tasks.pathways import SYMPREC, wyckoff_labels
 
 SITE_TOL = 0.5
 """Å: a mapped point this close to a supercell site is that site (symmetric to SYMPREC, relaxed bulk included)."""

@@ -18,7 +18,7 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
 from sqlalchemy import Engine, insert
 
-from deployments.bootstrap import PREFECT_YAML
+from hopflow.deployments.bootstrap import PREFECT_YAML
 from hopflow.db import session_scope
 from hopflow.models import SyntheticItem
 
@@ -147,7 +147,7 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.2, what: str = 
 def deploy_stage(client: SyncPrefectClient, deployment: str) -> Any:
     """`prefect deploy` one prefect.yaml deployment into the work pool, scheduled services paused, and its leftover
     scheduled, pending or running flow runs deleted (they would count as live): the deployment."""
-    from deployments.bootstrap import deploy_all, ensure_work_pool, pause_services
+    from hopflow.deployments.bootstrap import deploy_all, ensure_work_pool, pause_services
 
     ensure_work_pool(client)
     done = deploy_all(names=[deployment])

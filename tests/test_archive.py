@@ -34,8 +34,8 @@ from hopflow.registry import get_stage
 from hopflow.settings import get_settings
 from hopflow.stages import VACANCY_COLUMNS, engine_parameters, lattice_parameters
 from hopflow.vacancies import SiteRow, ensure_sites
-from tasks.engines.base import BarrierResult, checked_fields
-from tasks.structures import bundled_inputs
+from hopflow.tasks.engines.base import BarrierResult, checked_fields
+from hopflow.tasks.structures import bundled_inputs
 from tests.conftest import drop_postgres_database, fresh_postgres_database
 from tests.test_stage_barriers import SMALL_CELLS
 
@@ -84,7 +84,7 @@ def _complete(stage_name: str, input_id: int, result: Any) -> int:
 
 def _add_vacancies_and_estimates() -> None:
     """Per structure one vacancy site relaxed through the vacancies stage; per pathway an estimate between it."""
-    from flows.estimates import PathwayBarrier
+    from hopflow.flows.estimates import PathwayBarrier
 
     with session_scope(write=True) as session:
         structures = session.execute(select(Structure.id, Structure.structure)).all()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from flows.artifacts import md, md_table, report_path
+from hopflow.flows.artifacts import md, md_table, report_path
 from hopflow.cli.stages import run_batch
 from hopflow.db import init_db, session_scope
 from hopflow.models import Run, SyntheticItem

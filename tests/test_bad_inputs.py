@@ -13,18 +13,18 @@ from pymatgen.core import Lattice, Structure
 from pymatgen.io.cif import CifWriter
 from sqlalchemy import select
 
-from flows.features import features
-from flows.pathways import pathways
+from hopflow.flows.features import features
+from hopflow.flows.pathways import pathways
 from hopflow import queue
 from hopflow.db import init_db, session_scope
 from hopflow.errors import EngineError, InputError
 from hopflow.importing import import_raw_inputs
 from hopflow.models import Features, Pathway, Run, RunState, Source, Structure as StructureRow
 from hopflow.registry import get_stage
-from tasks.engines import compute_barrier, get_engine
-from tasks.features import featurize
-from tasks.pathways import find_pathways
-from tasks.structures import bundled_inputs, file_inputs
+from hopflow.tasks.engines import compute_barrier, get_engine
+from hopflow.tasks.features import featurize
+from hopflow.tasks.pathways import find_pathways
+from hopflow.tasks.structures import bundled_inputs, file_inputs
 from tests.fake_vasp.fake_potcar import write_fake_psp_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -203,7 +203,7 @@ def test_features_refuse_a_pathway_of_another_ion() -> None:
 
 @pytest.fixture(scope="module")
 def hop():
-    from tasks.images import hop_images
+    from hopflow.tasks.images import hop_images
 
     structure = _caf2({"Ca": 2, "F": -1})
     record = find_pathways(structure, ion="F", max_hop=3.0, max_paths=1)[0]

@@ -9,19 +9,19 @@ import sys
 from distributed import Client
 from sqlalchemy import func, select
 
-from flows.common import batch_clusters, batch_flow
-from flows.features import features
+from hopflow.flows.common import batch_clusters, batch_flow
+from hopflow.flows.features import features
 from hopflow.cli.stages import run_batch
 from hopflow.db import init_db, session_scope
 from hopflow.importing import import_raw_inputs
 from hopflow.models import Features, Pathway
 from hopflow.settings import get_settings
-from tasks.structures import bundled_inputs
+from hopflow.tasks.structures import bundled_inputs
 
 
 def _worker_facts() -> tuple[int, dict[str, str | None], bool, bool]:
     return (os.getpid(), {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")},
-            "flows.features" in sys.modules, "torch" in sys.modules)
+            "hopflow.flows.features" in sys.modules, "torch" in sys.modules)
 
 
 def test_stage_flows_of_one_command_share_one_preloaded_cluster(monkeypatch) -> None:

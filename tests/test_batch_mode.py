@@ -14,7 +14,7 @@ CHILD = ("from prefect.client.orchestration import get_client\n"
          "    print(client.api_url)\n")
 PARENT = f"""
 import os, subprocess, sys
-from flows.common import share_temporary_server
+from hopflow.flows.common import share_temporary_server
 url = share_temporary_server()
 assert url and os.environ["PREFECT_API_URL"] == url, url
 assert share_temporary_server() is None  # an API is configured now

@@ -13,14 +13,14 @@ import pytest
 from pymatgen.analysis.diffusion.neb.pathfinder import IDPPSolver
 from pymatgen.core import Structure
 
-from tasks.engines import compute_barrier
-from tasks.engines.mlip import idpp_path, known_energy, with_known_energy
-from tasks.engines.potentials import atom_batches, single_points
-from tasks.features import NEIGHBOUR_CUTOFF, PathwayFeatures, featurize, shannon_radius
-from tasks.images import HopImages, VectorizedIDPPSolver, hop_images
-from tasks.pathways import PathwayRecord, find_pathways
-from tasks.structures import bundled_inputs, parse_input, sanitize
-from tasks.vacancies import VacancySymmetry, hop_endpoints, relax_vacancy
+from hopflow.tasks.engines import compute_barrier
+from hopflow.tasks.engines.mlip import idpp_path, known_energy, with_known_energy
+from hopflow.tasks.engines.potentials import atom_batches, single_points
+from hopflow.tasks.features import NEIGHBOUR_CUTOFF, PathwayFeatures, featurize, shannon_radius
+from hopflow.tasks.images import HopImages, VectorizedIDPPSolver, hop_images
+from hopflow.tasks.pathways import PathwayRecord, find_pathways
+from hopflow.tasks.structures import bundled_inputs, parse_input, sanitize
+from hopflow.tasks.vacancies import VacancySymmetry, hop_endpoints, relax_vacancy
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -18,7 +18,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskR
 from prefect.utilities.importtools import from_qualified_name
 from prefect_dask import DaskTaskRunner
 
-from deployments.clusters import (
+from hopflow.deployments.clusters import (
     ACCOUNT_ENV,
     INTERFACE_ENV,
     QUEUE_ENV,

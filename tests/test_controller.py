@@ -14,7 +14,7 @@ from prefect.client.schemas.sorting import ArtifactSort
 from prefect.states import Crashed, Running
 from sqlalchemy import select, update
 
-from flows import controller as ctl
+from hopflow.flows import controller as ctl
 from hopflow import queue
 from hopflow.db import session_scope, utcnow
 from hopflow.models import Run, RunState, StageSetting

@@ -14,9 +14,9 @@ from pydantic import ValidationError
 from pymatgen.core import Lattice, Structure
 
 from hopflow.settings import get_settings
-from tasks.engines import BarrierResult, compute_barrier, get_engine
-from tasks.engines.base import RUN_FILE, check_profile
-from tasks.engines.mlip import (
+from hopflow.tasks.engines import BarrierResult, compute_barrier, get_engine
+from hopflow.tasks.engines.base import RUN_FILE, check_profile
+from hopflow.tasks.engines.mlip import (
     ENGINE_REVISION,
     FINAL_IMAGES_FILE,
     INPUT_IMAGES_FILE,
@@ -25,9 +25,9 @@ from tasks.engines.mlip import (
     MlipRunRecord,
     idpp_path,
 )
-from tasks.engines.potentials import _weights, model_version, pick_device, single_points
-from tasks.images import HopImages, hop_images
-from tasks.pathways import find_pathways
+from hopflow.tasks.engines.potentials import _weights, model_version, pick_device, single_points
+from hopflow.tasks.images import HopImages, hop_images
+from hopflow.tasks.pathways import find_pathways
 from tests.test_engines_vasp import CAF2_A, caf2_hop
 
 EXPERIMENT_RANGE = (0.35, 0.55)  # eV, F-vacancy migration in CaF2 (ENVIRONMENT.md); universal MLIPs come out softer

@@ -14,11 +14,11 @@ from pymatgen.core import Lattice, Structure
 from pymatgen.io.vasp.inputs import Incar, Poscar, Potcar
 
 from hopflow.errors import EngineError, InputError
-from tasks.engines import ENGINES, BarrierResult, compute_barrier, get_engine
-from tasks.engines.base import RUN_FILE
-from tasks.engines.vasp import NEB_OUTPUT, VaspNebEngine, VaspNebSettings, VaspRunRecord
-from tasks.images import HopImages, displacements, hop_images
-from tasks.pathways import find_pathways
+from hopflow.tasks.engines import ENGINES, BarrierResult, compute_barrier, get_engine
+from hopflow.tasks.engines.base import RUN_FILE
+from hopflow.tasks.engines.vasp import NEB_OUTPUT, VaspNebEngine, VaspNebSettings, VaspRunRecord
+from hopflow.tasks.images import HopImages, displacements, hop_images
+from hopflow.tasks.pathways import find_pathways
 from tests.fake_vasp.fake_potcar import write_fake_psp_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pymatgen rightly does not know the FAKE POTCARs

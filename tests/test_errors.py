@@ -6,7 +6,7 @@ import pytest
 from distributed.scheduler import KilledWorker
 
 from hopflow.errors import EngineError, InputError, is_retryable
-from tasks.synthetic import SyntheticFailure
+from hopflow.tasks.synthetic import SyntheticFailure
 
 
 @pytest.mark.parametrize("exc", [EngineError("VASP crashed"), OSError("disk full"), TimeoutError("slow"),

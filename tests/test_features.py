@@ -12,10 +12,10 @@ from matminer.featurizers.site import EwaldSiteEnergy
 from pymatgen.core import Element, Species
 
 from hopflow.errors import InputError
-from tasks.features import (EWALD_ACCURACY, NEIGHBOUR_CUTOFF, PathwayFeatures, _max_overlaps, featurize,
+from hopflow.tasks.features import (EWALD_ACCURACY, NEIGHBOUR_CUTOFF, PathwayFeatures, _max_overlaps, featurize,
                             shannon_radius)
-from tasks.images import HopImages, hop_images
-from tasks.pathways import PathwayRecord, find_pathways
+from hopflow.tasks.images import HopImages, hop_images
+from hopflow.tasks.pathways import PathwayRecord, find_pathways
 from tests.test_pathways import crystal, lattice_a
 
 SUPERCELL = {"min_length": 10.0, "min_atoms": 40, "max_atoms": 240}

@@ -13,7 +13,7 @@ from hopflow.models import Features, Pathway
 from hopflow.queue import fingerprints
 from hopflow.registry import get_stage
 from hopflow.settings import get_settings
-from tasks.structures import bundled_inputs
+from hopflow.tasks.structures import bundled_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -24,8 +24,8 @@ from hopflow.models.barriers import UNCHECKED_FLAG
 from hopflow.registry import get_stage
 from hopflow.settings import get_settings
 from hopflow.stages import engine_parameters
-from tasks.engines.base import BarrierResult, check_profile, checked_fields
-from tasks.structures import bundled_inputs
+from hopflow.tasks.engines.base import BarrierResult, check_profile, checked_fields
+from hopflow.tasks.structures import bundled_inputs
 from tests.test_stage_barriers import SMALL_CELLS
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

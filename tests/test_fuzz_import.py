@@ -26,7 +26,7 @@ from hopflow.db import session_scope
 from hopflow.models import Run, RunState, Source, Structure as StructureRow
 from hopflow.registry import get_stage
 from hopflow.settings import get_settings
-from tasks.structures import bundled_inputs, file_inputs, parse_input
+from hopflow.tasks.structures import bundled_inputs, file_inputs, parse_input
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -89,7 +89,7 @@ def test_sigterm_releases_claims_at_once(tmp_path) -> None:
 
     env = {**os.environ, "HOPFLOW_DATABASE_URL": url, "HOPFLOW_HOME": str(tmp_path / "home"),
            "HOPFLOW_PROFILE_SYNTHETIC": "local-threads", "PYTHONPATH": str(ROOT)}
-    code = f"from flows.synthetic import synthetic; synthetic(run_ids={run_ids!r})"
+    code = f"from hopflow.flows.synthetic import synthetic; synthetic(run_ids={run_ids!r})"
     log = tmp_path / "flow.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -123,8 +123,8 @@ def test_sigterm_releases_claims_at_once(tmp_path) -> None:
 def test_prefect_cancellation_releases_claims_at_once(prefect_client, tmp_path) -> None:
     """Cancel a running stage flow from Prefect (as the UI's Cancel button does): the process worker stops its process,
     the flow gives its claims back at once, and Prefect records the flow run as Cancelled."""
-    from deployments.bootstrap import POOL_NAME
-    from flows.controller import tick
+    from hopflow.deployments.bootstrap import POOL_NAME
+    from hopflow.flows.controller import tick
     from hopflow.registry import get_stage
 
     url = f"sqlite:///{tmp_path / 'cancel.sqlite'}"

@@ -23,7 +23,7 @@ from hopflow.db import session_scope
 from hopflow.errors import InputError
 from hopflow.models import Run, RunState, Source, Structure as StructureRow
 from hopflow.settings import get_settings
-from tasks.structures import bundled_inputs, file_inputs, parse_input
+from hopflow.tasks.structures import bundled_inputs, file_inputs, parse_input
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

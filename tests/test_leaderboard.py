@@ -13,14 +13,14 @@ from pymatgen.core import Structure as PmgStructure
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
-from flows import controller as ctl
+from hopflow.flows import controller as ctl
 from hopflow.cli.barriers import write_profile_plots
 from hopflow.cli.main import app
 from hopflow.db import session_scope
 from hopflow.leaderboard import MaterialEntry, PathwayEntry, material_leaderboard, pathway_leaderboard
 from hopflow.models import Estimate, NebResult, Pathway, Run, Structure, Vacancy, VacancySite
 from prefect_helpers import latest_artifact, prefect_client  # noqa: F401  (prefect_client: a fixture)
-from tasks.pathways import PathwayRecord, find_pathways
+from hopflow.tasks.pathways import PathwayRecord, find_pathways
 
 CHGNET, SEVENNET = "chgnet-0.3.0", "7net-0"
 PATHWAY_COLUMNS = {c.name for c in Pathway.__table__.columns}
@@ -240,7 +240,7 @@ def test_artifacts_hold_the_cli_rows_in_the_cli_order(engine, board, prefect_cli
 def test_overview_artifact_has_the_leaderboards_and_plots_inline(engine, board, prefect_client) -> None:  # noqa: F811
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from flows.artifacts import OVERVIEW_KEY, overview_markdown
+    from hopflow.flows.artifacts import OVERVIEW_KEY, overview_markdown
 
     with session_scope(engine) as session:
         expected = overview_markdown(session, {}, {})

@@ -20,13 +20,13 @@ from prefect.states import Cancelled, Completed, Crashed, Failed, Running
 from sqlalchemy import func, inspect, select, text
 
 from conftest import drop_postgres_database, fresh_postgres_database
-from flows import maintenance
+from hopflow.flows import maintenance
 from hopflow import queue
 from hopflow.db import is_sqlite, make_engine, session_scope
 from hopflow.models import Run, RunState
 from hopflow.registry import get_stage
 from prefect_helpers import add_synthetic_items, prefect_client  # noqa: F401  (fixture)
-from tasks.synthetic import SyntheticOutcome
+from hopflow.tasks.synthetic import SyntheticOutcome
 
 OLD_FINISHED = 52  # more than one bulk-delete call (50 per call)
 

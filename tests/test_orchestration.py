@@ -13,8 +13,8 @@ from prefect.client.schemas.objects import StateType
 from sqlalchemy import func, select, update
 from typer.testing import CliRunner
 
-from deployments.bootstrap import POOL_NAME, deploy_all, ensure_work_pool, pause_services
-from flows import controller as ctl
+from hopflow.deployments.bootstrap import POOL_NAME, deploy_all, ensure_work_pool, pause_services
+from hopflow.flows import controller as ctl
 from hopflow import queue
 from hopflow.cli import orchestration
 from hopflow.db import session_scope, utcnow
@@ -253,7 +253,7 @@ def test_bootstrap_tick_and_maintenance_commands(engine, cli, prefect_client, tm
 @pytest.mark.prefect
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # the SQLite path is covered by the synthetic test
 def test_controller_drains_twenty_structures_through_the_pathways_stage(engine, prefect_client, tmp_path):
-    from tasks.structures import bundled_inputs
+    from hopflow.tasks.structures import bundled_inputs
 
     from hopflow.importing import import_raw_inputs
     from hopflow.models import Pathway, Structure

@@ -13,7 +13,7 @@ from pymatgen.core import Lattice, Structure
 from pymatgen.util.testing import MatSciTest
 
 from hopflow.errors import InputError
-from tasks.pathways import PathwayRecord, automatic_max_hop, canonical_cell, find_pathways
+from hopflow.tasks.pathways import PathwayRecord, automatic_max_hop, canonical_cell, find_pathways
 
 # The bundled set ships the verified crystal data (shared/data/fluoride-crystals.json plus its own additions).
 CRYSTALS = Path(__file__).resolve().parents[1] / "hopflow" / "data" / "bundled_structures.json"

@@ -9,7 +9,7 @@ import pytest
 from pymatgen.core import Lattice, Structure
 
 from hopflow.percolation import HopBarrier, hop_network, material_barriers, unestimated
-from tasks.pathways import PathwayRecord, find_pathways
+from hopflow.tasks.pathways import PathwayRecord, find_pathways
 
 
 def _hops(records: list[PathwayRecord], barriers: list[float | None]) -> list[HopBarrier]:

@@ -7,9 +7,9 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import numpy as np
 
-from tasks.engines import BarrierResult
-from tasks.engines.base import checked_fields
-from tasks.plots import LeaderboardRow, plot_energy_profile, plot_leaderboard
+from hopflow.tasks.engines import BarrierResult
+from hopflow.tasks.engines.base import checked_fields
+from hopflow.tasks.plots import LeaderboardRow, plot_energy_profile, plot_leaderboard
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

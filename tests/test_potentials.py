@@ -11,7 +11,7 @@ from pymatgen.core import Lattice, Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
 from hopflow.errors import InputError
-from tasks.engines.potentials import (
+from hopflow.tasks.engines.potentials import (
     MODELS,
     calculator,
     canonical_model,

@@ -19,7 +19,7 @@ from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
 from prefect.flows import load_flow_from_entrypoint
 from prefect.workers.process import ProcessWorker
 
-from deployments.bootstrap import POOL_NAME, PREFECT_YAML, PROJECT_ROOT, deploy_all, ensure_work_pool, pause_services
+from hopflow.deployments.bootstrap import POOL_NAME, PREFECT_YAML, PROJECT_ROOT, deploy_all, ensure_work_pool, pause_services
 from hopflow.registry import STAGES, get_stage
 from prefect_helpers import entrypoint_file, prefect_client, yaml_deployments  # noqa: F401  (fixture)
 

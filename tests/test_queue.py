@@ -215,7 +215,7 @@ def test_cutoff_holds_items_back_and_broadens_one_bounded_step(engine) -> None:
 
 
 def test_cache_reuses_a_done_result_with_the_same_key(engine) -> None:
-    from flows.runner import run_stage  # noqa: F401  (import check: the runner uses the same verbs)
+    from hopflow.flows.runner import run_stage  # noqa: F401  (import check: the runner uses the same verbs)
 
     with session_scope(engine, write=True) as s:
         s.add_all([SyntheticItem(priority=1.0, fingerprint="same"), SyntheticItem(priority=2.0, fingerprint="same")])

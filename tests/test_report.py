@@ -55,7 +55,7 @@ def screened(tmp_path_factory) -> Screened:
     Prefect API configured (batch mode starts its own server) and analytics left to hopflow."""
     from pymatgen.io.cif import CifWriter
 
-    from tasks.structures import bundled_inputs, parse_input
+    from hopflow.tasks.structures import bundled_inputs, parse_input
 
     base = tmp_path_factory.mktemp("report")
     home = base / "home"

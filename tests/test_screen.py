@@ -9,7 +9,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from flows import controller as ctl
+from hopflow.flows import controller as ctl
 from hopflow.cli.main import app
 from hopflow.settings import get_settings
 from prefect_helpers import latest_artifact, prefect_client  # noqa: F401  (prefect_client: a fixture)

@@ -17,8 +17,8 @@ from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
 from prefect.client.schemas.objects import StateType
 from sqlalchemy import Engine, func, insert, select
 
-from deployments.clusters import task_runner
-from flows.synthetic import synthetic
+from hopflow.deployments.clusters import task_runner
+from hopflow.flows.synthetic import synthetic
 from hopflow import queue
 from hopflow.db import init_db, make_engine, session_scope
 from hopflow.models import Run, RunState, SyntheticItem, SyntheticResult

@@ -22,7 +22,7 @@ from hopflow.models import Estimate, Features, NebResult, Pathway, Run, RunState
 from hopflow.queue import param_hash
 from hopflow.settings import get_settings
 from hopflow.stages import PATHWAY_FIELDS, engine_parameters
-from tasks.structures import bundled_inputs
+from hopflow.tasks.structures import bundled_inputs
 from tests.fake_vasp.fake_potcar import write_fake_psp_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pymatgen rightly does not know the FAKE POTCARs

@@ -10,8 +10,8 @@ from pymatgen.io.cif import CifParser
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from flows.features import features
-from flows.pathways import pathways
+from hopflow.flows.features import features
+from hopflow.flows.pathways import pathways
 from hopflow import queue
 from hopflow.cli.main import app
 from hopflow.cli.stages import trace_chain
@@ -20,7 +20,7 @@ from hopflow.importing import import_raw_inputs
 from hopflow.models import Features, Pathway, Run, RunState, Structure
 from hopflow.registry import get_stage
 from hopflow.stages import FEATURE_COLUMNS
-from tasks.structures import bundled_inputs
+from hopflow.tasks.structures import bundled_inputs
 
 CRYSTALS = ("CaF2", "LiF", "MgF2")
 FLUORITE_A = 5.463

@@ -14,7 +14,7 @@ from pymatgen.io.vasp import Poscar
 
 from hopflow.errors import InputError
 from hopflow.settings import get_settings
-from tasks.structures import (
+from hopflow.tasks.structures import (
     FakeMaterialsProject,
     MaterialsProjectClient,
     MaterialsProjectError,

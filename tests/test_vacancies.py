@@ -15,11 +15,11 @@ from hopflow.leaderboard import material_leaderboard, pathway_leaderboard
 from hopflow.models import Estimate, Pathway, Run, Vacancy, VacancySite
 from hopflow.settings import get_settings
 from hopflow.stages import ESTIMATES
-from tasks.engines import compute_barrier
-from tasks.engines.mlip import idpp_path
-from tasks.pathways import find_pathways
-from tasks.structures import bundled_inputs
-from tasks.vacancies import VacancySymmetry, hop_endpoints, relax_vacancy, vacancy_structure
+from hopflow.tasks.engines import compute_barrier
+from hopflow.tasks.engines.mlip import idpp_path
+from hopflow.tasks.pathways import find_pathways
+from hopflow.tasks.structures import bundled_inputs
+from hopflow.tasks.vacancies import VacancySymmetry, hop_endpoints, relax_vacancy, vacancy_structure
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -36,7 +36,7 @@ class Board(str, Enum):
 
 def barrier_result(row: Estimate | NebResult) -> Any:
     """A stored estimate or NEB row as the engines' BarrierResult."""
-    from tasks.engines.base import BarrierResult  # plots and results are tasks' types; the CLI imports them on use
+    from hopflow.tasks.engines.base import BarrierResult  # plots and results are tasks' types; the CLI imports them on use
 
     return BarrierResult.model_validate({name: getattr(row, name) for name in BARRIER_COLUMNS})
 
@@ -44,7 +44,7 @@ def barrier_result(row: Estimate | NebResult) -> Any:
 def plotted_result(row: Estimate | NebResult, is_trusted: bool) -> Any:
     """A row's profile for plotting: validated when trusted; else its energies without barriers, built unvalidated
     (legacy `unchecked` rows, or flagged rows that kept a barrier, are no result an engine makes today)."""
-    from tasks.engines.base import BarrierResult
+    from hopflow.tasks.engines.base import BarrierResult
 
     if is_trusted:
         return barrier_result(row)
@@ -54,7 +54,7 @@ def plotted_result(row: Estimate | NebResult, is_trusted: bool) -> Any:
 
 def write_leaderboard_plot(entries: list[PathwayEntry], path: Path) -> Path:
     """The per-pathway leaderboard as a bar plot PNG."""
-    from tasks.plots import LeaderboardRow, plot_leaderboard
+    from hopflow.tasks.plots import LeaderboardRow, plot_leaderboard
 
     rows = [LeaderboardRow(label=f"{e.formula} #{e.structure_id} p{e.pathway_id}", barrier=e.barrier,
                            engine=e.engine, hop_length=e.hop_length) for e in entries]
@@ -63,7 +63,7 @@ def write_leaderboard_plot(entries: list[PathwayEntry], path: Path) -> Path:
 
 def write_material_plot(entries: list[MaterialEntry], path: Path) -> Path:
     """The per-structure leaderboard as a bar plot PNG of the 3D value (E*, or the upper bound when incomplete)."""
-    from tasks.plots import LeaderboardRow, plot_leaderboard
+    from hopflow.tasks.plots import LeaderboardRow, plot_leaderboard
 
     rows = [LeaderboardRow(label=f"{e.formula} #{e.structure_id}", barrier=e.value(3), engine=e.status_3d)
             for e in entries]
@@ -72,7 +72,7 @@ def write_material_plot(entries: list[MaterialEntry], path: Path) -> Path:
 
 def profile_name(formula: str, structure_id: int, row: Estimate | NebResult) -> str:
     """File name of a result's energy profile (tasks.plots.profile_file_name), e.g. CaF2-s1-p3-mlip-idpp-chgnet.png."""
-    from tasks.plots import profile_file_name
+    from hopflow.tasks.plots import profile_file_name
 
     return profile_file_name(formula, structure_id, row.pathway_id, row.engine, row.model)
 
@@ -80,7 +80,7 @@ def profile_name(formula: str, structure_id: int, row: Estimate | NebResult) -> 
 def write_profiles(session: Session, directory: Path) -> dict[tuple[str, int], Path]:
     """One energy-profile PNG per stored estimate and NEB result, named by `profile_name` (the table and row id
     appended when two results would share a name); keyed by (table, row id)."""
-    from tasks.plots import plot_energy_profile
+    from hopflow.tasks.plots import plot_energy_profile
 
     written: dict[tuple[str, int], Path] = {}
     for model in (Estimate, NebResult):

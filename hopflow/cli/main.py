@@ -149,7 +149,7 @@ def screen(
 
 
 def _screen(ion: str | None, structure: list[str] | None) -> None:
-    from tasks.structures import bundled_inputs
+    from hopflow.tasks.structures import bundled_inputs
 
     from hopflow.cli.progress import batch_progress
     from hopflow.importing import import_raw_inputs
@@ -165,7 +165,7 @@ def _screen(ion: str | None, structure: list[str] | None) -> None:
     outcomes = import_raw_inputs(inputs, ion=ion)
     failed = [o for o in outcomes if o["state"] == "failed"]
     console.print(f"import: {len(outcomes)} bundled inputs, {len(failed)} failed")
-    from flows.common import batch_clusters
+    from hopflow.flows.common import batch_clusters
 
     settings = get_settings()
     names = [name for name in settings.screen_stages if name in STAGES and name != "import"]

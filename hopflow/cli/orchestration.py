@@ -54,7 +54,7 @@ def submit(stage: StageArg, ids: Annotated[list[int], typer.Argument(callback=ro
            deployment: Annotated[str | None, typer.Option(help="`flow/deployment` (default: the stage's).")] = None,
            ) -> None:
     """Run a stage on chosen input items now, through the queue (items already claimed or done are skipped)."""
-    from flows.controller import submit_items
+    from hopflow.flows.controller import submit_items
 
     _stage_or_exit(stage)
     with _prefect() as client:
@@ -72,7 +72,7 @@ def sweep(stage: Annotated[str | None, typer.Option(help="Only this stage.")] = 
           prefect: Annotated[bool, typer.Option(help="Also requeue work of flow runs Prefect reports as over.")] = True,
           ) -> None:
     """Requeue lost work now (expired leases, crashed or failed flow runs, retryable failures)."""
-    from flows.controller import sweep_lost
+    from hopflow.flows.controller import sweep_lost
 
     if stage:
         _stage_or_exit(stage)
@@ -90,7 +90,7 @@ def sweep(stage: Annotated[str | None, typer.Option(help="Only this stage.")] = 
 def tick(publish: Annotated[bool, typer.Option(help="Publish the progress and leaderboard artifacts.")] = True,
          ) -> None:
     """Run one controller tick here (what the `controller/controller` deployment does every minute)."""
-    from flows.controller import tick as controller_tick
+    from hopflow.flows.controller import tick as controller_tick
 
     with _prefect() as client:
         report = controller_tick(client, publish=publish)
@@ -102,8 +102,8 @@ def tick(publish: Annotated[bool, typer.Option(help="Publish the progress and le
 def bootstrap(pool_limit: Annotated[int | None, typer.Option(callback=bounded_int(ge=1), help="Concurrency limit of the work pool.")] = None,
               deploy: Annotated[bool, typer.Option(help="Then run `prefect deploy --all`.")] = False) -> None:
     """Create the `hopflow-pool` process work pool and the settings Variables; optionally deploy prefect.yaml."""
-    from deployments.bootstrap import bootstrap as run_bootstrap
-    from deployments.bootstrap import deploy_all
+    from hopflow.deployments.bootstrap import bootstrap as run_bootstrap
+    from hopflow.deployments.bootstrap import deploy_all
 
     with _prefect() as client:
         report = run_bootstrap(client, pool_limit=pool_limit)
@@ -120,7 +120,7 @@ def bootstrap(pool_limit: Annotated[int | None, typer.Option(callback=bounded_in
 def cleanup(older_than_days: Annotated[float, typer.Option(callback=finite_float(ge=0), help="Age of the oldest runs kept.")] = 7.0,
             ) -> None:
     """Delete finished flow runs older than N days from Prefect's database (hopflow's tables are untouched)."""
-    from flows.maintenance import delete_old_flow_runs
+    from hopflow.flows.maintenance import delete_old_flow_runs
 
     with _prefect() as client:
         report = delete_old_flow_runs(client, older_than_days)
@@ -130,7 +130,7 @@ def cleanup(older_than_days: Annotated[float, typer.Option(callback=finite_float
 def checkpoint(dest: Annotated[Path | None, typer.Option(help="Parent folder (default: <home>/checkpoints).")] = None,
                ) -> None:
     """Snapshot the database and write every table to CSV and Parquet in a dated folder."""
-    from flows.maintenance import checkpoint_database
+    from hopflow.flows.maintenance import checkpoint_database
 
     report = checkpoint_database(dest=dest)
     typer.echo(f"{report.folder}: snapshot {report.snapshot.name}, {len(report.tables)} tables, "

@@ -61,8 +61,8 @@ def show_path(pathway_id: Annotated[int, typer.Argument(callback=row_id(), help=
     """Write a pathway's IDPP images (vacancy supercell, start to end) into one CIF for a structure viewer."""
     from pymatgen.core import Structure as PmgStructure
 
-    from flows.features import pathway_record
-    from tasks.images import hop_images
+    from hopflow.flows.features import pathway_record
+    from hopflow.tasks.images import hop_images
 
     if not cif.parent.is_dir():
         raise typer.BadParameter(f"folder {cif.parent} does not exist", param_hint="'--cif'")

@@ -38,7 +38,7 @@ def _ranker(stage: Any, name: str | None) -> Any:
 def run_batch(stage_name: str, parameters: dict[str, Any] | None = None, limit: int | None = None) -> Any:
     """Batch mode: run a stage's flow on every eligible item, or on the top `limit` in rank order (the flow is named
     in the registry as module:function)."""
-    from flows.common import batch_flow, share_temporary_server
+    from hopflow.flows.common import batch_flow, share_temporary_server
 
     stage = get_stage(stage_name)
     module, _, func = stage.extra["flow_function"].partition(":")
@@ -96,7 +96,7 @@ def run(stage: StageArg,
         verbose: VerboseOption = False,
         ) -> None:
     """Run a stage now on every eligible item (or its top N), on the stage's Dask cluster profile (no server needed)."""
-    from flows.common import batch_clusters
+    from hopflow.flows.common import batch_clusters
     from hopflow.cli.progress import batch_progress, prefect_logs_to_file
 
     st = _stage(stage)

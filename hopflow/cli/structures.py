@@ -23,7 +23,7 @@ def import_(
     limit: Annotated[int | None, typer.Option(help="mp: most documents to fetch.")] = None,
 ) -> None:
     """Import structures; bad inputs are reported one by one and the exit code says whether any failed."""
-    from tasks.structures import MPApiClient, MPCriteria, bundled_inputs, file_inputs
+    from hopflow.tasks.structures import MPApiClient, MPCriteria, bundled_inputs, file_inputs
 
     from hopflow.importing import import_raw_inputs
 

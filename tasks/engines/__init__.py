@@ -1,7 +1,7 @@
 """Barrier engines behind one interface: `compute_barrier("mlip-idpp" | "mlip-neb" | "vasp-neb", images, workdir)`."""
 
-from tasks.engines import mlip, vasp
-from tasks.engines.base import (
+from hopflow.tasks.engines import mlip, vasp
+from hopflow.tasks.engines.base import (
     ENGINES,
     BarrierResult,
     Correction,

@@ -13,7 +13,7 @@ from pymatgen.core import Structure
 
 from hopflow.errors import EngineError
 from hopflow.settings import get_settings
-from tasks.engines.base import (
+from hopflow.tasks.engines.base import (
     PREPARED_FILE,
     RUN_FILE,
     BarrierResult,
@@ -33,7 +33,7 @@ from tasks.engines.base import (
     write_model,
     write_structures,
 )
-from tasks.engines.potentials import (
+from hopflow.tasks.engines.potentials import (
     Device,
     Optimizer,
     calculator,
@@ -47,7 +47,7 @@ from tasks.engines.potentials import (
     to_atoms,
     to_structure,
 )
-from tasks.images import VectorizedIDPPSolver
+from hopflow.tasks.images import VectorizedIDPPSolver
 
 ENGINE_REVISION = "3"
 """2: any potential (CHGNet or SevenNet), barrier from the lower endpoint, profile flags; 3: mlip-idpp computes

@@ -22,7 +22,7 @@ from pymatgen.core import Structure
 
 from hopflow.errors import InputError
 from hopflow.settings import get_settings
-from tasks.engines.base import versions_of
+from hopflow.tasks.engines.base import versions_of
 
 if TYPE_CHECKING:
     from ase import Atoms

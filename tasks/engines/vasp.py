@@ -25,7 +25,7 @@ from pymatgen.io.vasp.sets import CINEBSet, NEBSet
 
 from hopflow.errors import EngineError, InputError
 from hopflow.settings import get_settings
-from tasks.engines.base import (
+from hopflow.tasks.engines.base import (
     PREPARED_FILE,
     RUN_FILE,
     BarrierResult,
