@@ -72,7 +72,7 @@ def _setup(home: str, structures: Sequence[str] | None) -> None:
     os.environ["HOPFLOW_HOME"] = home
     os.environ.pop("HOPFLOW_DATABASE_URL", None)
     from hopflow.db import init_db
-    from hopflow.importing import import_raw_inputs
+    from hopflow.flows.batch import import_raw_inputs
     from hopflow.tasks.structures import bundled_inputs
 
     init_db()
@@ -176,7 +176,7 @@ def pool_stage(pool: ProcessPoolExecutor, stage_name: str) -> tuple[float, int]:
 
 def hopflow_stage(stage_name: str) -> tuple[float, int]:
     """CPU seconds of `hopflow run STAGE`'s batch mode (one flow run, the stage's local Dask profile); items done."""
-    from hopflow.cli.stages import run_batch
+    from hopflow.flows.batch import run_batch
 
     cpu, report = measured(lambda: run_batch(stage_name))
     return cpu, len(report.done)

@@ -26,9 +26,9 @@ def main() -> None:
     from sqlalchemy import select
 
     from hopflow.flows.estimates import relaxed_pathway_barrier
-    from hopflow.cli.stages import run_batch
+    from hopflow.flows.batch import run_batch
     from hopflow.db import init_db, session_scope
-    from hopflow.importing import import_raw_inputs
+    from hopflow.flows.batch import import_raw_inputs
     from hopflow.models import Estimate, Run
     from hopflow.registry import get_stage
     from hopflow.queue import stage_parameters

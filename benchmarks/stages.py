@@ -106,7 +106,7 @@ def main() -> None:
     from hopflow.tasks.structures import bundled_inputs
 
     from hopflow.db import init_db
-    from hopflow.importing import import_raw_inputs
+    from hopflow.flows.batch import import_raw_inputs
 
     with tempfile.TemporaryDirectory() as home:
         _setup_home(home)

@@ -41,7 +41,7 @@ _BATCH_CLUSTERS: dict[str, str] = {}
 
 def stage_module(stage_name: str) -> str:
     """The module that holds a stage's flow (and imports its tasks)."""
-    return get_stage(stage_name).extra["flow_function"].partition(":")[0]
+    return get_stage(stage_name).flow_module
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""Provenance helpers: package versions and the code's git commit, computed once per process."""
+"""Provenance: package versions and the code's git commit (computed once per process), and the walk from a result
+back through the runs that made its inputs to its source."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ import subprocess
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from hopflow.models import Run, Source
+from hopflow.registry import get_stage
 
 TRACKED_PACKAGES = ("hopflow", "pymatgen", "pymatgen-analysis-diffusion", "matminer", "custodian", "chgnet",
                     "torch", "ase", "prefect", "dask", "sqlalchemy")
@@ -33,3 +40,39 @@ def versions() -> dict[str, str | None]:
             found[name] = None
     found["hopflow_git"] = git_commit()
     return found
+
+
+def trace_chain(session: Session, run_id: int) -> list[dict[str, Any]]:
+    """The provenance chain of a run: its run row, then its input's producing run, ... down to the source."""
+    chain: list[dict[str, Any]] = []
+    run = session.get(Run, run_id)
+    if run is None:
+        raise LookupError(f"no run {run_id}")
+    while run is not None:
+        stage = get_stage(run.stage)
+        chain.append({"run": run.id, "stage": run.stage, "state": run.state, "input": f"{stage.input_table}#{run.input_id}",
+                      "parameters": run.parameters, "flow_run": run.flow_run_id, "host": run.host,
+                      "started": run.started_at, "finished": run.finished_at, "reused_run": run.reused_run_id,
+                      "versions": {k: v for k, v in (run.versions or {}).items() if v}})
+        producer = stage.producer
+        if run.stage == "import":
+            source = session.get(Source, run.input_id)
+            if source is not None:
+                chain.append({"source": source.id, "kind": source.kind, "location": source.location,
+                              "key": source.key, **{k: v for k, v in (source.meta or {}).items() if v}})
+            break
+        run = producer(session, run.input_id) if producer else None
+    return chain + _archive_lines(session, chain)
+
+
+def _archive_lines(session: Session, chain: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per archive the chain's runs were imported from (none for runs made here)."""
+    from hopflow.archive import archive_line
+
+    lines: dict[str, dict[str, Any]] = {}
+    for link in chain:
+        if "run" in link:
+            line = archive_line(session, session.get(Run, link["run"]))
+            if line is not None:
+                lines.setdefault(line["archive"] + line["sha256"], line)
+    return list(lines.values())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select
@@ -69,8 +69,8 @@ class Stage:
     rankers: tuple[Ranker, ...] = ()
     default_ranker: str = "id"
     cutoffs: tuple[Cutoff, ...] = ()
-    flow: str = ""
-    deployment: str = ""
+    entrypoint: str = ""
+    """The stage flow as Prefect names it in prefect.yaml (`flows/pathways.py:pathways`); the deployment follows."""
     resources: str = "local"
     batch_size: int = 10
     retry_limit: int | None = None
@@ -81,11 +81,30 @@ class Stage:
     min_chunk_items: int = 1
     """Fewest items one Dask task of a stage flow carries: each task costs about a core-second of Prefect and Dask
     work (context, task run, states), so a stage whose items take less than that packs several into one."""
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    producer: Callable[[Session, int], Any] | None = None
+    """The run that stored an input row (provenance walking: `hopflow trace`)."""
+    engine_choice: Callable[..., dict[str, Any]] | None = None
+    """A barrier stage's parameters for an engine (and ML model) named on the command line."""
 
     def __post_init__(self) -> None:
         if self.min_chunk_items < 1:
             raise ValueError(f"stage {self.name!r}: min_chunk_items must be at least 1, got {self.min_chunk_items}")
+
+    @property
+    def flow_name(self) -> str:
+        """The flow's Prefect name: its function's name with dashes (Prefect's own default)."""
+        return self.entrypoint.rpartition(":")[2].replace("_", "-")
+
+    @property
+    def deployment(self) -> str:
+        """The deployment the controller submits to: named after its flow (`pathways/pathways`)."""
+        return f"{self.flow_name}/{self.flow_name}"
+
+    @property
+    def flow_module(self) -> str:
+        """The installed module of the stage flow (`flows/pathways.py` -> `hopflow.flows.pathways`)."""
+        path = self.entrypoint.partition(":")[0].removesuffix(".py")
+        return "hopflow." + path.replace("/", ".")
 
     @property
     def attempts_allowed(self) -> int:

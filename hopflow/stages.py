@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
+from hopflow.engines import canonical_model, engine_parameters, model_version
 from hopflow.fingerprints import pathway_fingerprint
 from hopflow.loop import LEARNING_RANKERS, model_ranker_scores
 from hopflow.models import (Estimate, Features, NebResult, Pathway, Run, RunState, Source, Structure, SyntheticItem,
@@ -71,9 +72,7 @@ IMPORT = register(Stage(
     fingerprint=lambda c: c.key,
     rankers=(BY_ID,),
     default_ranker="id",
-    flow="import-structures",
-    deployment="import-structures/import-structures",
-    extra={"flow_function": "hopflow.flows.import_structures:import_structures"},
+    entrypoint="flows/import_structures.py:import_structures",
     resources="local",
     batch_size=50,
     retry_limit=2,
@@ -116,9 +115,7 @@ SYNTHETIC = register(Stage(
     fingerprint=lambda c: c.fingerprint,
     rankers=(BY_ID, Ranker("priority", "lowest priority value first", expression=lambda c: c.priority)),
     default_ranker="priority",
-    flow="synthetic",
-    deployment="synthetic/synthetic",
-    extra={"flow_function": "hopflow.flows.synthetic:synthetic"},
+    entrypoint="flows/synthetic.py:synthetic",
     resources="local",
     batch_size=20,
     retry_limit=3,
@@ -199,9 +196,8 @@ PATHWAYS = register(Stage(
     fingerprint=lambda c: c.fingerprint,
     rankers=(BY_ID, Ranker("smallest", "fewest sites first", expression=lambda c: c.nsites)),
     default_ranker="id",
-    flow="pathways",
-    deployment="pathways/pathways",
-    extra={"flow_function": "hopflow.flows.pathways:pathways", "producer": structure_producer},
+    entrypoint="flows/pathways.py:pathways",
+    producer=structure_producer,
     resources="local",
     min_chunk_items=8,  # ~0.5 core-s per structure: a Dask task per item would cost more than the item
     batch_size=20,
@@ -256,9 +252,8 @@ FEATURES = register(Stage(
     fingerprint=lambda c: c.fingerprint,
     rankers=(BY_ID, Ranker("shortest", "shortest hop first", expression=lambda c: c.length)),
     default_ranker="id",
-    flow="features",
-    deployment="features/features",
-    extra={"flow_function": "hopflow.flows.features:features", "producer": pathway_producer},
+    entrypoint="flows/features.py:features",
+    producer=pathway_producer,
     resources="local",
     min_chunk_items=2,  # ~4 core-s per pathway
     batch_size=20,
@@ -272,8 +267,6 @@ FEATURES = register(Stage(
 BARRIER_COLUMNS = tuple(c.name for c in Estimate.__table__.columns if c.name not in ("id", "created_at", "run_id",
                                                                                    "pathway_id"))
 """Columns of `estimates` and `neb` that hold tasks.engines.BarrierResult's fields."""
-MLIP_EXECUTION_FIELDS = frozenset({"device"})
-"""mlip settings that change how a potential runs, not the numbers it gives (beyond round-off): kept out of the hash."""
 OVERLAP_UNKNOWN = 1e9
 """Rank key of a pathway without a cation overlap change (no cation near the path): ranked last."""
 MAX_OVERLAP_CHANGE = 1.0
@@ -294,22 +287,6 @@ def learning_rankers(stage: str) -> tuple[Ranker, ...]:
     """The learning loop's rankers on a barrier stage (scores from hopflow.loop, refreshed after each retrain)."""
     return tuple(Ranker(name, LEARNING_DESCRIPTIONS[name], score=model_ranker_scores(name, stage))
                  for name in LEARNING_RANKERS)
-
-
-def engine_parameters(name: str, model: str | None = None) -> dict[str, Any]:
-    """The parameter-set part naming a barrier engine: name, version and its result-affecting default settings
-    (`model` replaces an ML engine's potential).
-
-    Execution-only settings (VASP command, launcher, polling, device ...) stay out, so changing them keeps the hash.
-    """
-    # The engines live in tasks/; only their identity is needed here, so they are imported when a stage asks.
-    from hopflow.tasks.engines import get_engine
-    from hopflow.tasks.engines.vasp import EXECUTION_FIELDS as VASP_EXECUTION_FIELDS
-
-    engine = get_engine(name, {"model": model} if model is not None else None)
-    skip = VASP_EXECUTION_FIELDS | MLIP_EXECUTION_FIELDS
-    settings = {k: v for k, v in engine.settings.model_dump(mode="json").items() if k not in skip}
-    return {"engine": name, "engine_version": engine.version, "engine_settings": settings}
 
 
 def _image_parameters(settings: Settings) -> dict[str, Any]:
@@ -346,8 +323,6 @@ VACANCY_REVISION = "1"
 def vacancy_parameters(settings: Settings, model: str | None = None) -> dict[str, Any]:
     """What a relaxed vacancy depends on: the potential and the relaxation settings, never the barrier engine, so
     every ML engine with the same model shares one relaxation."""
-    from hopflow.tasks.engines.potentials import canonical_model, model_version
-
     model = canonical_model(model or settings.barrier_model)
     return {"model": model, "model_version": model_version(model), "revision": VACANCY_REVISION,
             "bulk_fmax": settings.bulk_fmax, "bulk_steps": settings.bulk_steps, "fmax": settings.vacancy_fmax,
@@ -402,9 +377,8 @@ VACANCIES = register(Stage(
     fingerprint=lambda c: c.fingerprint,
     rankers=(BY_ID, Ranker("smallest", "fewest supercell atoms first", expression=lambda c: c.nsites)),
     default_ranker="id",
-    flow="vacancies",
-    deployment="vacancies/vacancies",
-    extra={"flow_function": "hopflow.flows.vacancies:vacancies", "producer": vacancy_site_producer},
+    entrypoint="flows/vacancies.py:vacancies",
+    producer=vacancy_site_producer,
     resources="local",
     batch_size=10,
     retry_limit=2,
@@ -491,10 +465,9 @@ ESTIMATES = register(Stage(
     cutoffs=(Cutoff("max_overlap_change", "largest cation overlap change along the path (Å; path_overlap_cutoff)",
                     default=MAX_OVERLAP_CHANGE, criterion=lambda c, v: or_(c.overlap.is_(None), c.overlap <= v),
                     broaden_step=0.25, broaden_limit=3.0),),
-    flow="estimates",
-    deployment="estimates/estimates",
-    extra={"flow_function": "hopflow.flows.estimates:estimates", "producer": pathway_producer,
-           "engine_parameters": _estimates_engine_parameters},
+    entrypoint="flows/estimates.py:estimates",
+    producer=pathway_producer,
+    engine_choice=_estimates_engine_parameters,
     resources="local",
     batch_size=10,
     retry_limit=2,
@@ -529,9 +502,9 @@ NEB = register(Stage(
     default_ranker="estimate",
     cutoffs=(Cutoff("max_estimate", "largest best trusted estimate (eV)", default=MAX_ESTIMATE,
                     criterion=lambda c, v: c.estimate <= v, broaden_step=0.25, broaden_limit=2.0),),
-    flow="neb",
-    deployment="neb/neb",
-    extra={"flow_function": "hopflow.flows.neb:neb", "producer": pathway_producer, "engine_parameters": engine_parameters},
+    entrypoint="flows/neb.py:neb",
+    producer=pathway_producer,
+    engine_choice=engine_parameters,
     resources="slurm-vasp",
     batch_size=1,
     retry_limit=3,

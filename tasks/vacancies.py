@@ -16,7 +16,8 @@ from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 from pymatgen.util.coord import lattice_points_in_supercell
 
 from hopflow.errors import EngineError, InputError
-from hopflow.tasks.engines.potentials import Relaxed, model_versions, pick_device, relax_bulk, relax_positions
+from hopflow.engines import model_versions
+from hopflow.tasks.engines.potentials import Relaxed, pick_device, relax_bulk, relax_positions
 from hopflow.tasks.pathways import SYMPREC, wyckoff_labels
 
 SITE_TOL = 0.5

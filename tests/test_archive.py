@@ -25,10 +25,10 @@ from typer.testing import CliRunner
 from hopflow import queue
 from hopflow.archive import Selection, export_closure, import_archive, schema_head
 from hopflow.cli.main import app
-from hopflow.cli.stages import run_batch
+from hopflow.flows.batch import run_batch
 from hopflow.db import get_engine, init_db, make_engine, session_scope
 from hopflow.errors import ArchiveCorruptError, ArchiveSchemaError
-from hopflow.importing import import_raw_inputs
+from hopflow.flows.batch import import_raw_inputs
 from hopflow.models import Estimate, Pathway, Run, RunState, Source, Structure, Vacancy
 from hopflow.registry import get_stage
 from hopflow.settings import get_settings

@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import select
 
 from hopflow.flows.artifacts import md, md_table, report_path
-from hopflow.cli.stages import run_batch
+from hopflow.flows.batch import run_batch
 from hopflow.db import init_db, session_scope
 from hopflow.models import Run, SyntheticItem
 from prefect_helpers import add_synthetic_items, latest_artifact, prefect_client  # noqa: F401  (a fixture)

@@ -18,7 +18,7 @@ from hopflow.flows.pathways import pathways
 from hopflow import queue
 from hopflow.db import init_db, session_scope
 from hopflow.errors import EngineError, InputError
-from hopflow.importing import import_raw_inputs
+from hopflow.flows.batch import import_raw_inputs
 from hopflow.models import Features, Pathway, Run, RunState, Source, Structure as StructureRow
 from hopflow.registry import get_stage
 from hopflow.tasks.engines import compute_barrier, get_engine

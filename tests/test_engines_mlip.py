@@ -16,8 +16,9 @@ from pymatgen.core import Lattice, Structure
 from hopflow.settings import get_settings
 from hopflow.tasks.engines import BarrierResult, compute_barrier, get_engine
 from hopflow.tasks.engines.base import RUN_FILE, check_profile
+from hopflow.engines import MLIP_ENGINE_REVISION as ENGINE_REVISION
+from hopflow.engines import model_version
 from hopflow.tasks.engines.mlip import (
-    ENGINE_REVISION,
     FINAL_IMAGES_FILE,
     INPUT_IMAGES_FILE,
     MlipIdppSettings,
@@ -25,7 +26,7 @@ from hopflow.tasks.engines.mlip import (
     MlipRunRecord,
     idpp_path,
 )
-from hopflow.tasks.engines.potentials import _weights, model_version, pick_device, single_points
+from hopflow.tasks.engines.potentials import _weights, pick_device, single_points
 from hopflow.tasks.images import HopImages, hop_images
 from hopflow.tasks.pathways import find_pathways
 from tests.test_engines_vasp import CAF2_A, caf2_hop

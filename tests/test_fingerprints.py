@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from hopflow.cli.stages import run_batch
+from hopflow.flows.batch import run_batch
 from hopflow.db import init_db, session_scope
-from hopflow.importing import import_raw_inputs
+from hopflow.flows.batch import import_raw_inputs
 from hopflow.models import Features, Pathway
 from hopflow.queue import fingerprints
 from hopflow.registry import get_stage

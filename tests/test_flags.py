@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import select, update
 
 from hopflow import queue
-from hopflow.cli.stages import run_batch
+from hopflow.flows.batch import run_batch
 from hopflow.db import get_engine, init_db, session_scope
-from hopflow.importing import import_raw_inputs
+from hopflow.flows.batch import import_raw_inputs
 from hopflow.leaderboard import material_leaderboard, pathway_leaderboard
 from hopflow.loop import best_estimates, calibration_pairs, estimates_by_engine, fit_calibrations, training_set
 from hopflow.models import CalibrationRow, Estimate, NebResult, Pathway, Run

@@ -255,7 +255,7 @@ def test_bootstrap_tick_and_maintenance_commands(engine, cli, prefect_client, tm
 def test_controller_drains_twenty_structures_through_the_pathways_stage(engine, prefect_client, tmp_path):
     from hopflow.tasks.structures import bundled_inputs
 
-    from hopflow.importing import import_raw_inputs
+    from hopflow.flows.batch import import_raw_inputs
     from hopflow.models import Pathway, Structure
 
     stage = get_stage("pathways")

@@ -11,12 +11,9 @@ from pymatgen.core import Lattice, Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
 from hopflow.errors import InputError
+from hopflow.engines import MODELS, canonical_model, model_version, model_versions
 from hopflow.tasks.engines.potentials import (
-    MODELS,
     calculator,
-    canonical_model,
-    model_version,
-    model_versions,
     pick_device,
     relax_bulk,
     relax_positions,

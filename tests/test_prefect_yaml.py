@@ -17,6 +17,8 @@ from prefect.cli.deploy._models import (
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy
 from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
 from prefect.flows import load_flow_from_entrypoint
+
+from hopflow.flows.batch import stage_flow
 from prefect.workers.process import ProcessWorker
 
 from hopflow.deployments.bootstrap import POOL_NAME, PREFECT_YAML, PROJECT_ROOT, deploy_all, ensure_work_pool, pause_services
@@ -68,6 +70,7 @@ def test_names_are_unique_and_every_stage_has_its_deployment():
     for stage in STAGES.values():
         assert stage.deployment in names, f"stage {stage.name} submits to {stage.deployment}, missing in prefect.yaml"
         assert set(names[stage.deployment]["parameters"]) == {"run_ids"}
+        assert names[stage.deployment]["entrypoint"] == stage.entrypoint, stage.name
     assert {name.split("/")[0] for name in names} >= STAGE_FLOWS | {"controller", "cleanup", "checkpoint", "submit"}
 
 
@@ -122,3 +125,10 @@ def test_prefect_deploy_creates_the_deployments(prefect_client):
     # Leave the shared test server quiet: no scheduled controller runs for a later test's worker to pick up.
     assert pause_services(prefect_client) == ["controller/controller", "cleanup/daily", "checkpoint/daily",
                                              "retrain/hourly"]
+
+
+def test_batch_mode_runs_the_flow_each_stage_deploys():
+    for stage in STAGES.values():
+        flow = stage_flow(stage.name)
+        assert flow.name == stage.flow_name
+        assert flow.fn.__module__ == stage.flow_module

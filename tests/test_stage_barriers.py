@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from hopflow.cli.barriers import barrier_result
 from hopflow.cli.main import app
-from hopflow.cli.stages import trace_chain
+from hopflow.provenance import trace_chain
 from hopflow.db import init_db, session_scope
-from hopflow.importing import import_raw_inputs
+from hopflow.flows.batch import import_raw_inputs
 from hopflow.leaderboard import pathway_leaderboard
 from hopflow.models import Estimate, Features, NebResult, Pathway, Run, RunState, Structure
 from hopflow.queue import param_hash

@@ -14,9 +14,9 @@ from hopflow.flows.features import features
 from hopflow.flows.pathways import pathways
 from hopflow import queue
 from hopflow.cli.main import app
-from hopflow.cli.stages import trace_chain
+from hopflow.provenance import trace_chain
 from hopflow.db import init_db, session_scope
-from hopflow.importing import import_raw_inputs
+from hopflow.flows.batch import import_raw_inputs
 from hopflow.models import Features, Pathway, Run, RunState, Structure
 from hopflow.registry import get_stage
 from hopflow.stages import FEATURE_COLUMNS

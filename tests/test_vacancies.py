@@ -8,9 +8,9 @@ import pytest
 from pymatgen.core import Lattice, Structure
 from sqlalchemy import func, select
 
-from hopflow.cli.stages import run_batch
+from hopflow.flows.batch import run_batch
 from hopflow.db import init_db, session_scope
-from hopflow.importing import import_raw_inputs
+from hopflow.flows.batch import import_raw_inputs
 from hopflow.leaderboard import material_leaderboard, pathway_leaderboard
 from hopflow.models import Estimate, Pathway, Run, Vacancy, VacancySite
 from hopflow.settings import get_settings
@@ -98,7 +98,7 @@ def test_caf2_one_vacancy_for_every_pathway_and_both_engines(monkeypatch) -> Non
     run_batch("pathways", {"max_hop": 4.0})
     run_batch("features")
     run_batch("estimates")
-    neb = ESTIMATES.extra["engine_parameters"]("mlip-neb")
+    neb = ESTIMATES.engine_choice("mlip-neb")
     neb["engine_settings"] = {**neb["engine_settings"], "steps": 2}  # a short band: only the sharing is tested here
     run_batch("estimates", neb)
     run_batch("estimates")  # nothing left: a second look relaxes nothing

@@ -152,7 +152,7 @@ def _screen(ion: str | None, structure: list[str] | None) -> None:
     from hopflow.tasks.structures import bundled_inputs
 
     from hopflow.cli.progress import batch_progress
-    from hopflow.importing import import_raw_inputs
+    from hopflow.flows.batch import import_raw_inputs, run_batch
 
     inputs = bundled_inputs()
     if structure:
@@ -173,7 +173,7 @@ def _screen(ion: str | None, structure: list[str] | None) -> None:
         for name in names:
             # the barrier estimates are the expensive step: only the top-ranked pathways
             limit = settings.screen_top if name == "estimates" else None
-            report = stages.run_batch(name, limit=limit)
+            report = run_batch(name, limit=limit)
             console.print(report.summary)
     status()
     profiles = barriers.screen_report()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Annotated, Any
 
 import typer
@@ -12,8 +11,8 @@ from hopflow import queue
 from hopflow.cli.render import console, emit_json, err_console, table
 from hopflow.db import init_db, session_scope
 from hopflow.errors import InvalidValueError
-from hopflow.models import Run, Source
 from hopflow.registry import STAGES, get_stage
+from hopflow.provenance import trace_chain
 from hopflow.validation import bounded_int, check_parameters, finite_float, row_id
 
 StageArg = Annotated[str, typer.Argument(help="Stage name (hopflow status lists them).")]
@@ -35,21 +34,6 @@ def _ranker(stage: Any, name: str | None) -> Any:
         raise typer.BadParameter(str(exc.args[0]), param_hint="'--ranker'") from None
 
 
-def run_batch(stage_name: str, parameters: dict[str, Any] | None = None, limit: int | None = None) -> Any:
-    """Batch mode: run a stage's flow on every eligible item, or on the top `limit` in rank order (the flow is named
-    in the registry as module:function)."""
-    from hopflow.flows.common import batch_flow, share_temporary_server
-
-    stage = get_stage(stage_name)
-    module, _, func = stage.extra["flow_function"].partition(":")
-    flow_fn = batch_flow(stage_name, getattr(importlib.import_module(module), func))
-    share_temporary_server()
-    if limit is not None:
-        claimed = queue.claim(stage_name, limit, parameters=parameters, refresh=True)
-        return flow_fn(run_ids=[c.id for c in claimed])
-    return flow_fn(run_ids=None, **({"parameters": parameters} if parameters else {}))
-
-
 def parameter_overrides(stage: Any, given: dict[str, Any], engine: str | None = None,
                         model: str | None = None) -> dict[str, Any]:
     """Command-line values as the stage's parameter overrides; a parameter the stage does not have is refused.
@@ -61,7 +45,7 @@ def parameter_overrides(stage: Any, given: dict[str, Any], engine: str | None = 
     if engine is not None or model is not None:
         if "engine" not in known:
             raise typer.BadParameter(f"stage {stage.name!r} runs no barrier engine (--engine, --model)")
-        engine_parameters = stage.extra.get("engine_parameters")
+        engine_parameters = stage.engine_choice
         if engine_parameters is None and model is not None:
             raise typer.BadParameter(f"stage {stage.name!r} takes no --model")
         try:
@@ -96,6 +80,7 @@ def run(stage: StageArg,
         verbose: VerboseOption = False,
         ) -> None:
     """Run a stage now on every eligible item (or its top N), on the stage's Dask cluster profile (no server needed)."""
+    from hopflow.flows.batch import run_batch
     from hopflow.flows.common import batch_clusters
     from hopflow.cli.progress import batch_progress, prefect_logs_to_file
 
@@ -168,49 +153,16 @@ def trace(run_id: Annotated[int, typer.Argument(callback=row_id(), help="A run i
     """Walk a result back through its runs and inputs to its source (file, bundled entry or MP id)."""
     init_db()
     with session_scope() as session:
-        chain = trace_chain(session, run_id)
+        try:
+            chain = trace_chain(session, run_id)
+        except LookupError as exc:
+            raise typer.BadParameter(str(exc.args[0])) from None
     if as_json:
         emit_json(chain)
     else:
         for depth, link in enumerate(chain):
             console.print("  " * depth + " ".join(f"[bold]{k}[/bold]={escape(str(v))}" for k, v in link.items()
                                                   if v is not None))
-
-
-def trace_chain(session: Any, run_id: int) -> list[dict[str, Any]]:
-    """The provenance chain of a run: its run row, then its input's producing run, ... down to the source."""
-    chain: list[dict[str, Any]] = []
-    run = session.get(Run, run_id)
-    if run is None:
-        raise typer.BadParameter(f"no run {run_id}")
-    while run is not None:
-        stage = get_stage(run.stage)
-        chain.append({"run": run.id, "stage": run.stage, "state": run.state, "input": f"{stage.input_table}#{run.input_id}",
-                      "parameters": run.parameters, "flow_run": run.flow_run_id, "host": run.host,
-                      "started": run.started_at, "finished": run.finished_at, "reused_run": run.reused_run_id,
-                      "versions": {k: v for k, v in (run.versions or {}).items() if v}})
-        producer = stage.extra.get("producer")
-        if run.stage == "import":
-            source = session.get(Source, run.input_id)
-            if source is not None:
-                chain.append({"source": source.id, "kind": source.kind, "location": source.location,
-                              "key": source.key, **{k: v for k, v in (source.meta or {}).items() if v}})
-            break
-        run = producer(session, run.input_id) if producer else None
-    return chain + _archive_lines(session, chain)
-
-
-def _archive_lines(session: Any, chain: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One line per archive the chain's runs were imported from (none for runs made here)."""
-    from hopflow.archive import archive_line
-
-    lines: dict[str, dict[str, Any]] = {}
-    for link in chain:
-        if "run" in link:
-            line = archive_line(session, session.get(Run, link["run"]))
-            if line is not None:
-                lines.setdefault(line["archive"] + line["sha256"], line)
-    return list(lines.values())
 
 
 def register(app: typer.Typer) -> None:
@@ -221,4 +173,4 @@ def register(app: typer.Typer) -> None:
     app.command()(trace)
 
 
-__all__ = ["STAGES", "register", "run_batch", "trace_chain"]
+__all__ = ["STAGES", "register"]

@@ -25,7 +25,7 @@ def import_(
     """Import structures; bad inputs are reported one by one and the exit code says whether any failed."""
     from hopflow.tasks.structures import MPApiClient, MPCriteria, bundled_inputs, file_inputs
 
-    from hopflow.importing import import_raw_inputs
+    from hopflow.flows.batch import import_raw_inputs
 
     if what == ["bundled"]:
         raws = bundled_inputs()

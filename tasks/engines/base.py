@@ -6,7 +6,6 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version as package_version
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
@@ -14,9 +13,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pymatgen.core import Structure
 
+from hopflow.engines import VacancyMode
 from hopflow.errors import InputError
 
-VacancyMode = Literal["neutral", "charged"]
 PathFlag = Literal["ok", "intermediate-minimum", "vacancy-moved", "unconverged"]
 """What a barrier result is (docs/estimates.md): only `ok` carries a barrier."""
 
@@ -292,17 +291,6 @@ def reaction_coordinate(images: Sequence[Structure]) -> tuple[float, ...]:
 def relative(energies: Sequence[float]) -> tuple[float, ...]:
     """Energies relative to the first one."""
     return tuple(float(e - energies[0]) for e in energies)
-
-
-def versions_of(*packages: str) -> dict[str, str]:
-    """Installed versions of the named distributions (missing ones left out)."""
-    found: dict[str, str] = {}
-    for name in packages:
-        try:
-            found[name] = package_version(name)
-        except PackageNotFoundError:
-            continue
-    return found
 
 
 def write_model(path: Path, model: BaseModel) -> None:

@@ -8,11 +8,21 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict
 from pymatgen.core import Structure
 
 from hopflow.errors import EngineError
-from hopflow.settings import get_settings
+from hopflow.engines import (
+    model_versions,
+    versions_of,
+    MlipIdppSettings,
+    MlipNebSettings,
+    Device,
+    MlipSettings,
+    Optimizer,
+    canonical_model,
+    mlip_engine_version as engine_version,
+)
 from hopflow.tasks.engines.base import (
     PREPARED_FILE,
     RUN_FILE,
@@ -29,18 +39,12 @@ from hopflow.tasks.engines.base import (
     reaction_coordinate,
     register,
     relative,
-    versions_of,
     write_model,
     write_structures,
 )
 from hopflow.tasks.engines.potentials import (
-    Device,
-    Optimizer,
     calculator,
-    canonical_model,
     max_force,
-    model_version,
-    model_versions,
     pick_device,
     relax_positions,
     single_points,
@@ -48,15 +52,6 @@ from hopflow.tasks.engines.potentials import (
     to_structure,
 )
 from hopflow.tasks.images import VectorizedIDPPSolver
-
-ENGINE_REVISION = "3"
-"""2: any potential (CHGNet or SevenNet), barrier from the lower endpoint, profile flags; 3: mlip-idpp computes
-energies alone (no max_forces) and takes an endpoint's energy from its relaxed vacancy."""
-DEFAULT_NEB_FMAX = 0.1  # eV/Å
-DEFAULT_NEB_STEPS = 500
-DEFAULT_SPRING = 0.1  # eV/Å², ASE's default
-DEFAULT_ENDPOINT_FMAX = 0.05  # eV/Å
-DEFAULT_ENDPOINT_STEPS = 300
 
 KNOWN_ENERGY = "energy"
 KNOWN_ENERGY_MODEL = "energy_model"
@@ -67,47 +62,6 @@ INPUT_IMAGES_FILE = "input_images.json"
 FINAL_IMAGES_FILE = "final_images.json"
 OPTIMIZER_LOG = "optimizer.log"
 
-
-
-class MlipSettings(BaseModel):
-    """What both MLIP engines share: the potential, the device, the optional endpoint relaxation, the profile check."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    model: str = Field(default_factory=lambda: get_settings().barrier_model, validate_default=True,
-                       description="ML potential: chgnet-0.3.0 or 7net-0 (default HOPFLOW_BARRIER_MODEL).")
-    device: Device | None = Field(default=None, description="Torch device; None picks CUDA when available.")
-    relax_endpoints: bool = Field(
-        default=False, description="Relax the endpoints' positions first (stand-alone use: the estimates stage hands "
-        "in endpoints already relaxed in the shared vacancy relaxations) and re-run IDPP between them.")
-    endpoint_fmax: float = Field(default=DEFAULT_ENDPOINT_FMAX, gt=0, description="Endpoint force threshold (eV/Å).")
-    endpoint_steps: int = Field(default=DEFAULT_ENDPOINT_STEPS, gt=0, description="Endpoint optimizer step limit.")
-    endpoint_optimizer: Optimizer = Field(default="BFGS", description="ASE optimizer of the endpoint relaxations.")
-    intermediate_minimum_tol: float = Field(
-        default_factory=lambda: get_settings().intermediate_minimum_tol, ge=0,
-        description="eV: an interior image this far below the lower endpoint flags the path intermediate-minimum.")
-
-    @field_validator("model")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        return canonical_model(name)
-
-
-class MlipIdppSettings(MlipSettings):
-    """Settings of `mlip-idpp`: single points (energy and forces) on the given IDPP images."""
-
-
-class MlipNebSettings(MlipSettings):
-    """Settings of `mlip-neb`: ASE climbing-image NEB with one calculator per image."""
-
-    nimages: int | None = Field(
-        default=None, gt=0, description="Intermediate images; None keeps the count given, else IDPP re-interpolates."
-    )
-    fmax: float = Field(default=DEFAULT_NEB_FMAX, gt=0, description="NEB force threshold (eV/Å).")
-    steps: int = Field(default=DEFAULT_NEB_STEPS, gt=0, description="NEB optimizer step limit.")
-    climb: bool = Field(default=True, description="Climbing image on (CI-NEB).")
-    spring: float = Field(default=DEFAULT_SPRING, gt=0, description="Spring constant (eV/Å²).")
-    optimizer: Optimizer = Field(default="BFGS", description="ASE optimizer of the band (FIRE is the cautious choice).")
 
 
 class MlipRunRecord(BaseModel):
@@ -122,11 +76,6 @@ class MlipRunRecord(BaseModel):
     endpoints_converged: bool = True
     device: str
     run_s: float
-
-
-def engine_version(model: str) -> str:
-    """Engine revision, package and weights of the potential: any change of them may change a barrier."""
-    return f"{ENGINE_REVISION}+{model_version(model)}"
 
 
 def idpp_path(start: Structure, end: Structure, nimages: int) -> list[Structure]:

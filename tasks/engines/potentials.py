@@ -15,37 +15,18 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pymatgen.core import Structure
 
 from hopflow.errors import InputError
 from hopflow.settings import get_settings
-from hopflow.tasks.engines.base import versions_of
+from hopflow.engines import MODEL_WEIGHTS, Device, Optimizer, canonical_model
 
 if TYPE_CHECKING:
     from ase import Atoms
     from ase.calculators.calculator import Calculator
-
-MODELS: tuple[str, ...] = ("chgnet-0.3.0", "7net-0")
-"""The potentials hopflow knows, by canonical name (both trained on MPtrj; weights in their wheels)."""
-
-Device = Literal["cpu", "cuda", "mps"]
-Optimizer = Literal["BFGS", "FIRE"]
-
-_LEGACY_NAMES = {"0.3.0": "chgnet-0.3.0"}  # the CHGNet engines' model name before SevenNet was added
-_PACKAGE = {"chgnet-0.3.0": "chgnet", "7net-0": "sevenn"}
-_WEIGHTS = {"chgnet-0.3.0": "0.3.0", "7net-0": "7net-0"}  # the name each package loads its weights by
-
-
-def canonical_model(name: str) -> str:
-    """The canonical name of a potential (`0.3.0`, CHGNet's own name, is `chgnet-0.3.0`); InputError if unknown."""
-    canonical = _LEGACY_NAMES.get(name, name)
-    if canonical not in MODELS:
-        raise InputError(f"unknown ML potential {name!r}; known: {', '.join(MODELS)}")
-    return canonical
-
 
 def pick_device(requested: Device | None) -> Device:
     """The requested torch device, or CUDA when present, else CPU."""
@@ -86,10 +67,10 @@ def _weights(model: str, device: Device) -> Any:
         if model == "chgnet-0.3.0":
             from chgnet.model import CHGNet
 
-            return CHGNet.load(model_name=_WEIGHTS[model], use_device=device, verbose=False)
+            return CHGNet.load(model_name=MODEL_WEIGHTS[model], use_device=device, verbose=False)
         from sevenn.calculator import SevenNetCalculator
 
-        return SevenNetCalculator(model=_WEIGHTS[model], device=device).model
+        return SevenNetCalculator(model=MODEL_WEIGHTS[model], device=device).model
 
 
 @lru_cache(maxsize=1)
@@ -126,20 +107,6 @@ def calculator(model: str, device: Device, *, stress: bool = False) -> Calculato
         from sevenn.calculator import SevenNetCalculator
 
         return SevenNetCalculator(model=weights, file_type="model_instance", device=device)
-
-
-def model_versions(model: str) -> dict[str, str]:
-    """Versions of the packages that compute with the potential, plus `"model"`: its canonical name."""
-    model = canonical_model(model)
-    extra = ("e3nn",) if _PACKAGE[model] == "sevenn" else ()
-    return versions_of(_PACKAGE[model], "torch", *extra, "ase", "pymatgen") | {"model": model}
-
-
-def model_version(model: str) -> str:
-    """Package and weights in one string, e.g. `chgnet-0.4.2+0.3.0` or `sevenn-0.13.0+7net-0`."""
-    model = canonical_model(model)
-    package = _PACKAGE[model]
-    return f"{package}-{versions_of(package).get(package, '?')}+{_WEIGHTS[model]}"
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shlex
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from custodian.vasp.handlers import FrozenJobErrorHandler, StdErrHandler, VaspEr
 from custodian.vasp.jobs import VaspJob, VaspNEBJob
 from monty.io import zopen
 from monty.shutil import compress_file
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 from pymatgen.analysis.transition_state import NEBAnalysis
 from pymatgen.core import SETTINGS as PMG_SETTINGS
 from pymatgen.core import Element, Structure
@@ -24,7 +23,12 @@ from pymatgen.io.vasp.inputs import Incar, Kpoints, Poscar, Potcar, PotcarSingle
 from pymatgen.io.vasp.sets import CINEBSet, NEBSet
 
 from hopflow.errors import EngineError, InputError
-from hopflow.settings import get_settings
+from hopflow.engines import (
+    versions_of,
+    VASP_EXECUTION_FIELDS as EXECUTION_FIELDS,
+    VaspNebSettings,
+    vasp_engine_version,
+)
 from hopflow.tasks.engines.base import (
     PREPARED_FILE,
     RUN_FILE,
@@ -34,18 +38,15 @@ from hopflow.tasks.engines.base import (
     PreparedInputs,
     Stopwatch,
     Timings,
-    VacancyMode,
     checked_fields,
     find_moving_index,
     image_structures,
     read_prepared,
     register,
     relative,
-    versions_of,
     write_model,
 )
 
-ENGINE_REVISION = "2"  # 2: barriers from the lower endpoint, profiles classified
 PACKAGES = ("pymatgen", "custodian", "pymatgen-analysis-diffusion")
 
 NEB_OUTPUT = "neb_vasp.out"  # VaspNEBJob's stdout and stderr names: the handlers must be told them
@@ -55,54 +56,12 @@ ENDPOINT_STDERR = "std_err.txt"
 ENDPOINT_DIRS = ("start", "end")  # a convention NEBAnalysis.from_dir knows; not digits, so custodian skips them
 REACHED_ACCURACY = "reached required accuracy"
 FINISHED = "General timing and accounting"  # VASP's OUTCAR ends with it only after a normal finish
-# Settings that change how VASP is run, not what it computes: a continuation may change them.
-EXECUTION_FIELDS = frozenset({"vasp_cmd", "mpi_launcher", "max_errors", "compress", "polling_s", "monitor_freq"})
-DEFAULT_FUNCTIONAL = "PBE"
-DEFAULT_POLLING_S = 10.0  # custodian's own defaults
-DEFAULT_MONITOR_FREQ = 30
 # INCAR tags that make a run an NEB; the endpoint single points drop them.
 NEB_TAGS = ("IMAGES", "LCLIMB", "ICHAIN", "IOPT", "SPRING", "IBRION", "POTIM", "EDIFFG", "NSW")
 # Outputs worth compressing once parsed (CONTCARs stay plain: a continuation reads them).
 COMPRESSIBLE = ("OUTCAR", "vasprun.xml", "OSZICAR", "XDATCAR", "PROCAR", "DOSCAR", "EIGENVAL", "CHG", "CHGCAR",
                 "WAVECAR", "PCDAT", "IBZKPT", NEB_OUTPUT, ENDPOINT_OUTPUT)
 _FORCE_BLOCK = re.compile(r"TOTAL-FORCE \(eV/Angst\)\s*\n\s*-{20,}\n(.*?)\n\s*-{20,}", re.DOTALL)
-
-
-def _default(name: str) -> Any:
-    return lambda: getattr(get_settings(), name)
-
-
-class VaspNebSettings(BaseModel):
-    """Settings of `vasp-neb`. Command, launcher and POTCAR directory default to the hopflow settings."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    vasp_cmd: str = Field(default_factory=_default("vasp_cmd"), description="VASP executable and arguments.")
-    mpi_launcher: str = Field(default_factory=_default("vasp_mpi_launcher"), description="Launcher before vasp_cmd.")
-    psp_dir: Path | None = Field(default_factory=_default("vasp_psp_dir"), description="POTCAR root directory.")
-    functional: str = Field(default=DEFAULT_FUNCTIONAL, description="POTCAR functional (pymatgen's names).")
-    max_errors: int = Field(default_factory=_default("vasp_max_errors"), gt=0, description="Custodian max_errors.")
-    vacancy_mode: VacancyMode = Field(
-        default="neutral",
-        description="'neutral': the cell keeps the vacancy's electrons (an F-centre for F); 'charged': an ionic "
-        "vacancy, NELECT lowered by the ion's charge (+1 cell for F⁻).",
-    )
-    climbing: bool = Field(default=True, description="CI-NEB (CINEBSet, LCLIMB) instead of plain NEB (NEBSet).")
-    endpoint_calculations: bool = Field(
-        default=True, description="Single points of the end images in start/ and end/, for their energies."
-    )
-    user_incar_settings: dict[str, Any] = Field(default_factory=dict, description="INCAR overrides.")
-    reciprocal_density: int | None = Field(default=None, gt=0, description="k-points per Å⁻³; None keeps the set's.")
-    compress: bool = Field(default=False, description="Gzip large outputs after parsing.")
-    intermediate_minimum_tol: float = Field(
-        default_factory=_default("intermediate_minimum_tol"), ge=0,
-        description="An interior image this far (eV) below the lower endpoint flags the path intermediate-minimum.")
-    polling_s: float = Field(default=DEFAULT_POLLING_S, gt=0, description="Custodian polling interval (s).")
-    monitor_freq: int = Field(default=DEFAULT_MONITOR_FREQ, gt=0, description="Polls between monitor checks.")
-
-    def command(self) -> list[str]:
-        """The launcher and VASP command as one argument list."""
-        return shlex.split(self.mpi_launcher) + shlex.split(self.vasp_cmd)
 
 
 class VaspRunRecord(BaseModel):
@@ -289,8 +248,7 @@ class VaspNebEngine:
     @property
     def version(self) -> str:
         """Engine revision with pymatgen (input sets) and custodian versions."""
-        v = versions_of("pymatgen", "custodian")
-        return f"{ENGINE_REVISION}+pymatgen-{v.get('pymatgen', '?')}+custodian-{v.get('custodian', '?')}"
+        return vasp_engine_version()
 
     def prepare(self, images: Images, workdir: Path) -> PreparedInputs:
         """Write INCAR/KPOINTS/POTCAR, image folders 00..N+1 and endpoint folders; or resume from CONTCARs."""
