@@ -93,7 +93,7 @@ def store_vacancy_sites() -> int:
     from hopflow.db import session_scope
     from hopflow.queue import param_hash
     from hopflow.registry import get_stage
-    from hopflow.stages import lattice_parameters
+    from hopflow.stages.pathways import lattice_parameters
     from hopflow.vacancies import ensure_sites
 
     claimed = queue.claim("estimates", 1_000_000, refresh=True)
@@ -101,13 +101,14 @@ def store_vacancy_sites() -> int:
     with session_scope() as session:
         runs = queue.runs(session, [c.id for c in claimed])
         payloads = stage.load(session, [r.input_id for r in runs])
-    groups: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    groups: dict[str, tuple[Any, list[dict[str, Any]]]] = {}
     for run in runs:
-        groups.setdefault(param_hash(run.parameters), (run.parameters, []))[1].append(payloads[run.input_id])
+        params = stage.params.from_mapping(run.parameters)
+        groups.setdefault(param_hash(run.parameters), (params, []))[1].append(payloads[run.input_id])
     stored = 0
     with session_scope(write=True) as session:
-        for _, items in groups.values():
-            rows = needed_vacancies.fn(items, _)
+        for params, items in groups.values():
+            rows = needed_vacancies.fn(items, params)
             lattices = {item["structure_id"]: lattice_parameters(item["structure"]) for item in items}
             stored += len(ensure_sites(session, rows, lattices))
         queue.release(session, [c.id for c in claimed])
@@ -138,9 +139,12 @@ def _wait_for_both(pool: ProcessPoolExecutor) -> None:
 def _call(stage: str, item: Any, parameters: dict[str, Any]) -> Any:
     import importlib
 
+    from hopflow.registry import get_stage
+
     module, name = TASKS[stage]
     try:
-        return getattr(importlib.import_module(module), name).fn(item, parameters)
+        params = get_stage(stage).params.from_mapping(parameters)
+        return getattr(importlib.import_module(module), name).fn(item, params)
     except Exception as exc:  # noqa: BLE001  (recorded against the item, as the stage runner does)
         return exc
 

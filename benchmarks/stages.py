@@ -30,7 +30,7 @@ def _setup_home(home: str) -> None:
     get_engine.cache_clear()
 
 
-def _payloads(stage_name: str) -> tuple[list[Any], dict[str, Any]]:
+def _payloads(stage_name: str) -> tuple[list[Any], Any]:
     """Every input item of a stage as its flow's task receives it, and the stage's parameters."""
     from hopflow import queue
     from hopflow.db import session_scope
@@ -40,7 +40,7 @@ def _payloads(stage_name: str) -> tuple[list[Any], dict[str, Any]]:
     with session_scope() as session:
         ids = list(session.scalars(select(stage.inputs().subquery().c.item_id)))
         payloads = stage.load(session, ids)
-    return [payloads[i] for i in sorted(payloads)], queue.stage_parameters(stage)
+    return [payloads[i] for i in sorted(payloads)], stage.params.from_mapping(queue.stage_parameters(stage))
 
 
 def _noop(_: int) -> int:
@@ -67,7 +67,7 @@ def run_pool(home: str) -> tuple[float, float, float, int]:
     return startup, pathways_s, features_s, sum(len(r) for r in found if isinstance(r, list))
 
 
-def _safe(task_path: tuple[str, str], item: Any, params: dict[str, Any]) -> Any:
+def _safe(task_path: tuple[str, str], item: Any, params: Any) -> Any:
     """Call a flow task's plain function (named by module and attribute: stdlib pickle cannot ship Prefect tasks)."""
     import importlib
 

@@ -25,7 +25,10 @@ from hopflow.errors import EngineError
 from hopflow.queue import param_hash
 from hopflow.registry import get_stage
 from hopflow.settings import get_settings
-from hopflow.stages import lattice_parameters
+from hopflow.stages.barriers import EngineParams
+from hopflow.stages.estimates import EstimatesParams
+from hopflow.stages.features import ImageParams
+from hopflow.stages.pathways import lattice_parameters
 from hopflow.vacancies import SiteRow, ensure_sites, settled, site_states
 from hopflow.tasks.engines import BarrierResult, compute_barrier, get_engine
 from hopflow.tasks.engines.mlip import idpp_path, with_known_energy
@@ -52,23 +55,22 @@ class PathwayBarrier:
     end_vacancy_id: int | None
 
 
-def barrier_workdir(stage: str, pathway_id: int, parameters: dict[str, Any]) -> Path:
+def barrier_workdir(stage: str, pathway_id: int, params: EngineParams) -> Path:
     """The one work directory of a pathway under a parameter set: a retry continues in the same place."""
-    return get_settings().home / WORK_DIR / f"{stage}-{pathway_id}-{param_hash(parameters)[:8]}"
+    return get_settings().home / WORK_DIR / f"{stage}-{pathway_id}-{param_hash(params.as_dict())[:8]}"
 
 
-def _engine(parameters: dict[str, Any]) -> Any:
-    engine = get_engine(parameters["engine"], parameters["engine_settings"])
-    if engine.version != parameters["engine_version"]:
-        raise EngineError(f"this worker has {engine.name} {engine.version}, the run asks for "
-                          f"{parameters['engine_version']}")
+def _engine(params: EngineParams) -> Any:
+    engine = get_engine(params.engine, params.engine_settings)
+    if engine.version != params.engine_version:
+        raise EngineError(f"this worker has {engine.name} {engine.version}, the run asks for {params.engine_version}")
     return engine
 
 
-def vacancy_symmetry(item: dict[str, Any], parameters: dict[str, Any]) -> VacancySymmetry:
+def vacancy_symmetry(item: dict[str, Any], params: ImageParams) -> VacancySymmetry:
     """The supercell and vacancy orbits of a pathway's structure under the run's supercell bounds."""
     return _vacancy_symmetry(json.dumps(item["structure"], sort_keys=True), item["pathway"]["ion"],
-                             parameters["min_length"], parameters["min_atoms"], parameters["max_atoms"])
+                             params.min_length, params.min_atoms, params.max_atoms)
 
 
 @lru_cache(maxsize=SYMMETRY_CACHE_SIZE)
@@ -80,7 +82,7 @@ def _vacancy_symmetry(structure_json: str, ion: str, min_length: float, min_atom
 
 
 @task(name="needed-vacancies")
-def needed_vacancies(items: Sequence[dict[str, Any]], parameters: dict[str, Any]) -> list[SiteRow]:
+def needed_vacancies(items: Sequence[dict[str, Any]], params: ImageParams) -> list[SiteRow]:
     """The vacancy sites (orbit representatives) the pathways' two endpoints come from, once each."""
     rows: dict[tuple[int, str, int], SiteRow] = {}
     by_structure: dict[int, VacancySymmetry] = {}
@@ -88,7 +90,7 @@ def needed_vacancies(items: Sequence[dict[str, Any]], parameters: dict[str, Any]
         sid = item["structure_id"]
         try:
             if sid not in by_structure:
-                by_structure[sid] = vacancy_symmetry(item, parameters)
+                by_structure[sid] = vacancy_symmetry(item, params)
             symmetry = by_structure[sid]
             sites = symmetry.hop_sites(item["pathway"]["start_frac"], item["pathway"]["end_frac"])
         except Exception:  # noqa: BLE001  (a bad pathway fails on its own, with this reason, when it is estimated)
@@ -109,13 +111,14 @@ def relax_needed_vacancies(run_ids: Sequence[int]) -> None:
     with session_scope() as session:
         runs = queue.runs(session, run_ids)
         payloads = stage.load(session, [r.input_id for r in runs])
-    groups: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    groups: dict[str, tuple[EstimatesParams, list[dict[str, Any]]]] = {}
     for run in runs:
         if run.input_id in payloads:
-            groups.setdefault(param_hash(run.parameters), (run.parameters, []))[1].append(payloads[run.input_id])
-    for parameters, items in groups.values():
+            params = EstimatesParams.from_mapping(run.parameters)
+            groups.setdefault(param_hash(run.parameters), (params, []))[1].append(payloads[run.input_id])
+    for params, items in groups.values():
         try:
-            rows = needed_vacancies(items, parameters)
+            rows = needed_vacancies(items, params)
         except Exception as exc:  # noqa: BLE001  (a structure without a supercell fails its own pathways later)
             logger.warning(f"vacancy sites of this batch could not all be found: {exc}")
             continue
@@ -123,10 +126,10 @@ def relax_needed_vacancies(run_ids: Sequence[int]) -> None:
         with session_scope(write=True) as session:
             site_ids = sorted(ensure_sites(session, rows, lattices)[(r.structure_id, r.supercell, r.site_index)]
                               for r in rows)
-            claimed = queue.claim_ids(session, vacancies, site_ids, parameters=parameters["vacancy"])
+            claimed = queue.claim_ids(session, vacancies, site_ids, parameters=params.vacancy.as_dict())
         if claimed:
             run_stage("vacancies", [c.id for c in claimed], relax_vacancy_site)
-        _wait_for(site_ids, parameters["vacancy"], vacancies.lease_seconds)
+        _wait_for(site_ids, params.vacancy.as_dict(), vacancies.lease)
 
 
 def _wait_for(site_ids: Sequence[int], parameters: dict[str, Any], timeout_s: float) -> None:
@@ -146,15 +149,15 @@ def _relaxed(item: dict[str, Any], site_id: int, phash: str) -> dict[str, Any]:
                       "failed or is still running)")
 
 
-def relaxed_pathway_barrier(stage: str, item: dict[str, Any], parameters: dict[str, Any]) -> PathwayBarrier:
+def relaxed_pathway_barrier(stage: str, item: dict[str, Any], params: EstimatesParams) -> PathwayBarrier:
     """The pathway's barrier between its two relaxed vacancy endpoints (mapped by symmetry), IDPP images between."""
-    engine = _engine(parameters)
+    engine = _engine(params)
     record = pathway_record(item["pathway"])
     record.as_hop(Structure.from_dict(item["structure"]))  # InputError, never retried, unless a hop of it
-    symmetry = vacancy_symmetry(item, parameters)
+    symmetry = vacancy_symmetry(item, params)
     a, b = symmetry.hop_sites(record.start_frac, record.end_frac)
     site_ids = {(v["supercell"], v["site_index"]): v["site_id"] for v in item["vacancy_sites"]}
-    phash = param_hash(parameters["vacancy"])
+    phash = param_hash(params.vacancy.as_dict())
     vacancy = {}
     for site in (a, b):
         spec, _ = symmetry.canonical(site)
@@ -165,14 +168,14 @@ def relaxed_pathway_barrier(stage: str, item: dict[str, Any], parameters: dict[s
     bulk = Structure.from_dict(vacancy[b]["bulk_structure"])
     relaxed = {symmetry.canonical(s)[0].site_index: Structure.from_dict(vacancy[s]["structure"]) for s in (a, b)}
     ends = hop_endpoints(symmetry, bulk, record.start_frac, record.end_frac, relaxed)
-    images = idpp_path(ends.start, ends.end, parameters["nimages"])
-    model = parameters["vacancy"].get("model")
-    if (model is not None and model == getattr(engine.settings, "model", None)
+    images = idpp_path(ends.start, ends.end, params.nimages)
+    model = params.vacancy.model
+    if (model == getattr(engine.settings, "model", None)
             and _same_structure(vacancy[a]["bulk_structure"], vacancy[b]["bulk_structure"])):
         # each endpoint is a relaxed vacancy moved by a symmetry operation: its energy is the vacancy's
         images = [with_known_energy(images[0], vacancy[b]["energy"], model), *images[1:-1],
                   with_known_energy(images[-1], vacancy[a]["energy"], model)]
-    result = compute_barrier(engine.name, images, barrier_workdir(stage, item["pathway_id"], parameters),
+    result = compute_barrier(engine.name, images, barrier_workdir(stage, item["pathway_id"], params),
                              engine.settings)
     for end, v in (("start", vacancy[b]), ("end", vacancy[a])):
         if v["flag"] != "ok" and result.flag == "ok":
@@ -187,21 +190,19 @@ def _same_structure(first: dict[str, Any], second: dict[str, Any]) -> bool:
             and np.allclose(a.frac_coords, b.frac_coords, atol=SAME_BULK_TOL))
 
 
-def pathway_barrier(stage: str, item: dict[str, Any], parameters: dict[str, Any]) -> BarrierResult:
+def pathway_barrier(stage: str, item: dict[str, Any], params: EngineParams) -> BarrierResult:
     """The barrier from the hop's unrelaxed supercell images (the engine relaxes what it needs: VASP's endpoints)."""
-    engine = _engine(parameters)
+    engine = _engine(params)
     structure = Structure.from_dict(item["structure"])
-    images = hop_images(structure, pathway_record(item["pathway"]), nimages=parameters["nimages"],
-                        min_length=parameters["min_length"], min_atoms=parameters["min_atoms"],
-                        max_atoms=parameters["max_atoms"])
-    workdir = barrier_workdir(stage, item["pathway_id"], parameters)
+    images = hop_images(structure, pathway_record(item["pathway"]), **params.images())
+    workdir = barrier_workdir(stage, item["pathway_id"], params)
     return compute_barrier(engine.name, images, workdir, engine.settings)
 
 
 @task(name="estimate-barrier")
-def estimate_barrier(item: dict[str, Any], parameters: dict[str, Any]) -> PathwayBarrier:
+def estimate_barrier(item: dict[str, Any], params: EstimatesParams) -> PathwayBarrier:
     """The barrier estimate of one stored pathway (flagged, without a barrier, unless the path is a clean hop)."""
-    return relaxed_pathway_barrier("estimates", item, parameters)
+    return relaxed_pathway_barrier("estimates", item, params)
 
 
 @flow(name="estimates", flow_run_name=lambda: stage_run_name("estimates"),

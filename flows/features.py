@@ -9,6 +9,7 @@ from pymatgen.core import Structure
 
 from hopflow.flows.common import stage_run_name, stage_task_runner
 from hopflow.flows.runner import StageReport, run_stage
+from hopflow.stages.features import FeaturesParams
 from hopflow.tasks.features import PathwayFeatures, featurize
 from hopflow.tasks.pathways import PathwayRecord
 
@@ -20,12 +21,10 @@ def pathway_record(fields: dict[str, Any]) -> PathwayRecord:
 
 
 @task(name="featurize-pathway")
-def featurize_pathway(item: dict[str, Any], parameters: dict[str, Any]) -> PathwayFeatures:
-    """The predictors of one stored pathway under the run's parameters (nimages, supercell bounds)."""
+def featurize_pathway(item: dict[str, Any], params: FeaturesParams) -> PathwayFeatures:
+    """The predictors of one stored pathway under the run's parameters (images, supercell bounds)."""
     structure = Structure.from_dict(item["structure"])
-    return featurize(structure, pathway_record(item["pathway"]), nimages=parameters["nimages"],
-                     min_length=parameters["min_length"], min_atoms=parameters["min_atoms"],
-                     max_atoms=parameters["max_atoms"])
+    return featurize(structure, pathway_record(item["pathway"]), **params.images())
 
 
 @flow(name="features", flow_run_name=lambda: stage_run_name("features"), task_runner=stage_task_runner("features"))

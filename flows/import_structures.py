@@ -11,6 +11,7 @@ from hopflow.flows.common import stage_run_name, stage_task_runner
 from hopflow.flows.runner import StageReport, run_stage
 from hopflow.models import Run
 from hopflow.sources import stored_with_formula
+from hopflow.stages.structures import ImportParams
 from hopflow.tasks.structures import RawInput, SanitizedStructure, SourceMetadata, find_duplicate, parse_input, sanitize
 
 
@@ -23,15 +24,14 @@ class ImportOutcome:
 
 
 @task(name="sanitize-source")
-def sanitize_source(source: dict[str, Any], parameters: dict[str, Any]) -> SanitizedStructure:
+def sanitize_source(source: dict[str, Any], params: ImportParams) -> SanitizedStructure:
     """Parse one source record and sanitize its structure."""
     meta = dict(source["meta"])
     read_error = meta.pop("read_error", None)
     known = {k: meta.get(k) for k in SourceMetadata.__dataclass_fields__}
     raw = RawInput(kind=source["kind"], key=source["key"], location=source["location"], payload=source["payload"],
                    format=source["format"], metadata=SourceMetadata(**known), read_error=read_error)
-    max_sites = parameters["max_sites"]
-    return sanitize(parse_input(raw, max_sites=max_sites), ion=parameters["ion"], max_sites=max_sites,
+    return sanitize(parse_input(raw, max_sites=params.max_sites), ion=params.ion, max_sites=params.max_sites,
                     name=raw.location)
 
 

@@ -9,15 +9,16 @@ from pymatgen.core import Structure
 
 from hopflow.flows.common import stage_run_name, stage_task_runner
 from hopflow.flows.runner import StageReport, run_stage
+from hopflow.stages.pathways import PathwaysParams
 from hopflow.tasks.pathways import PathwayRecord, find_pathways
 
 
 @task(name="find-pathways")
-def find_structure_pathways(item: dict[str, Any], parameters: dict[str, Any]) -> list[PathwayRecord]:
-    """The pathways of one stored structure under the run's parameters (ion, max_hop, max_paths, max_sites)."""
+def find_structure_pathways(item: dict[str, Any], params: PathwaysParams) -> list[PathwayRecord]:
+    """The pathways of one stored structure under the run's parameters."""
     structure = Structure.from_dict(item["structure"])
-    return find_pathways(structure, ion=parameters["ion"], max_hop=parameters["max_hop"],
-                         max_paths=parameters["max_paths"], max_sites=parameters.get("max_sites"))
+    return find_pathways(structure, ion=params.ion, max_hop=params.max_hop, max_paths=params.max_paths,
+                         max_sites=params.max_sites)
 
 
 @flow(name="pathways", flow_run_name=lambda: stage_run_name("pathways"), task_runner=stage_task_runner("pathways"))

@@ -19,7 +19,7 @@ from hopflow import queue
 from hopflow.db import session_scope
 from hopflow.errors import InputError, is_retryable
 from hopflow.models import Run
-from hopflow.registry import get_stage
+from hopflow.registry import StageParams, get_stage
 from hopflow.settings import get_settings
 
 BATCH_MODE_CLAIM = 1_000_000
@@ -51,7 +51,7 @@ class ItemOutcome:
 
 
 @task(name="stage-chunk")
-def run_chunk(process: Task[..., Any], items: list[Any], parameters: dict[str, Any]) -> list[ItemOutcome]:
+def run_chunk(process: Task[..., Any], items: list[Any], parameters: StageParams) -> list[ItemOutcome]:
     """Run a stage's unit of work over a chunk of items on one Dask worker.
 
     Chunks rather than one Prefect task per item: submitting a task costs ~0.1 s of CPU in prefect-dask, more than
@@ -78,6 +78,14 @@ def chunked(runs: Sequence[Run], max_chunks: int) -> list[list[Run]]:
         chunks.append(list(runs[start:end]))
         start = end
     return chunks
+
+
+def by_parameters(runs: Sequence[Run]) -> list[list[Run]]:
+    """Runs grouped by parameter set (a chunk runs under one), rank order kept within each group."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(queue.param_hash(run.parameters), []).append(run)
+    return list(groups.values())
 
 
 def current_flow_run_id() -> str | None:
@@ -140,9 +148,11 @@ def run_stage(stage_name: str, run_ids: Sequence[int] | None, process: Task[...,
         for run in missing:
             _record_failure(run, InputError(f"input {stage.input_table} #{run.input_id} no longer exists"), report)
             open_ids.discard(run.id)
-        chunks = chunked(todo, min(get_settings().max_chunks, -(-len(todo) // stage.min_chunk_items)))
+        chunks = [chunk for group in by_parameters(todo) for chunk in
+                  chunked(group, min(get_settings().max_chunks, -(-len(group) // stage.min_chunk_items)))]
         futures = [run_chunk.with_options(name=f"{process.name}-chunk").submit(
-            process, [payloads[r.input_id] for r in chunk], chunk[0].parameters) for chunk in chunks]
+            process, [payloads[r.input_id] for r in chunk], stage.params.from_mapping(chunk[0].parameters))
+            for chunk in chunks]
         for chunk, future in zip(chunks, futures):
             try:
                 outcomes = future.result()

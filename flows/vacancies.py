@@ -9,18 +9,18 @@ from pymatgen.core import Structure
 
 from hopflow.flows.common import stage_run_name, stage_task_runner
 from hopflow.flows.runner import StageReport, run_stage
+from hopflow.stages.vacancies import VacancyParams
 from hopflow.tasks.vacancies import RelaxedVacancy, Supercell, relax_vacancy
 
 
 @task(name="relax-vacancy")
-def relax_vacancy_site(item: dict[str, Any], parameters: dict[str, Any]) -> RelaxedVacancy:
+def relax_vacancy_site(item: dict[str, Any], params: VacancyParams) -> RelaxedVacancy:
     """The relaxed vacancy of one vacancy site under the run's model and relaxation settings."""
     return relax_vacancy(
         Structure.from_dict(item["structure"]), Supercell.from_key(item["supercell"]), item["site_index"],
-        model=parameters["model"], device=None, bulk_fmax=parameters["bulk_fmax"],
-        bulk_steps=parameters["bulk_steps"], fmax=parameters["fmax"], steps=parameters["steps"],
-        optimizer=parameters["optimizer"], fill_distance=parameters["fill_distance"],
-        max_displacement=parameters["max_displacement"])
+        model=params.model, device=None, bulk_fmax=params.bulk_fmax, bulk_steps=params.bulk_steps,
+        fmax=params.fmax, steps=params.steps, optimizer=params.optimizer, fill_distance=params.fill_distance,
+        max_displacement=params.max_displacement)
 
 
 @flow(name="vacancies", flow_run_name=lambda: stage_run_name("vacancies"),

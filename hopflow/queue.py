@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from hopflow.db import get_engine, is_sqlite, session_scope, utcnow
 from hopflow.models import Run, RunState, Score, StageSetting
 from hopflow.provenance import versions
-from hopflow.registry import Reused, Stage, get_stage
+from hopflow.registry import Stage, get_stage
 from hopflow.settings import get_settings
 from hopflow.validation import check_cutoff, check_target
 
@@ -126,9 +126,10 @@ def set_target(session: Session, stage: Stage, value: int, reason: str = "set by
 
 
 def stage_parameters(stage: Stage, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    params = dict(stage.parameters(get_settings()))
+    """The stage's parameter set under the settings with `overrides`; a key the stage does not have is a ValueError."""
+    params = stage.parameters(get_settings())
     params.update(overrides or {})
-    return params
+    return stage.params.from_mapping(params).as_dict()
 
 
 def _insert(session: Session, table: Any) -> Any:
@@ -379,6 +380,23 @@ def _owned(session: Session, run_id: int) -> Run | None:
     return run
 
 
+RESULT_ROW_OWN_COLUMNS = ("id", "created_at", "run_id")
+"""Columns of a result row that belong to the row, not to the result: never copied when a result is reused."""
+
+
+def copy_result(session: Session, stage: Stage, run: Run, old: Run) -> None:
+    """Reuse `old`'s result for `run`: copy its result rows under the new run and input (or the stage's own reuse)."""
+    if stage.reuse is not None:
+        stage.reuse(session, run, old)
+        return
+    assert stage.output_model is not None and stage.input_columns is not None  # Stage.__post_init__ checks
+    model = stage.output_model
+    links = stage.input_columns(session, run)
+    columns = [c.key for c in model.__mapper__.column_attrs if c.key not in RESULT_ROW_OWN_COLUMNS]
+    for row in session.scalars(select(model).where(model.run_id == old.id).order_by(model.id)):
+        session.add(model(run_id=run.id, **{name: getattr(row, name) for name in columns} | links))
+
+
 def complete(session: Session, run_id: int, result: Any, *, reused_from: Run | None = None) -> bool:
     """Write the stage's result rows and mark the run done, in the caller's transaction. False if no longer ours."""
     run = _owned(session, run_id)
@@ -386,7 +404,7 @@ def complete(session: Session, run_id: int, result: Any, *, reused_from: Run | N
         return False
     stage = get_stage(run.stage)
     if reused_from is not None:
-        stage.store(session, run, Reused(reused_from))
+        copy_result(session, stage, run, reused_from)
         _finish(run, RunState.DONE, reused_run_id=reused_from.id, error=None)
     else:
         stage.store(session, run, result)

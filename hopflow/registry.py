@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Self, get_type_hints
 
 from sqlalchemy import ColumnElement, Select
 from sqlalchemy.orm import Session
@@ -19,10 +19,50 @@ ScoreFunction = Callable[[Session, Sequence[int]], Mapping[int, float]]
 
 
 @dataclass(frozen=True)
-class Reused:
-    """Handed to a stage's `store` instead of a fresh result when a cached result is reused."""
+class StageParams:
+    """A stage's parameter set, typed and frozen: what its tasks take. `as_dict()` is what a run stores and hashes
+    (everything that changes a result: ion, engine and its version, hop limit ...)."""
 
-    run: Any
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Self:
+        """The parameter set the settings give."""
+        raise NotImplementedError(f"{cls.__name__} defines no from_settings")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> Self:
+        """Rebuild from a stored parameter set (nested parameter sets too); a key the stage does not have, or a
+        missing one, is a ValueError that names it."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        missing = sorted(known - set(values))
+        if unknown or missing:
+            raise ValueError(f"{cls.__name__}: unknown parameter(s) {unknown}, missing {missing}")
+        hints = get_type_hints(cls)
+        kwargs = {}
+        for name, value in values.items():
+            kind = hints[name]
+            if isinstance(kind, type) and issubclass(kind, StageParams) and isinstance(value, Mapping):
+                value = kind.from_mapping(value)
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The parameter set as stored in `runs.parameters` (JSON-ready)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class NoParams(StageParams):
+    """A stage without parameters."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Self:
+        return cls()
+
+
+def input_column(name: str) -> Callable[[Session, Any], dict[str, Any]]:
+    """A result row's link to its input: the column `name` holds the run's input id."""
+    return lambda session, run: {name: run.input_id}
 
 
 @dataclass(frozen=True)
@@ -61,10 +101,18 @@ class Stage:
     description: str
     input_table: str
     inputs: InputQuery
-    parameters: Callable[[Settings], dict[str, Any]]
+    params: type[StageParams]
+    """The stage's typed parameter set; its tasks take one."""
     load: Callable[[Session, Sequence[int]], dict[int, Any]]
     store: Callable[[Session, Any, Any], None]
+    """Writes a fresh result's rows (the queue copies a reused result's rows itself)."""
     output_table: str | None = None
+    output_model: type[Any] | None = None
+    """The ORM model of the stage's result rows (each with `run_id`): the queue copies them when it reuses a result."""
+    input_columns: Callable[[Session, Any], dict[str, Any]] | None = None
+    """A copied row's columns that name the new run's input (`input_column("pathway_id")`)."""
+    reuse: Callable[[Session, Any, Any], None] | None = None
+    """Instead of copying rows: what reusing `old_run`'s result for `run` writes (import links its source)."""
     fingerprint: Callable[[Any], ColumnElement[str]] | None = None
     rankers: tuple[Ranker, ...] = ()
     default_ranker: str = "id"
@@ -87,8 +135,14 @@ class Stage:
     """A barrier stage's parameters for an engine (and ML model) named on the command line."""
 
     def __post_init__(self) -> None:
+        if self.reuse is None and (self.output_model is None or self.input_columns is None):
+            raise ValueError(f"stage {self.name!r} needs output_model and input_columns, or its own reuse")
         if self.min_chunk_items < 1:
             raise ValueError(f"stage {self.name!r}: min_chunk_items must be at least 1, got {self.min_chunk_items}")
+
+    def parameters(self, settings: Settings) -> dict[str, Any]:
+        """The stage's parameter set under the settings, as stored."""
+        return self.params.from_settings(settings).as_dict()
 
     @property
     def flow_name(self) -> str:

@@ -11,6 +11,8 @@ from typing import Any
 
 from prefect import task
 
+from hopflow.stages.synthetic import SyntheticParams
+
 FAILURES = ("none", "exception", "hang", "exit")
 HANG_SECONDS = 3600.0
 
@@ -59,6 +61,6 @@ def synthetic_work(item: dict[str, Any], attempt: int = 1) -> SyntheticOutcome:
 
 
 @task(name="synthetic-item")
-def synthetic_item(item: dict[str, Any], parameters: dict[str, Any]) -> SyntheticOutcome:
+def synthetic_item(item: dict[str, Any], params: SyntheticParams) -> SyntheticOutcome:
     """Prefect task over `synthetic_work`; the attempt number comes with the item."""
     return synthetic_work(item, attempt=int(item.get("attempt", 1)))

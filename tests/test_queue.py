@@ -172,8 +172,8 @@ def test_model_score_ranker_is_recomputed_by_rank(engine) -> None:
 
     stage = register(Stage(
         name="synthetic-scored", description="test stage", input_table="synthetic_items",
-        inputs=get_stage(SYN).inputs, parameters=lambda s: {"v": 1}, load=get_stage(SYN).load,
-        store=get_stage(SYN).store, rankers=(Ranker("reverse", "model score", score=reverse_id),),
+        inputs=get_stage(SYN).inputs, params=get_stage(SYN).params, load=get_stage(SYN).load,
+        store=get_stage(SYN).store, output_model=get_stage(SYN).output_model, input_columns=get_stage(SYN).input_columns, rankers=(Ranker("reverse", "model score", score=reverse_id),),
         default_ranker="reverse"), replace=True)
     with session_scope(engine, write=True) as s:
         s.add_all([SyntheticItem(priority=0.0) for _ in range(4)])
@@ -190,8 +190,8 @@ def test_model_score_ranker_is_recomputed_by_rank(engine) -> None:
 def test_cutoff_holds_items_back_and_broadens_one_bounded_step(engine) -> None:
     stage = register(Stage(
         name="synthetic-cut", description="test stage with a cutoff", input_table="synthetic_items",
-        inputs=get_stage(SYN).inputs, parameters=lambda s: {"v": 1}, load=get_stage(SYN).load,
-        store=get_stage(SYN).store, rankers=get_stage(SYN).rankers, default_ranker="priority",
+        inputs=get_stage(SYN).inputs, params=get_stage(SYN).params, load=get_stage(SYN).load,
+        store=get_stage(SYN).store, output_model=get_stage(SYN).output_model, input_columns=get_stage(SYN).input_columns, rankers=get_stage(SYN).rankers, default_ranker="priority",
         cutoffs=(Cutoff("max_priority", "largest priority value eligible", default=2.0,
                         criterion=lambda c, v: c.priority <= v, broaden_step=3.0, broaden_limit=6.0),)), replace=True)
     with session_scope(engine, write=True) as s:

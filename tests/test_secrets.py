@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from hopflow import queue
 from hopflow.db import get_engine, init_db, make_engine, session_scope
 from hopflow.models import Run, SyntheticItem
-from hopflow.registry import STAGES, Cutoff, Stage, get_stage, register
+from hopflow.registry import NoParams, STAGES, Cutoff, Stage, get_stage, register
 from hopflow.settings import get_settings
 from tests.conftest import drop_postgres_database, postgres_url
 
@@ -130,7 +130,8 @@ def test_cutoff_values_are_bound_parameters(engine) -> None:
     stage = Stage(
         name="secrets-cutoff-test", description="test stage with a cutoff", input_table="synthetic_items",
         inputs=lambda: select(SyntheticItem.id.label("item_id"), SyntheticItem.priority),
-        parameters=lambda settings: {}, load=lambda session, ids: {}, store=lambda session, run, result: None,
+        params=NoParams, load=lambda session, ids: {}, store=lambda session, run, result: None,
+        reuse=lambda session, run, old: None,
         rankers=(get_stage("synthetic").ranker("id"),), default_ranker="id",
         cutoffs=(Cutoff("max_priority", "priority at most", 1.0, lambda c, v: c.priority <= v),),
     )

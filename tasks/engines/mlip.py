@@ -13,6 +13,7 @@ from pymatgen.core import Structure
 
 from hopflow.errors import EngineError
 from hopflow.engines import (
+    ENGINE_IDENTITIES,
     model_versions,
     versions_of,
     MlipIdppSettings,
@@ -21,7 +22,6 @@ from hopflow.engines import (
     MlipSettings,
     Optimizer,
     canonical_model,
-    mlip_engine_version as engine_version,
 )
 from hopflow.tasks.engines.base import (
     PREPARED_FILE,
@@ -115,8 +115,8 @@ class _MlipEngine:
 
     @property
     def version(self) -> str:
-        """Engine revision and the potential's package version and weights."""
-        return engine_version(self.settings.model)
+        """Engine revision and the potential's package version and weights (hopflow.engines)."""
+        return ENGINE_IDENTITIES[self.name].version(self.settings)
 
     def prepare(self, images: Images, workdir: Path) -> PreparedInputs:
         """Check the images (one moving ion) and store them in `workdir`."""

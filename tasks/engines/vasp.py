@@ -24,10 +24,10 @@ from pymatgen.io.vasp.sets import CINEBSet, NEBSet
 
 from hopflow.errors import EngineError, InputError
 from hopflow.engines import (
+    ENGINE_IDENTITIES,
     versions_of,
     VASP_EXECUTION_FIELDS as EXECUTION_FIELDS,
     VaspNebSettings,
-    vasp_engine_version,
 )
 from hopflow.tasks.engines.base import (
     PREPARED_FILE,
@@ -247,8 +247,8 @@ class VaspNebEngine:
 
     @property
     def version(self) -> str:
-        """Engine revision with pymatgen (input sets) and custodian versions."""
-        return vasp_engine_version()
+        """Engine revision with pymatgen (input sets) and custodian versions (hopflow.engines)."""
+        return ENGINE_IDENTITIES[self.name].version(self.settings)
 
     def prepare(self, images: Images, workdir: Path) -> PreparedInputs:
         """Write INCAR/KPOINTS/POTCAR, image folders 00..N+1 and endpoint folders; or resume from CONTCARs."""
