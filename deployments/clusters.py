@@ -34,11 +34,6 @@ CLUSTER_CLASSES: Mapping[str, str] = MappingProxyType(
 PROFILE_KEYS = frozenset({"description", "cluster", "local", "jobqueue", "adapt"})
 OPTIONS_SECTION: Mapping[str, str] = MappingProxyType({"local": "local", "slurm": "jobqueue"})
 
-# Environment overrides applied to every SLURM profile (site specifics that should not be edited into the YAML).
-QUEUE_ENV = "HOPFLOW_SLURM_QUEUE"
-ACCOUNT_ENV = "HOPFLOW_SLURM_ACCOUNT"
-INTERFACE_ENV = "HOPFLOW_DASK_INTERFACE"
-
 # dask-jobqueue configuration keys whose keyword argument has another name, and deprecated ones with their successor.
 JOBQUEUE_KEY_TO_KWARG: Mapping[str, str] = MappingProxyType({"name": "job_name"})
 DEPRECATED_JOBQUEUE_KEYS: Mapping[str, str] = MappingProxyType(
@@ -206,10 +201,12 @@ def _environment_overrides(profile: ClusterProfile, settings: Settings) -> dict[
         if "dask_workers" in settings.model_fields_set:
             overrides["n_workers"] = settings.dask_workers
         return overrides
-    for env, key in ((QUEUE_ENV, "queue"), (ACCOUNT_ENV, "account")):
-        if os.environ.get(env):
-            overrides[key] = os.environ[env]
-    interface = os.environ.get(INTERFACE_ENV)
+    # site specifics applied to every SLURM profile (settings, not edited into the YAML)
+    if settings.slurm_queue:
+        overrides["queue"] = settings.slurm_queue
+    if settings.slurm_account:
+        overrides["account"] = settings.slurm_account
+    interface = settings.dask_interface
     if interface:
         overrides["interface"] = interface
         options = dict(profile.cluster_kwargs.get("scheduler_options") or {})
