@@ -20,7 +20,7 @@ from dask_jobqueue.slurm import SLURMJob
 from distributed import LocalCluster
 from distributed.deploy.adaptive import Adaptive
 
-from hopflow.errors import HopflowError
+from hopflow.errors import ProfileError
 from hopflow.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -58,10 +58,6 @@ faults). Workers started by this process's nannies (local profiles) get it; SLUR
 dask.config.set({"distributed.nanny.pre-spawn-environ": {
     key: value for key, value in (dask.config.get("distributed.nanny.pre-spawn-environ") or {}).items()
     if key not in UNSET_WORKER_ENVIRON}})
-
-
-class ProfileError(HopflowError, ValueError):
-    """A cluster profile is missing or malformed (unknown key, wrong cluster kind ...)."""
 
 
 @dataclass(frozen=True)

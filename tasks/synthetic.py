@@ -11,12 +11,10 @@ from typing import Any
 
 from prefect import task
 
+from hopflow.errors import SyntheticFailure
+
 FAILURES = ("none", "exception", "hang", "exit")
 HANG_SECONDS = 3600.0
-
-
-class SyntheticFailure(RuntimeError):
-    """The exception the synthetic stage raises when told to."""
 
 
 @dataclass(frozen=True)

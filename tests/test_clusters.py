@@ -20,7 +20,6 @@ from prefect_dask import DaskTaskRunner
 
 from hopflow.deployments.clusters import (
     ClusterProfile,
-    ProfileError,
     WorkerProbe,
     job_script,
     load_profiles,
@@ -28,6 +27,7 @@ from hopflow.deployments.clusters import (
     task_runner,
     task_runner_kwargs,
 )
+from hopflow.errors import ProfileError
 from hopflow.settings import get_settings
 
 SERVICES_HINT = "run the tests with `bash scripts/test.sh` (it starts PostgreSQL, SLURM and Prefect and exports it)"
