@@ -20,7 +20,7 @@ from dask_jobqueue.slurm import SLURMJob
 from distributed import LocalCluster
 from distributed.deploy.adaptive import Adaptive
 
-from hopflow.errors import HopflowError
+from hopflow.errors import ProfileError
 from hopflow.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -33,11 +33,6 @@ CLUSTER_CLASSES: Mapping[str, str] = MappingProxyType(
 )
 PROFILE_KEYS = frozenset({"description", "cluster", "local", "jobqueue", "adapt"})
 OPTIONS_SECTION: Mapping[str, str] = MappingProxyType({"local": "local", "slurm": "jobqueue"})
-
-# Environment overrides applied to every SLURM profile (site specifics that should not be edited into the YAML).
-QUEUE_ENV = "HOPFLOW_SLURM_QUEUE"
-ACCOUNT_ENV = "HOPFLOW_SLURM_ACCOUNT"
-INTERFACE_ENV = "HOPFLOW_DASK_INTERFACE"
 
 # dask-jobqueue configuration keys whose keyword argument has another name, and deprecated ones with their successor.
 JOBQUEUE_KEY_TO_KWARG: Mapping[str, str] = MappingProxyType({"name": "job_name"})
@@ -63,10 +58,6 @@ faults). Workers started by this process's nannies (local profiles) get it; SLUR
 dask.config.set({"distributed.nanny.pre-spawn-environ": {
     key: value for key, value in (dask.config.get("distributed.nanny.pre-spawn-environ") or {}).items()
     if key not in UNSET_WORKER_ENVIRON}})
-
-
-class ProfileError(HopflowError, ValueError):
-    """A cluster profile is missing or malformed (unknown key, wrong cluster kind ...)."""
 
 
 @dataclass(frozen=True)
@@ -206,10 +197,12 @@ def _environment_overrides(profile: ClusterProfile, settings: Settings) -> dict[
         if "dask_workers" in settings.model_fields_set:
             overrides["n_workers"] = settings.dask_workers
         return overrides
-    for env, key in ((QUEUE_ENV, "queue"), (ACCOUNT_ENV, "account")):
-        if os.environ.get(env):
-            overrides[key] = os.environ[env]
-    interface = os.environ.get(INTERFACE_ENV)
+    # site specifics applied to every SLURM profile (settings, not edited into the YAML)
+    if settings.slurm_queue:
+        overrides["queue"] = settings.slurm_queue
+    if settings.slurm_account:
+        overrides["account"] = settings.slurm_account
+    interface = settings.dask_interface
     if interface:
         overrides["interface"] = interface
         options = dict(profile.cluster_kwargs.get("scheduler_options") or {})

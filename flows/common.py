@@ -19,12 +19,14 @@ on 2 busy cores."""
 
 
 def profile_for(stage_name: str) -> str:
-    """The Dask profile of a stage: `HOPFLOW_PROFILE_<STAGE>`, else `HOPFLOW_DASK_PROFILE`, else the stage's own."""
-    override = os.environ.get(f"HOPFLOW_PROFILE_{stage_name.upper().replace('-', '_')}")
+    """The Dask profile of a stage: its `stage_profiles` entry (`HOPFLOW_PROFILE_<STAGE>`), else `dask_profile` when
+    set explicitly (`HOPFLOW_DASK_PROFILE`), else the stage's own `resources`."""
+    settings = get_settings()
+    override = settings.stage_profiles.get(stage_name)
     if override:
         return override
-    if "HOPFLOW_DASK_PROFILE" in os.environ:
-        return get_settings().dask_profile
+    if "dask_profile" in settings.model_fields_set:
+        return settings.dask_profile
     return get_stage(stage_name).resources
 
 

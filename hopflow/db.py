@@ -13,6 +13,7 @@ from sqlalchemy import JSON, DateTime, Engine, MetaData, create_engine, event, f
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 
+from hopflow.errors import ImmutableResultError
 from hopflow.settings import get_settings
 
 NAMING_CONVENTION = {
@@ -129,10 +130,6 @@ def init_db(engine: Engine | None = None) -> Engine:
     command.upgrade(alembic_config(engine), "head")
     install_result_guards(engine)
     return engine
-
-
-class ImmutableResultError(RuntimeError):
-    """Raised when code tries to change or delete a result row that is already written."""
 
 
 class Immutable:

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from sklearn.ensemble import ExtraTreesRegressor, RandomForestRegressor
 from sklearn.model_selection import KFold
 
-from hopflow.errors import HopflowError
+from hopflow.errors import InsufficientDataError
 
 MIN_TRAINING_SIZE = 10
 """Fewest barriers a model is trained on: below this a cross-validated error means nothing."""
@@ -34,10 +34,6 @@ FEATURE_FLOOR = 1e-12
 """A feature whose spread is below this is constant: it is not scaled (division by ~0) in the diverse ranker."""
 
 ArrayLike = np.ndarray | Sequence[float] | Sequence[Sequence[float]]
-
-
-class InsufficientDataError(HopflowError, ValueError):
-    """A model or calibration cannot be fitted to the data given (too few samples, no spread, non-finite values)."""
 
 
 # ---------------------------------------------------------------- the model

@@ -13,7 +13,7 @@ from sqlalchemy import Engine, Float, Integer, func, select
 from sqlalchemy.orm import Session
 
 from hopflow.db import session_scope
-from hopflow.errors import HopflowError
+from hopflow.errors import HopflowError, InsufficientDataError
 from hopflow.models import BarrierModelRow, CalibrationRow, Estimate, Features, NebResult
 from hopflow.models.barriers import trusted
 from hopflow.registry import ScoreFunction
@@ -136,7 +136,7 @@ def training_set(session: Session, stage: str = "neb") -> TrainingSet:
 def retrain(session: Session, seed: int = 0, stage: str = "neb") -> BarrierModelRow:
     """Train a model for a stage's queue on the current training set and store it with its provenance.
 
-    Raises hopflow.learning.InsufficientDataError (nothing stored) when there is too little to learn from; result
+    Raises hopflow.errors.InsufficientDataError (nothing stored) when there is too little to learn from; result
     rows are only read.
     """
     from hopflow.learning import train
@@ -221,7 +221,7 @@ def calibration_pairs(session: Session) -> dict[str, tuple[list[int], list[float
 
 def fit_calibrations(session: Session) -> tuple[list[CalibrationRow], dict[str, str]]:
     """Fit and store a calibration per estimate engine with enough pairs; returns (rows, {engine: why skipped})."""
-    from hopflow.learning import InsufficientDataError, fit_calibration
+    from hopflow.learning import fit_calibration
 
     rows, skipped = [], {}
     for engine, (ids, x, y) in sorted(calibration_pairs(session).items()):
@@ -326,7 +326,6 @@ def retrain_cycle(engine: Engine | None = None, *, seed: int = 0, plot_dir: Path
     model and scores: its transaction is rolled back and the failure is reported in the outcome.
     """
     from hopflow import queue
-    from hopflow.learning import InsufficientDataError
     from hopflow.registry import get_stage
     from hopflow.settings import get_settings
 

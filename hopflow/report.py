@@ -259,7 +259,8 @@ def model_images(session: Session, models: Sequence[ModelView], directory: Path)
     """Parity and learning-curve PNGs of each model: the files `hopflow retrain` wrote, else drawn now (the parity
     plot from the model's stored out-of-fold predictions, the curve from the current training set; none when too few
     barriers remain for it)."""
-    from hopflow.learning import InsufficientDataError, learning_curve, learning_curve_plot, parity_plot
+    from hopflow.errors import InsufficientDataError
+    from hopflow.learning import learning_curve, learning_curve_plot, parity_plot
     from hopflow.loop import training_set
 
     out: dict[str, bytes] = {}

@@ -1,12 +1,22 @@
-"""hopflow's settings in one place: every field reads from a `HOPFLOW_*` variable (MP_API_KEY excepted)."""
+"""hopflow's settings in one place: every `HOPFLOW_*` variable the program reads is a field of `Settings` (MP_API_KEY
+is read too; `HOPFLOW_PROFILE_<STAGE>` fills the `stage_profiles` mapping). `get_settings()` is the cached process-wide
+instance, `override(...)` replaces fields for tests, `check_environment()` warns about `HOPFLOW_*` variables that no
+setting reads."""
 
 from __future__ import annotations
 
-from functools import lru_cache
+import difflib
+import os
+import threading
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 INT64_MAX = 2**63 - 1
 """Integer settings stay within the 64-bit integers the database stores (hopflow.validation uses the same bound)."""
@@ -54,7 +64,12 @@ class Settings(BaseSettings):
     nimages: int = Field(default=5, ge=1, le=INT64_MAX, description="Intermediate images along a hop (IDPP, NEB).")
 
     # compute
-    dask_profile: str = Field(default="local", description="Dask cluster profile name from deployments/clusters.yaml.")
+    dask_profile: str = Field(
+        default="local", description="Dask cluster profile name from deployments/clusters.yaml; when set, every "
+        "stage runs on it unless `stage_profiles` names another (unset, each stage uses its own `resources`).")
+    stage_profiles: dict[str, str] = Field(
+        default_factory=dict, description="Dask cluster profile by stage name, from `HOPFLOW_PROFILE_<STAGE>` "
+        "variables (stage name upper-cased, `-` as `_`: HOPFLOW_PROFILE_VASP_NEB=slurm-cpu); wins over `dask_profile`.")
     max_chunks: int = Field(
         default=16, ge=1, le=INT64_MAX, description="Most Dask tasks one stage flow run splits its items into (fewer, larger tasks amortise "
         "Prefect's per-task cost; more balance uneven items).")
@@ -62,6 +77,12 @@ class Settings(BaseSettings):
     cluster_profiles: Path | None = Field(
         default=None, description="Dask cluster profile file; None uses deployments/clusters.yaml shipped with hopflow."
     )
+    slurm_queue: str | None = Field(
+        default=None, description="SLURM partition of every SLURM profile's jobs (a site specific kept out of the YAML).")
+    slurm_account: str | None = Field(
+        default=None, description="SLURM account charged for every SLURM profile's jobs.")
+    dask_interface: str | None = Field(
+        default=None, description="Network interface (e.g. ib0, eth0) of the scheduler and workers of SLURM profiles.")
 
     # VASP (the vasp-neb engine)
     vasp_cmd: str = Field(default="vasp_std", description="VASP executable and its arguments (split like a shell).")
@@ -118,6 +139,18 @@ class Settings(BaseSettings):
     input_read_seconds: float = Field(
         default=30.0, gt=0, description="Longest import spends reading one input file before it is refused.")
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """pydantic-settings' sources, with the `HOPFLOW_PROFILE_<STAGE>` variables after the environment's own."""
+        return init_settings, env_settings, StageProfilesSource(settings_cls), dotenv_settings, file_secret_settings
+
     @property
     def url(self) -> str:
         """The effective database URL."""
@@ -126,7 +159,145 @@ class Settings(BaseSettings):
         return f"sqlite:///{self.home / 'hopflow.sqlite'}"
 
 
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    """The process-wide settings (cached; call `get_settings.cache_clear()` after changing the environment)."""
-    return Settings()
+PROFILE_PREFIX = "HOPFLOW_PROFILE_"
+"""`HOPFLOW_PROFILE_<STAGE>` names the Dask cluster profile of one stage (the `stage_profiles` field)."""
+
+
+def stage_profile_key(variable_suffix: str) -> str:
+    """The stage name of a `HOPFLOW_PROFILE_<STAGE>` suffix: lower-cased, `_` as `-` (VASP_NEB -> vasp-neb)."""
+    return variable_suffix.lower().replace("_", "-")
+
+
+def stage_profiles_from(environ: Mapping[str, str]) -> dict[str, str]:
+    """Stage name -> cluster profile from the `HOPFLOW_PROFILE_<STAGE>` variables of `environ` (empty ones skipped)."""
+    profiles: dict[str, str] = {}
+    for name, value in environ.items():
+        if name.upper().startswith(PROFILE_PREFIX) and len(name) > len(PROFILE_PREFIX) and value:
+            profiles[stage_profile_key(name[len(PROFILE_PREFIX):])] = value
+    return profiles
+
+
+class StageProfilesSource(PydanticBaseSettingsSource):
+    """Fills `stage_profiles` from the `HOPFLOW_PROFILE_<STAGE>` variables (one variable per stage, not one JSON)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        """Unused: `__call__` reads the one field it fills."""
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        profiles = stage_profiles_from(os.environ)
+        return {"stage_profiles": profiles} if profiles else {}
+
+
+# ---------------------------------------------------------------- variables that are not settings
+
+NON_SETTING_VARIABLES = frozenset({
+    # scripts/test.sh
+    "HOPFLOW_VENV", "HOPFLOW_BOOTSTRAP_PYTHON",
+    # scripts/services.sh
+    "HOPFLOW_SERVICES_DIR", "HOPFLOW_PYTHON", "HOPFLOW_PG_BIN", "HOPFLOW_SLURM_CPUS", "HOPFLOW_SLURM_MEMORY_MB",
+    "HOPFLOW_SERVICES_TIMEOUT", "HOPFLOW_PREFECT_DATABASE",
+})
+"""`HOPFLOW_*` variables read by the shell scripts (scripts/*.sh), not by the program: no warning about them."""
+
+NON_SETTING_PREFIXES = ("HOPFLOW_TEST_", "HOPFLOW_FAKE_VASP_")
+"""Prefixes of test-only variables (HOPFLOW_TEST_POSTGRES_URL, HOPFLOW_TEST_TIMEOUT; the fake VASP of
+tests/fake_vasp reads HOPFLOW_FAKE_VASP_*): the tests' business, no warning about them."""
+
+
+class UnknownSettingWarning(UserWarning):
+    """A `HOPFLOW_*` variable is set that no setting reads (a typo, or a setting that was removed)."""
+
+
+def setting_variables() -> dict[str, str]:
+    """Every `HOPFLOW_*` variable (upper case) a field reads, aliases included -> the field's name."""
+    prefix = str(Settings.model_config.get("env_prefix", "")).upper()
+    names: dict[str, str] = {}
+    for field_name, field in Settings.model_fields.items():
+        names[f"{prefix}{field_name.upper()}"] = field_name
+        alias = field.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else [alias] if isinstance(alias, str) else []
+        for choice in choices:
+            if isinstance(choice, str) and choice.upper().startswith(prefix):
+                names[choice.upper()] = field_name
+    return names
+
+
+def check_environment(environ: Mapping[str, str] | None = None, *, warn: bool = True) -> list[str]:
+    """The `HOPFLOW_*` variables of `environ` (default: os.environ) that nothing reads, each with a message naming it
+    and the closest setting; with `warn`, each message is also issued as an `UnknownSettingWarning`.
+
+    pydantic-settings ignores such variables (its `extra="forbid"` applies to constructor arguments, not to the
+    environment), so a typo like HOPFLOW_MAX_HOPP=3 would otherwise leave the default in force unnoticed. Known:
+    the settings' variables (aliases included), `HOPFLOW_PROFILE_<STAGE>`, the scripts' knobs
+    (NON_SETTING_VARIABLES) and the tests' (NON_SETTING_PREFIXES). Values are never part of a message.
+    """
+    environ = os.environ if environ is None else environ
+    known = setting_variables()
+    messages: list[str] = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith("HOPFLOW_") or upper in known or upper in NON_SETTING_VARIABLES:
+            continue
+        if upper.startswith(NON_SETTING_PREFIXES) or (upper.startswith(PROFILE_PREFIX) and upper != PROFILE_PREFIX):
+            continue
+        suffixes = {variable.removeprefix("HOPFLOW_"): variable for variable in known}  # the prefix is no likeness
+        close = difflib.get_close_matches(upper.removeprefix("HOPFLOW_"), list(suffixes), n=1, cutoff=0.6)
+        hint = f"; did you mean {suffixes[close[0]]} (setting `{known[suffixes[close[0]]]}`)?" if close else ""
+        messages.append(f"{name} is set but is not a hopflow setting and is ignored{hint}")
+    if warn:
+        for message in messages:
+            warnings.warn(message, UnknownSettingWarning, stacklevel=2)
+    return messages
+
+
+# ---------------------------------------------------------------- the process-wide settings
+
+
+class _SettingsAccess:
+    """`get_settings()`: the process-wide settings, read from the environment once and cached; inside
+    `override(...)`, the overridden ones."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cached: Settings | None = None
+        self._overrides: list[Settings] = []
+
+    def __call__(self) -> Settings:
+        if self._overrides:
+            return self._overrides[-1]
+        with self._lock:
+            if self._cached is None:
+                check_environment()
+                self._cached = Settings()
+            return self._cached
+
+    def cache_clear(self) -> None:
+        """Forget the cached settings: the next call reads the environment again (overrides stay)."""
+        with self._lock:
+            self._cached = None
+
+
+get_settings = _SettingsAccess()
+"""The process-wide settings (cached; call `get_settings.cache_clear()` after changing the environment)."""
+
+
+@contextmanager
+def override(**fields: Any) -> Iterator[Settings]:
+    """For tests: `get_settings()` returns the current settings with `fields` replaced (validated) inside the block,
+    and the previous ones after it. Applies to this process's threads; worker processes read their environment."""
+    unknown = set(fields) - set(Settings.model_fields)
+    if unknown:
+        raise TypeError(f"override: no such setting {', '.join(sorted(unknown))}")
+    base = get_settings()
+    explicit = {name: getattr(base, name) for name in base.model_fields_set}
+    settings = Settings(**(explicit | fields))
+    stack = get_settings._overrides
+    stack.append(settings)
+    try:
+        yield settings
+    finally:
+        for index in range(len(stack) - 1, -1, -1):  # by identity: equal settings compare equal
+            if stack[index] is settings:
+                del stack[index]
+                break

@@ -29,7 +29,7 @@ from pymatgen.io.cif import CifParser, str2float
 from pymatgen.io.vasp import Poscar
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-from hopflow.errors import HopflowError, InputError
+from hopflow.errors import InputError, MaterialsProjectError, MissingAPIKeyError
 from hopflow.settings import get_settings
 from hopflow.sources import file_key
 
@@ -55,14 +55,6 @@ POSCAR_SUFFIXES = (".vasp", ".poscar")
 POSCAR_PREFIXES = ("POSCAR", "CONTCAR")
 JSON_SUFFIXES = (".json",)
 READ_CHUNK_BYTES = 1 << 20
-
-
-class MissingAPIKeyError(HopflowError, RuntimeError):
-    """No Materials Project API key is configured (the message never contains a key)."""
-
-
-class MaterialsProjectError(HopflowError, RuntimeError):
-    """A Materials Project query failed (network, authentication, server); the message never contains the key."""
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,11 @@ from typing import Any
 
 from prefect import task
 
+from hopflow.errors import SyntheticFailure
 from hopflow.stages.synthetic import SyntheticParams
 
 FAILURES = ("none", "exception", "hang", "exit")
 HANG_SECONDS = 3600.0
-
-
-class SyntheticFailure(RuntimeError):
-    """The exception the synthetic stage raises when told to."""
 
 
 @dataclass(frozen=True)

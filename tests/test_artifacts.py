@@ -10,6 +10,7 @@ from hopflow.flows.artifacts import md, md_table, report_path
 from hopflow.flows.batch import run_batch
 from hopflow.db import init_db, session_scope
 from hopflow.models import Run, SyntheticItem
+from hopflow.settings import get_settings
 from prefect_helpers import add_synthetic_items, latest_artifact, prefect_client  # noqa: F401  (a fixture)
 
 HOSTILE = "<img src=x onerror=alert(1)>[bold]x.cif | *y*"
@@ -25,6 +26,7 @@ def test_data_strings_are_literal_markdown() -> None:
 @pytest.mark.prefect
 def test_stage_flow_run_publishes_its_summary_and_the_report_path(prefect_client, monkeypatch) -> None:  # noqa: F811
     monkeypatch.setenv("HOPFLOW_DASK_PROFILE", "local-threads")
+    get_settings.cache_clear()  # settings are read once per process
     engine = init_db()
     ids = add_synthetic_items(engine, 6, cpu_ms=1.0)
     with session_scope(engine, write=True) as session:

@@ -142,6 +142,7 @@ def test_failed_checkpoint_leaves_no_folder(tmp_path, monkeypatch) -> None:
 
 def test_run_with_failed_items_exits_non_zero(monkeypatch) -> None:
     monkeypatch.setenv("HOPFLOW_PROFILE_SYNTHETIC", "local-threads")
+    get_settings.cache_clear()  # settings are read once per process
     engine = init_db()
     with session_scope(engine, write=True) as session:
         session.add_all([SyntheticItem(cpu_ms=0.0, failure="exception", fail_attempts=5),

@@ -19,11 +19,7 @@ from prefect.utilities.importtools import from_qualified_name
 from prefect_dask import DaskTaskRunner
 
 from hopflow.deployments.clusters import (
-    ACCOUNT_ENV,
-    INTERFACE_ENV,
-    QUEUE_ENV,
     ClusterProfile,
-    ProfileError,
     WorkerProbe,
     job_script,
     load_profiles,
@@ -31,10 +27,12 @@ from hopflow.deployments.clusters import (
     task_runner,
     task_runner_kwargs,
 )
+from hopflow.errors import ProfileError
 from hopflow.settings import get_settings
 
 SERVICES_HINT = "run the tests with `bash scripts/test.sh` (it starts PostgreSQL, SLURM and Prefect and exports it)"
 SLURM_PROFILE = "slurm-small"
+SITE_VARIABLES = ("HOPFLOW_SLURM_QUEUE", "HOPFLOW_SLURM_ACCOUNT", "HOPFLOW_DASK_INTERFACE")
 WORKER_TIMEOUT_S = 90
 probe_task = task(probe_worker, name="probe-worker")
 
@@ -50,7 +48,7 @@ def required_env(name: str) -> str:
 @pytest.fixture(autouse=True)
 def clean_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No site overrides leak in from the caller's environment; settings re-read per test."""
-    for name in (QUEUE_ENV, ACCOUNT_ENV, INTERFACE_ENV, "HOPFLOW_DASK_WORKERS", "HOPFLOW_CLUSTER_PROFILES"):
+    for name in (*SITE_VARIABLES, "HOPFLOW_DASK_WORKERS", "HOPFLOW_CLUSTER_PROFILES"):
         monkeypatch.delenv(name, raising=False)
     get_settings.cache_clear()
     yield
@@ -103,9 +101,11 @@ def test_vasp_profile_asks_for_a_node_of_mpi_tasks_but_runs_one_worker_thread() 
 
 
 def test_queue_account_and_interface_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(QUEUE_ENV, "gpu")
-    monkeypatch.setenv(ACCOUNT_ENV, "proj42")
-    monkeypatch.setenv(INTERFACE_ENV, "ib0")
+    for name, value in zip(SITE_VARIABLES, ("gpu", "proj42", "ib0"), strict=True):
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    assert (get_settings().slurm_queue, get_settings().slurm_account, get_settings().dask_interface) == (
+        "gpu", "proj42", "ib0")
     kwargs = task_runner_kwargs("slurm-mlip")["cluster_kwargs"]
     assert kwargs["scheduler_options"]["interface"] == "ib0"
     script = job_script("slurm-mlip")

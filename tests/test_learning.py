@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
+from hopflow.errors import InsufficientDataError
 from hopflow.learning import (
     MIN_TRAINING_SIZE,
     BarrierModel,
     Calibration,
-    InsufficientDataError,
     ModelParams,
     TrainedModel,
     cross_validated_error,

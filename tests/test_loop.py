@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from hopflow import queue
 from hopflow.cli.main import app
 from hopflow.db import init_db, session_scope
-from hopflow.learning import InsufficientDataError, feature_matrix
+from hopflow.errors import InsufficientDataError
+from hopflow.learning import feature_matrix
 from hopflow.loop import (ESTIMATE_FEATURE, FEATURE_NAMES, latest_calibrations, latest_model, retrain,
                           retrain_cycle, training_set)
 from hopflow.models import (BarrierModelRow, CalibrationRow, Estimate, Features, NebResult, Pathway, Run, Score,

@@ -13,7 +13,8 @@ import pytest
 from sqlalchemy import func, select, text, update
 
 from hopflow import queue
-from hopflow.db import ImmutableResultError, make_engine, session_scope, utcnow
+from hopflow.db import make_engine, session_scope, utcnow
+from hopflow.errors import ImmutableResultError
 from hopflow.models import Run, RunState, StageSetting, SyntheticItem, SyntheticResult
 from hopflow.registry import Cutoff, Ranker, Stage, get_stage, register
 

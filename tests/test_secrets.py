@@ -58,8 +58,9 @@ def _files_text(root: Path) -> str:
 def test_secrets_never_appear(secret_database, tmp_path, caplog) -> None:
     from hopflow.flows.pathways import pathways
     from hopflow.cli.main import app
+    from hopflow.errors import MaterialsProjectError
     from hopflow.flows.batch import import_raw_inputs
-    from hopflow.tasks.structures import MaterialsProjectError, MPApiClient, MPCriteria, bundled_inputs, file_inputs
+    from hopflow.tasks.structures import MPApiClient, MPCriteria, bundled_inputs, file_inputs
 
     assert get_settings().mp_api_key.get_secret_value() == FAKE_MP_KEY
     caplog.set_level(logging.DEBUG)

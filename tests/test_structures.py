@@ -12,13 +12,11 @@ from pymatgen.core import Composition, Lattice, Structure
 from pymatgen.io.cif import CifWriter
 from pymatgen.io.vasp import Poscar
 
-from hopflow.errors import InputError
+from hopflow.errors import InputError, MaterialsProjectError, MissingAPIKeyError
 from hopflow.settings import get_settings
 from hopflow.tasks.structures import (
     FakeMaterialsProject,
     MaterialsProjectClient,
-    MaterialsProjectError,
-    MissingAPIKeyError,
     MPApiClient,
     MPCriteria,
     RawInput,
