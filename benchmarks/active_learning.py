@@ -234,7 +234,8 @@ def report(hidden: HiddenFunction, results: Sequence[SeedResult], strategy: str,
         )
     hits_model, hits_random = np.mean([r.hits_model for r in results]), np.mean([r.hits_random for r in results])
     lines.append(
-        f"mean hits {hits_model:.1f} vs random {hits_random:.1f} (x{hits_model / hits_random:.2f}); min ratio {min(r.ratio for r in results):.2f}; diverse k-centre below random in "
+        f"mean hits {hits_model:.1f} vs random {hits_random:.1f} (x{hits_model / hits_random:.2f}); "
+        f"min ratio {min(r.ratio for r in results):.2f}; diverse k-centre below random in "
         f"{sum(r.kcentre_diverse < r.kcentre_random for r in results)}/{len(results)} seeds; {seconds:.1f} s"
     )
     return "\n".join(lines)

@@ -181,10 +181,10 @@ def build(url: str, n_structures: int) -> dict[str, int]:
 def _measure(direction: str, url: str, archive: str, out: Any) -> None:
     """One direction in this (child) process: wall time, peak RSS, and the child's RSS before the work."""
     os.environ["HOPFLOW_DATABASE_URL"] = url
+    import pymatgen.analysis.structure_matcher  # noqa: F401  (what an import loads, counted in the baseline)
+
     from hopflow.archive import Selection, export_closure, import_archive
     from hopflow.db import make_engine
-
-    import pymatgen.analysis.structure_matcher  # noqa: F401  (what an import loads, counted in the baseline)
 
     engine = make_engine(url)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

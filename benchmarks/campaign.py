@@ -109,8 +109,8 @@ class CampaignReport:
                           for name in names for v in [sorted(ph.get(name, 0.0) for ph in t.tick_phases)])
         steady = self.steady()
         sampled = self.deviation_pct(steady)
-        at_tick = self.deviation_pct([v for v, at in zip(t.live_at_tick, t.tick_at) if _in(t, at)])
-        after = self.deviation_pct([v for v, at in zip(t.live_after_tick, t.tick_at) if _in(t, at)])
+        at_tick = self.deviation_pct([v for v, at in zip(t.live_at_tick, t.tick_at, strict=True) if _in(t, at)])
+        after = self.deviation_pct([v for v, at in zip(t.live_after_tick, t.tick_at, strict=True) if _in(t, at)])
         fmt = lambda v: "n/a" if v is None else f"{v:.1f} %"  # noqa: E731
         return [
             f"campaign: {c.items:,} synthetic items (sleep 0-{c.sleep_ms:g} ms, no CPU), batch {c.batch_size}, "
@@ -122,7 +122,8 @@ class CampaignReport:
             f"(goal p95 < 1 s); failed ticks {len(t.tick_errors)}" if ticks else "ticks: none",
             f"tick parts, p50/p95 s: {parts}",
             f"live runs vs target over the steady phase ({len(steady)} samples every {SAMPLE_S:g} s): median absolute "
-            f"deviation {fmt(sampled)} of target (goal <= 5 %); median live {statistics.median(steady) if steady else 'n/a'}"
+            f"deviation {fmt(sampled)} of target (goal <= 5 %); "
+            f"median live {statistics.median(steady) if steady else 'n/a'}"
             f"; as found by each tick {fmt(at_tick)}, right after each tick {fmt(after)}",
             f"flow runs created: {t.flow_runs}; database size {self.database_bytes / 1e6:.1f} MB",
         ]
@@ -208,14 +209,15 @@ def counts(engine: Engine) -> dict[str, int]:
 
 def run_campaign(engine: Engine, client: Any, config: CampaignConfig, workdir: Path) -> CampaignReport:
     """Drive the campaign to the last item; sample live runs every second."""
+    from prefect_helpers import delete_waiting_runs, deploy_stage, start_worker, stop_process_group, wait_for_worker
+
     from benchmarks.chaos import DEPLOYMENT
-    from hopflow.deployments.bootstrap import POOL_NAME
-    from hopflow.flows.controller import count_live, tick
     from hopflow import queue
     from hopflow.db import session_scope
+    from hopflow.deployments.bootstrap import POOL_NAME
+    from hopflow.flows.controller import count_live, tick
     from hopflow.models import RunState
     from hopflow.registry import get_stage
-    from prefect_helpers import delete_waiting_runs, deploy_stage, start_worker, stop_process_group, wait_for_worker
 
     url = engine.url.render_as_string(hide_password=False)
     add_items(engine, config.items, config.sleep_ms)
@@ -294,8 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tick-interval", type=float, default=defaults.tick_interval_s)
     parser.add_argument("--profile", default=defaults.profile, help="Dask cluster profile of the synthetic flow runs")
     parser.add_argument("--compute-share", type=float, default=defaults.compute_share,
-                        help="CPU weight of the worker and its flow runs against the rest (a cpu cgroup; 0: no cgroup). "
-                        "They stand in for compute nodes; unweighted they starve the controller and the Prefect server, "
+                        help="CPU weight of the worker and its flow runs against the rest (a cpu cgroup; 0: no "
+                        "cgroup). They stand in for compute nodes; unweighted they starve the controller and the "
+                        "Prefect server, "
                         "which a real campaign runs on a host of their own")
     parser.add_argument("--database-url", default=None, help="an empty PostgreSQL database (default: a fresh one on "
                         "the HOPFLOW_TEST_POSTGRES_URL server, dropped at the end)")

@@ -136,7 +136,8 @@ class ChaosReport:
     def lines(self) -> list[str]:
         a, e, c = self.audit, self.events, self.config
         return [
-            f"chaos run: {a.items} synthetic items, batch {c.batch_size}, target {c.target}, lease {c.lease_seconds:g} s, "
+            f"chaos run: {a.items} synthetic items, batch {c.batch_size}, target {c.target}, "
+            f"lease {c.lease_seconds:g} s, "
             f"retry limit {a.max_attempts}; {self.seconds:.0f} s wall",
             f"injected item failures: {sum(a.injected.values())} of {a.items} "
             f"({', '.join(f'{k} {v}' for k, v in a.injected.items())}); seen happening: "
@@ -186,7 +187,7 @@ def add_items(engine: Engine, config: ChaosConfig, rng: random.Random) -> dict[s
     kinds = [KINDS[i % len(KINDS)] for i in range(n_failing)]
     attempts = [PERMANENT if i < n_permanent * len(KINDS) and kind == "exception" else config.fail_attempts
                 for i, kind in enumerate(kinds)]
-    failing = list(zip(kinds, attempts)) + [("none", 0)] * (config.items - n_failing)
+    failing = list(zip(kinds, attempts, strict=True)) + [("none", 0)] * (config.items - n_failing)
     rng.shuffle(failing)
     rows = [{"cpu_ms": config.cpu_ms, "sleep_ms": config.sleep_ms, "failure": kind, "fail_attempts": fails,
              "priority": float(i)} for i, (kind, fails) in enumerate(failing)]
@@ -232,8 +233,12 @@ def kill_flow_run(flow_run_id: str) -> bool:
 
 
 def running_flow_runs(client: Any, deployment_id: Any) -> list[Any]:
-    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterDeploymentId, FlowRunFilterState,
-                                                FlowRunFilterStateType)
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
 
     return client.read_flow_runs(flow_run_filter=FlowRunFilter(
@@ -251,7 +256,8 @@ def owners(engine: Engine, states: tuple[str, ...]) -> set[str]:
                                                                  Run.flow_run_id.is_not(None)).distinct()))
 
 
-def kill_controller_mid_tick(engine: Engine, url: str, config: ChaosConfig, home: Path, log: Path) -> tuple[bool, int, int]:
+def kill_controller_mid_tick(engine: Engine, url: str, config: ChaosConfig, home: Path,
+                             log: Path) -> tuple[bool, int, int]:
     """Run one tick in a subprocess and SIGKILL it once it has claimed work (before it finishes submitting).
 
     Returns (killed mid-tick, items it claimed, of those the ones left without a flow run).
@@ -259,13 +265,22 @@ def kill_controller_mid_tick(engine: Engine, url: str, config: ChaosConfig, home
     from hopflow.db import session_scope
     from hopflow.models import Run
 
-    command = [sys.executable, str(Path(__file__).resolve()), "--tick-once", "--lease-seconds",
-               str(config.lease_seconds), "--retry-limit", str(config.retry_limit), "--batch-size",
-               str(config.batch_size)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--tick-once",
+        "--lease-seconds",
+        str(config.lease_seconds),
+        "--retry-limit",
+        str(config.retry_limit),
+        "--batch-size",
+        str(config.batch_size),
+    ]
     env = {**os.environ, "HOPFLOW_DATABASE_URL": url, "HOPFLOW_HOME": str(home)}
     with log.open("ab") as out:
-        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     claimant = f"controller@{socket.gethostname()}:{proc.pid}"
     killed = False
     deadline = time.monotonic() + CONTROLLER_KILL_TIMEOUT_S
@@ -305,9 +320,14 @@ def terminal_count(engine: Engine) -> tuple[int, int]:
     from hopflow.models import Run, RunState
 
     with session_scope(engine) as session:
-        finished = session.scalar(select(func.count()).select_from(Run).where(
-            Run.stage == STAGE, (Run.state == RunState.DONE)
-            | ((Run.state == RunState.FAILED) & (Run.attempts >= Run.max_attempts))))
+        finished = session.scalar(
+            select(func.count())
+            .select_from(Run)
+            .where(
+                Run.stage == STAGE,
+                (Run.state == RunState.DONE) | ((Run.state == RunState.FAILED) & (Run.attempts >= Run.max_attempts)),
+            )
+        )
         total = session.scalar(select(func.count()).select_from(Run).where(Run.stage == STAGE))
     return int(finished or 0), int(total or 0)
 
@@ -339,15 +359,18 @@ def audit(engine: Engine) -> ChaosAudit:
         items = {i.id: i.failure for i in rows}
         permanent = {i.id for i in rows if i.fail_attempts >= PERMANENT}
         runs = session.scalars(select(Run).where(Run.stage == STAGE)).all()
-        results = dict(session.execute(select(SyntheticResult.item_id, func.count())
-                                       .group_by(SyntheticResult.item_id)).all())
+        results = dict(
+            session.execute(select(SyntheticResult.item_id, func.count()).group_by(SyntheticResult.item_id)).all()
+        )
         run_rows = [(r.input_id, r.state, r.attempts, r.max_attempts, r.error, list(r.history or [])) for r in runs]
     per_item = Counter(input_id for input_id, *_ in run_rows)
     by_state = Counter(state for _, state, *_ in run_rows)
     terminal = {RunState.DONE, RunState.FAILED}
     lost = sum(1 for i in items if per_item.get(i, 0) != 1) + sum(
-        1 for _, state, attempts, limit, *_ in run_rows
-        if state not in terminal or (state == RunState.FAILED and attempts < limit))
+        1
+        for _, state, attempts, limit, *_ in run_rows
+        if state not in terminal or (state == RunState.FAILED and attempts < limit)
+    )
     reasons: Counter[str] = Counter()
     seen: Counter[str] = Counter()
     missing = 0
@@ -355,23 +378,32 @@ def audit(engine: Engine) -> ChaosAudit:
         reasons.update(_reason_kind(h) for h in history)
         kind = items.get(input_id, "none")
         kinds = {_reason_kind(h) for h in history}
-        if (kind == "exception" and "injected exception" in kinds) or (kind == "hang" and kinds & HANG_ENDINGS) \
-                or (kind == "exit" and "flow run crashed" in kinds):
+        if (
+            (kind == "exception" and "injected exception" in kinds)
+            or (kind == "hang" and kinds & HANG_ENDINGS)
+            or (kind == "exit" and "flow run crashed" in kinds)
+        ):
             seen[kind] += 1
         if len(history) < attempts - 1 or (state == RunState.FAILED and not (error and history)):
             missing += 1
     return ChaosAudit(
-        items=len(items), runs=len(run_rows), by_state=dict(by_state), lost=lost,
+        items=len(items),
+        runs=len(run_rows),
+        by_state=dict(by_state),
+        lost=lost,
         results_twice=sum(1 for n in results.values() if n > 1),
         done_without_one_result=sum(1 for i, s, *_ in run_rows if s == RunState.DONE and results.get(i, 0) != 1),
         failed_with_result=sum(1 for i, s, *_ in run_rows if s == RunState.FAILED and results.get(i, 0)),
         over_retry_limit=sum(1 for _, _, attempts, limit, *_ in run_rows if attempts > limit),
-        missing_reasons=missing, attempts=dict(Counter(a for _, _, a, *_ in run_rows)), reasons=dict(reasons),
+        missing_reasons=missing,
+        attempts=dict(Counter(a for _, _, a, *_ in run_rows)),
+        reasons=dict(reasons),
         injected=dict(Counter(k for k in items.values() if k != "none")),
         injected_seen={k: seen.get(k, 0) for k in KINDS},
         permanent=len(permanent),
-        permanent_failed_at_limit=sum(1 for i, s, attempts, limit, *_ in run_rows
-                                      if i in permanent and s == RunState.FAILED and attempts == limit),
+        permanent_failed_at_limit=sum(
+            1 for i, s, attempts, limit, *_ in run_rows if i in permanent and s == RunState.FAILED and attempts == limit
+        ),
         max_attempts=max((limit for _, _, _, limit, *_ in run_rows), default=0),
     )
 
@@ -383,7 +415,7 @@ def flow_run_states(client: Any, flow_run_ids: list[str]) -> dict[str, int]:
     states: Counter[str] = Counter()
     ids = [uuid.UUID(i) for i in flow_run_ids]
     for start in range(0, len(ids), FLOW_RUN_PAGE):
-        chunk = ids[start:start + FLOW_RUN_PAGE]
+        chunk = ids[start : start + FLOW_RUN_PAGE]
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=chunk)), limit=len(chunk))
         states.update(r.state_type.value if r.state_type else "none" for r in runs)
     return dict(states)
@@ -394,14 +426,14 @@ def flow_run_states(client: Any, flow_run_ids: list[str]) -> dict[str, int]:
 
 def run_chaos(engine: Engine, client: Any, config: ChaosConfig, workdir: Path) -> ChaosReport:
     """Drive a full chaos run against the database behind `engine` and the Prefect server of `client`."""
-    from hopflow.flows.controller import count_live, tick
-    from hopflow import queue
-    from hopflow.db import session_scope
-    from hopflow.models import RunState
-    from hopflow.registry import get_stage
     from prefect_helpers import delete_waiting_runs, deploy_stage, start_worker, stop_process_group, wait_for_worker
 
+    from hopflow import queue
+    from hopflow.db import session_scope
     from hopflow.deployments.bootstrap import POOL_NAME
+    from hopflow.flows.controller import count_live, tick
+    from hopflow.models import RunState
+    from hopflow.registry import get_stage
 
     rng = random.Random(config.seed)
     url = engine.url.render_as_string(hide_password=False)
@@ -412,7 +444,7 @@ def run_chaos(engine: Engine, client: Any, config: ChaosConfig, workdir: Path) -
     deployment = deploy_stage(client, DEPLOYMENT)
     events = ChaosEvents()
     kill_at = sorted(KILL_SPAN * (k + 0.5) / config.kills for k in range(config.kills)) if config.kills else []
-    drop_at = list(DB_DROP_AT[:config.db_drops])
+    drop_at = list(DB_DROP_AT[: config.db_drops])
     controller_at = CONTROLLER_KILL_AT if config.kill_controller else None
     idle_since: dict[str, float] = {}
     since = time.time()
@@ -426,8 +458,14 @@ def run_chaos(engine: Engine, client: Any, config: ChaosConfig, workdir: Path) -
                 if loop_start - started > config.timeout_s:
                     raise RuntimeError(f"chaos run not finished after {config.timeout_s:.0f} s; see {workdir}")
                 try:
-                    report = tick(client, engine=engine, stages=[STAGE], batch_sizes={STAGE: config.batch_size},
-                                  mirror=False, publish=False)
+                    report = tick(
+                        client,
+                        engine=engine,
+                        stages=[STAGE],
+                        batch_sizes={STAGE: config.batch_size},
+                        mirror=False,
+                        publish=False,
+                    )
                     events.flow_runs += [fr for stage_tick in report.stages for fr in stage_tick.submitted]
                 except Exception as exc:  # noqa: BLE001  (a dropped connection fails one tick; the next one goes on)
                     events.tick_errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
@@ -465,8 +503,9 @@ def run_chaos(engine: Engine, client: Any, config: ChaosConfig, workdir: Path) -
                         live = count_live(client, deployment.id)
                         with session_scope(engine, write=True) as session:  # room for the dying tick to claim
                             queue.set_target(session, get_stage(STAGE), max(config.target, live + 2), "chaos: room")
-                        killed, claimed, orphaned = kill_controller_mid_tick(engine, url, config, home,
-                                                                             workdir / "controller.log")
+                        killed, claimed, orphaned = kill_controller_mid_tick(
+                            engine, url, config, home, workdir / "controller.log"
+                        )
                         with session_scope(engine, write=True) as session:
                             queue.set_target(session, get_stage(STAGE), config.target, "chaos run")
                         events.controller_killed = killed
@@ -474,9 +513,12 @@ def run_chaos(engine: Engine, client: Any, config: ChaosConfig, workdir: Path) -
                 except Exception as exc:  # noqa: BLE001
                     events.tick_errors.append(f"faults: {type(exc).__name__}: {str(exc)[:200]}")
                 if events.ticks % PROGRESS_EVERY == 0:
-                    print(f"[chaos] {time.monotonic() - started:5.0f} s: {finished}/{config.items} finished, "
-                          f"{len(events.kills)} kills, {len(events.reaped)} hung runs killed, "
-                          f"{len(events.db_drops)} db drops, {len(events.tick_errors)} failed rounds", flush=True)
+                    print(
+                        f"[chaos] {time.monotonic() - started:5.0f} s: {finished}/{config.items} finished, "
+                        f"{len(events.kills)} kills, {len(events.reaped)} hung runs killed, "
+                        f"{len(events.db_drops)} db drops, {len(events.tick_errors)} failed rounds",
+                        flush=True,
+                    )
                 time.sleep(max(0.0, config.tick_interval_s - (time.monotonic() - loop_start)))
         seconds = time.monotonic() - started
     finally:
@@ -511,8 +553,9 @@ def _drop_database(server_url: str, name: str) -> None:
 
 
 @contextmanager
-def benchmark_database(parser: argparse.ArgumentParser, database_url: str | None,
-                       prefix: str) -> Iterator[tuple[Engine, Path]]:
+def benchmark_database(
+    parser: argparse.ArgumentParser, database_url: str | None, prefix: str
+) -> Iterator[tuple[Engine, Path]]:
     """A work dir (HOPFLOW_HOME inside) and an initialised database: `database_url`, or a fresh one on the
     HOPFLOW_TEST_POSTGRES_URL server, dropped at the end. Needs PREFECT_API_URL (the services' environment)."""
     if not os.environ.get("PREFECT_API_URL"):
@@ -529,8 +572,11 @@ def benchmark_database(parser: argparse.ArgumentParser, database_url: str | None
     from hopflow.db import init_db, make_engine
 
     engine = init_db(make_engine(url))
-    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; Prefect API "
-          f"{os.environ['PREFECT_API_URL']}; work dir {workdir}", flush=True)
+    print(
+        f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; Prefect API "
+        f"{os.environ['PREFECT_API_URL']}; work dir {workdir}",
+        flush=True,
+    )
     try:
         yield engine, workdir
     finally:
@@ -551,17 +597,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=defaults.kills)
     parser.add_argument("--db-drops", type=int, default=defaults.db_drops)
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--database-url", default=None, help="an empty PostgreSQL database (default: a fresh one on "
-                        "the HOPFLOW_TEST_POSTGRES_URL server, dropped at the end)")
+    parser.add_argument(
+        "--database-url",
+        default=None,
+        help="an empty PostgreSQL database (default: a fresh one on "
+        "the HOPFLOW_TEST_POSTGRES_URL server, dropped at the end)",
+    )
     parser.add_argument("--tick-once", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.tick_once:
         tick_once(args.lease_seconds, args.retry_limit, args.batch_size)
         return 0
-    config = dataclasses.replace(defaults, items=args.items, batch_size=args.batch_size, target=args.target,
-                                 lease_seconds=args.lease_seconds, retry_limit=args.retry_limit,
-                                 failure_fraction=args.failure_fraction,
-                                 kills=args.kills, db_drops=args.db_drops, seed=args.seed)
+    config = dataclasses.replace(
+        defaults,
+        items=args.items,
+        batch_size=args.batch_size,
+        target=args.target,
+        lease_seconds=args.lease_seconds,
+        retry_limit=args.retry_limit,
+        failure_fraction=args.failure_fraction,
+        kills=args.kills,
+        db_drops=args.db_drops,
+        seed=args.seed,
+    )
     from prefect.client.orchestration import get_client
 
     with benchmark_database(parser, args.database_url, "hopflow-chaos-") as (engine, workdir):

@@ -88,9 +88,9 @@ def _setup(home: str, structures: Sequence[str] | None) -> None:
 def store_vacancy_sites() -> int:
     """Store the vacancy sites every eligible estimates pathway needs, as the estimates flow would before it relaxes
     them (the claim it makes for that is given back)."""
-    from hopflow.flows.estimates import needed_vacancies
     from hopflow import queue
     from hopflow.db import session_scope
+    from hopflow.flows.estimates import needed_vacancies
     from hopflow.queue import param_hash
     from hopflow.registry import get_stage
     from hopflow.stages.pathways import lattice_parameters
@@ -167,7 +167,7 @@ def pool_stage(pool: ProcessPoolExecutor, stage_name: str) -> tuple[float, int]:
         results = pool.map(_call, [stage_name] * len(runs), [payloads[r.input_id] for r in runs],
                            [r.parameters for r in runs])
         done = 0
-        for run, result in zip(runs, results):
+        for run, result in zip(runs, results, strict=True):
             with session_scope(write=True) as session:
                 if isinstance(result, BaseException):
                     queue.fail(session, run.id, f"{type(result).__name__}: {result}", retryable=is_retryable(result))

@@ -25,13 +25,12 @@ def main() -> None:
 
     from sqlalchemy import select
 
-    from hopflow.flows.estimates import relaxed_pathway_barrier
-    from hopflow.flows.batch import run_batch
     from hopflow.db import init_db, session_scope
-    from hopflow.flows.batch import import_raw_inputs
+    from hopflow.flows.batch import import_raw_inputs, run_batch
+    from hopflow.flows.estimates import relaxed_pathway_barrier
     from hopflow.models import Estimate, Run
-    from hopflow.registry import get_stage
     from hopflow.queue import stage_parameters
+    from hopflow.registry import get_stage
     from hopflow.settings import get_settings
     from hopflow.tasks.engines.potentials import calculator, pick_device
     from hopflow.tasks.structures import bundled_inputs
@@ -72,8 +71,10 @@ def main() -> None:
           f"model load per worker); engine time in workers {sum(compute) / n:.2f} s/pathway")
     print(f"  baseline:    {loop_s / n:.2f} s/pathway ({loop_s:.1f} s in one process); model load {model_s:.1f} s "
           "reported apart")
-    print(f"  ratio batch/baseline (wall per pathway): {batch_wall / loop_s:.2f}; "
-          f"start-up of batch mode ~ {max(0.0, batch_wall - sum(compute) / 2):.1f} s (wall minus engine time / 2 workers)")
+    print(
+        f"  ratio batch/baseline (wall per pathway): {batch_wall / loop_s:.2f}; "
+        f"start-up of batch mode ~ {max(0.0, batch_wall - sum(compute) / 2):.1f} s (wall minus engine time / 2 workers)"
+    )
     print(f"  home: {Path(os.environ['HOPFLOW_HOME'])}")
 
 

@@ -73,7 +73,8 @@ def _free_port() -> int:
 
 
 def ensure_prefect_server(workdir: Path) -> subprocess.Popen[bytes] | None:
-    """Reuse the server at PREFECT_API_URL, or start one (returned, to stop at the end) and point PREFECT_API_URL to it."""
+    """Reuse the server at PREFECT_API_URL, or start one (returned, to stop at the end) and point PREFECT_API_URL to
+    it."""
     url = os.environ.get("PREFECT_API_URL")
     if url and _healthy(url):
         return None
@@ -160,10 +161,10 @@ class PrefectRun:
 def run_prefect(workdir: Path, url: str, n: int, cpu_ms: float, target: int, batch: int, profile: str) -> PrefectRun:
     """Controller ticks (driven here) claim batches; a process worker runs the synthetic flow on a Dask cluster."""
     from prefect.client.orchestration import get_client
+    from prefect_helpers import deploy_stage, start_worker, stop_process_group, wait_for_worker
 
     from hopflow.deployments.bootstrap import POOL_NAME
     from hopflow.flows.controller import tick
-    from prefect_helpers import deploy_stage, start_worker, stop_process_group, wait_for_worker
 
     engine = _engine(url)
     _add_items(engine, n, cpu_ms)

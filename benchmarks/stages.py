@@ -56,13 +56,23 @@ def run_pool(home: str) -> tuple[float, float, float, int]:
         list(pool.map(_noop, range(2)))
         startup = time.perf_counter() - t0
         t1 = time.perf_counter()
-        found = list(pool.map(_safe, [("hopflow.flows.pathways", "find_structure_pathways")] * len(structures), structures,
-                              [p_params] * len(structures)))
+        found = list(
+            pool.map(
+                _safe,
+                [("hopflow.flows.pathways", "find_structure_pathways")] * len(structures),
+                structures,
+                [p_params] * len(structures),
+            )
+        )
         pathways_s = time.perf_counter() - t1
         # the features inputs: the hopflow run stored the same pathways, read them as the features flow does
         items, f_params = _payloads("features")
         t2 = time.perf_counter()
-        list(pool.map(_safe, [("hopflow.flows.features", "featurize_pathway")] * len(items), items, [f_params] * len(items)))
+        list(
+            pool.map(
+                _safe, [("hopflow.flows.features", "featurize_pathway")] * len(items), items, [f_params] * len(items)
+            )
+        )
         features_s = time.perf_counter() - t2
     return startup, pathways_s, features_s, sum(len(r) for r in found if isinstance(r, list))
 
@@ -79,9 +89,9 @@ def _safe(task_path: tuple[str, str], item: Any, params: Any) -> Any:
 
 def run_hopflow(home: str) -> tuple[float, float, float, int]:
     """(start-up, pathways, features) seconds and pathway count through hopflow's batch mode."""
+    from hopflow.db import session_scope
     from hopflow.flows.features import features
     from hopflow.flows.pathways import pathways
-    from hopflow.db import session_scope
     from hopflow.models import Pathway
 
     _setup_home(home)
@@ -103,10 +113,9 @@ def main() -> None:
     import logging
 
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    from hopflow.tasks.structures import bundled_inputs
-
     from hopflow.db import init_db
     from hopflow.flows.batch import import_raw_inputs
+    from hopflow.tasks.structures import bundled_inputs
 
     with tempfile.TemporaryDirectory() as home:
         _setup_home(home)

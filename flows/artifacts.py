@@ -140,7 +140,8 @@ def overview_markdown(session: Session, targets: Mapping[str, int], live: Mappin
     materials, pathways = boards or overview_boards(session)
     materials, pathways = materials[:OVERVIEW_ROWS], pathways[:OVERVIEW_ROWS]
     parts = ["# hopflow", "", "## Progress per stage when the leaderboards last changed", "",
-             progress_table(session, targets, live), "", f"(live: the {code('hopflow-progress')} artifact, every tick)", "",
+             progress_table(session, targets, live), "",
+             f"(live: the {code('hopflow-progress')} artifact, every tick)", "",
              "## Materials: percolation barriers E* (eV)", "",
              md_table(["formula", "structure", "E*(3D)", "E*(2D)", "E*(1D)", "hops known", "cut off"],
                       [(m.formula, m.structure_id, m.e_star_text(3), m.e_star_text(2), m.e_star_text(1),

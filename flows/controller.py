@@ -32,9 +32,9 @@ from prefect.exceptions import ObjectNotFound
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from hopflow.flows.artifacts import publish_overview
 from hopflow import queue
 from hopflow.db import get_engine, session_scope
+from hopflow.flows.artifacts import publish_overview
 from hopflow.leaderboard import material_leaderboard, pathway_leaderboard
 from hopflow.models import Run, RunState
 from hopflow.registry import STAGES, Stage, get_stage

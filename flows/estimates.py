@@ -15,13 +15,13 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from pymatgen.core import Structure
 
+from hopflow import queue
+from hopflow.db import session_scope
+from hopflow.errors import EngineError
 from hopflow.flows.common import stage_run_name, stage_task_runner
 from hopflow.flows.features import pathway_record
 from hopflow.flows.runner import StageReport, claim_all, run_stage
 from hopflow.flows.vacancies import relax_vacancy_site
-from hopflow import queue
-from hopflow.db import session_scope
-from hopflow.errors import EngineError
 from hopflow.queue import param_hash
 from hopflow.registry import get_stage
 from hopflow.settings import get_settings
@@ -29,11 +29,11 @@ from hopflow.stages.barriers import EngineParams
 from hopflow.stages.estimates import EstimatesParams
 from hopflow.stages.features import ImageParams
 from hopflow.stages.pathways import lattice_parameters
-from hopflow.vacancies import SiteRow, ensure_sites, settled, site_states
 from hopflow.tasks.engines import BarrierResult, compute_barrier, get_engine
 from hopflow.tasks.engines.mlip import idpp_path, with_known_energy
 from hopflow.tasks.images import hop_images
 from hopflow.tasks.vacancies import VacancySymmetry, hop_endpoints
+from hopflow.vacancies import SiteRow, ensure_sites, settled, site_states
 
 WORK_DIR = "work"
 """Work directories live under Settings.home / WORK_DIR."""

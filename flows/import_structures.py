@@ -37,11 +37,12 @@ def sanitize_source(source: dict[str, Any], params: ImportParams) -> SanitizedSt
 
 def deduplicate(session: Session, run: Run, sanitized: SanitizedStructure) -> ImportOutcome:
     """Match against stored structures of the same formula (StructureMatcher, default tolerances)."""
-    return ImportOutcome(sanitized, find_duplicate(sanitized.structure, stored_with_formula(session, sanitized.formula)))
+    return ImportOutcome(
+        sanitized, find_duplicate(sanitized.structure, stored_with_formula(session, sanitized.formula))
+    )
 
 
-@flow(name="import-structures", flow_run_name=lambda: stage_run_name("import"),
-      task_runner=stage_task_runner("import"))
+@flow(name="import-structures", flow_run_name=lambda: stage_run_name("import"), task_runner=stage_task_runner("import"))
 def import_structures(run_ids: list[int] | None = None) -> StageReport:
     """Import the claimed source records (or every queued one when `run_ids` is None)."""
     return run_stage("import", run_ids, sanitize_source, postprocess=deduplicate)

@@ -12,7 +12,7 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ def delete_old_flow_runs(client: SyncPrefectClient, older_than_days: float, stat
     kinds = [StateType(s.upper()) for s in states]
     if not kinds or not all(k.value in FINISHED_STATES for k in kinds):
         raise ValueError(f"clean-up deletes finished flow runs only: states must be among {', '.join(FINISHED_STATES)}")
-    cutoff = datetime.now(timezone.utc) - timedelta(days=older_than_days)
+    cutoff = datetime.now(UTC) - timedelta(days=older_than_days)
     criteria = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=kinds)),
                              end_time=FlowRunFilterEndTime(before_=cutoff),
                              **({"tags": FlowRunFilterTags(all_=list(tags))} if tags else {}))
@@ -134,7 +134,7 @@ def _cell(value: Any, kind: pa.DataType) -> Any:
     if pa.types.is_timestamp(kind) and isinstance(value, str):
         value = datetime.fromisoformat(value)
     if pa.types.is_timestamp(kind) and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)  # hopflow stores naive UTC on SQLite
+        return value.replace(tzinfo=UTC)  # hopflow stores naive UTC on SQLite
     return value
 
 
@@ -148,7 +148,8 @@ def export_table(conn: Connection, table: Table, folder: Path) -> TableExport:
         result = conn.execution_options(stream_results=True).execute(select(table).order_by(*order))
         for chunk in result.partitions(EXPORT_BATCH_ROWS):
             columns = [[_cell(row[i], field.type) for row in chunk] for i, field in enumerate(schema)]
-            batch = pa.record_batch([pa.array(col, type=f.type) for col, f in zip(columns, schema)], schema=schema)
+            arrays = [pa.array(col, type=f.type) for col, f in zip(columns, schema, strict=True)]
+            batch = pa.record_batch(arrays, schema=schema)
             parquet.write_batch(batch)
             csv.write_batch(batch)
             rows += len(chunk)
@@ -217,7 +218,7 @@ def checkpoint_database(engine: Engine | None = None, dest: Path | str | None = 
     from the snapshot file itself; on PostgreSQL from the snapshot pg_dump read.
     """
     engine = engine or get_engine()
-    stamp = (now or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H%M%SZ")
+    stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H%M%SZ")
     folder = Path(dest) if dest is not None else get_settings().home / CHECKPOINT_DIR
     folder = folder / stamp
     folder.mkdir(parents=True, exist_ok=False)

@@ -153,12 +153,12 @@ def run_stage(stage_name: str, run_ids: Sequence[int] | None, process: Task[...,
         futures = [run_chunk.with_options(name=f"{process.name}-chunk").submit(
             process, [payloads[r.input_id] for r in chunk], stage.params.from_mapping(chunk[0].parameters))
             for chunk in chunks]
-        for chunk, future in zip(chunks, futures):
+        for chunk, future in zip(chunks, futures, strict=True):
             try:
                 outcomes = future.result()
             except Exception as exc:  # noqa: BLE001  (a lost worker fails its chunk; sweep retries the items)
                 outcomes = [ItemOutcome(error=exc)] * len(chunk)
-            for run, outcome in zip(chunk, outcomes):
+            for run, outcome in zip(chunk, outcomes, strict=True):
                 _record_outcome(run, outcome, postprocess, report)
                 open_ids.discard(run.id)
     logger.info(report.summary)

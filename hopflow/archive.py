@@ -11,7 +11,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from importlib import metadata, resources
 from pathlib import Path
@@ -19,15 +19,44 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sqlalchemy import JSON, Boolean, DateTime, Engine, Float, Integer, LargeBinary, Select, Table, Text, cast, \
-    or_, select, text, tuple_, update
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Engine,
+    Float,
+    Integer,
+    LargeBinary,
+    Select,
+    Table,
+    Text,
+    cast,
+    or_,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from hopflow.db import get_engine, session_scope, utcnow
 from hopflow.errors import ArchiveConflictError, ArchiveCorruptError, ArchiveError, ArchiveSchemaError
 from hopflow.fingerprints import pathway_fingerprint
-from hopflow.models import (Archive, BarrierModelRow, CalibrationRow, Estimate, Features, NebResult, Pathway, Run,
-                            RunState, Source, Structure, Vacancy, VacancySite)
+from hopflow.models import (
+    Archive,
+    BarrierModelRow,
+    CalibrationRow,
+    Estimate,
+    Features,
+    NebResult,
+    Pathway,
+    Run,
+    RunState,
+    Source,
+    Structure,
+    Vacancy,
+    VacancySite,
+)
 from hopflow.models.barriers import UNCHECKED_FLAG
 from hopflow.settings import get_settings
 from hopflow.sources import file_key
@@ -198,7 +227,7 @@ def _is_json(column: Any) -> bool:
 def _utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def _export_columns(member: Member) -> list[Any]:
@@ -270,10 +299,10 @@ def _write_member(session: Session, member: Member, query: Select[Any], path: Pa
         result = session.execute(_select_for_export(member, query).execution_options(stream_results=True,
                                                                                      yield_per=batch_rows))
         for chunk in result.partitions(batch_rows):
-            columns = [list(col) for col in zip(*chunk)]
+            columns = [list(col) for col in zip(*chunk, strict=True)]
             for i in timestamps:
                 columns[i] = [_utc(v) for v in columns[i]]
-            writer.write_batch(pa.record_batch([pa.array(c, type=f.type) for c, f in zip(columns, schema)],
+            writer.write_batch(pa.record_batch([pa.array(c, type=f.type) for c, f in zip(columns, schema, strict=True)],
                                                schema=schema))
             rows += len(chunk)
         if rows == 0:
@@ -612,7 +641,7 @@ def _insert_rows(state: _Import, table: Table, rows: list[dict[str, Any]]) -> li
         return []
     ids = _allocate_ids(state.session, table, len(rows))
     columns = [c.name for c in table.columns]
-    values = [tuple(i if c == "id" else row.get(c) for c in columns) for i, row in zip(ids, rows)]
+    values = [tuple(i if c == "id" else row.get(c) for c in columns) for i, row in zip(ids, rows, strict=True)]
     dbapi = state.session.connection().connection.driver_connection
     names = ", ".join(f'"{c}"' for c in columns)
     if state.session.get_bind().dialect.name == "postgresql":
@@ -635,7 +664,7 @@ def _store(state: _Import, member: Member, rows: list[dict[str, Any]], matched: 
     new = [r for r in rows if r["id"] not in matched]
     for archive_id, local_id in matched.items():
         ids.ids[archive_id] = (local_id, False)
-    for row, local_id in zip(new, _insert_rows(state, member.table, new)):
+    for row, local_id in zip(new, _insert_rows(state, member.table, new), strict=True):
         ids.ids[row["id"]] = (local_id, True)
     count.added += len(new)
     count.matched += len(matched)
@@ -815,8 +844,11 @@ def _import_vacancy_sites(state: _Import, member: Member, rows: list[dict[str, A
     _store(state, member, rows, matched)
 
 
+_RowsImporter = Callable[[_Import, Member, list[dict[str, Any]]], None]
+
+
 def _results_importer(parent_column: str, parent_table: str,
-                      extra: Mapping[str, str] | None = None) -> Callable[[_Import, Member, list[dict[str, Any]]], None]:
+                      extra: Mapping[str, str] | None = None) -> _RowsImporter:
     """Rows that one run makes per parent (features, vacancies, barriers): matched by (parent, run)."""
 
     def importer(state: _Import, member: Member, rows: list[dict[str, Any]]) -> None:
@@ -832,17 +864,23 @@ def _results_importer(parent_column: str, parent_table: str,
                 row[column] = state.map(other).local(row.get(column))
         stored = {}
         if probe:
-            stored = {(p, r): i for i, p, r in state.session.execute(
-                select(table.c.id, table.c[parent_column], table.c.run_id).where(table.c.run_id.in_(probe)))}
-        matched = {r["id"]: stored[(r[parent_column], r["run_id"])] for r in rows
-                   if (r[parent_column], r["run_id"]) in stored}
+            stored = {
+                (p, r): i
+                for i, p, r in state.session.execute(
+                    select(table.c.id, table.c[parent_column], table.c.run_id).where(table.c.run_id.in_(probe))
+                )
+            }
+        matched = {
+            r["id"]: stored[(r[parent_column], r["run_id"])] for r in rows if (r[parent_column], r["run_id"]) in stored
+        }
         _store(state, member, rows, matched)
 
     return importer
 
 
-def _import_learning(key: Sequence[str], id_lists: Sequence[str]) -> Callable[[_Import, Member, list[dict[str, Any]]],
-                                                                              None]:
+def _import_learning(
+    key: Sequence[str], id_lists: Sequence[str]
+) -> Callable[[_Import, Member, list[dict[str, Any]]], None]:
     """Models and calibrations (`--all` archives): matched by their identifying columns, pathway id lists remapped."""
 
     def importer(state: _Import, member: Member, rows: list[dict[str, Any]]) -> None:
@@ -851,8 +889,10 @@ def _import_learning(key: Sequence[str], id_lists: Sequence[str]) -> Callable[[_
         for row in rows:
             for column in id_lists:
                 row[column] = json.dumps([pathways.local(i) for i in _json(row[column]) or []])
-        stored = {tuple(_utc(v) if isinstance(v, datetime) else v for v in r[1:]): r[0]
-                  for r in state.session.execute(select(table.c.id, *(table.c[k] for k in key)))}
+        stored = {
+            tuple(_utc(v) if isinstance(v, datetime) else v for v in r[1:]): r[0]
+            for r in state.session.execute(select(table.c.id, *(table.c[k] for k in key)))
+        }
         matched = {}
         for row in rows:
             ident = tuple(_utc(row[k]) if isinstance(row[k], datetime) else row[k] for k in key)
@@ -870,10 +910,12 @@ IMPORTERS: dict[str, Callable[[_Import, Member, list[dict[str, Any]]], None]] = 
     "features": _results_importer("pathway_id", "pathways"),
     "vacancy_sites": _import_vacancy_sites,
     "vacancies": _results_importer("site_id", "vacancy_sites", {"structure_id": "structures"}),
-    "estimates": _results_importer("pathway_id", "pathways", {"start_vacancy_id": "vacancies",
-                                                              "end_vacancy_id": "vacancies"}),
-    "neb": _results_importer("pathway_id", "pathways", {"start_vacancy_id": "vacancies",
-                                                        "end_vacancy_id": "vacancies"}),
+    "estimates": _results_importer(
+        "pathway_id", "pathways", {"start_vacancy_id": "vacancies", "end_vacancy_id": "vacancies"}
+    ),
+    "neb": _results_importer(
+        "pathway_id", "pathways", {"start_vacancy_id": "vacancies", "end_vacancy_id": "vacancies"}
+    ),
     "barrier_models": _import_learning(("stage", "kind", "seed", "trained_at"), ("training_ids",)),
     "calibrations": _import_learning(("source", "reference", "fitted_at"), ("ids",)),
 }
@@ -894,16 +936,23 @@ def import_archive(path: Path | str, *, engine: Engine | None = None) -> ImportR
     verified = verify_archive(path)
     here = database_revision(engine)
     if here != schema_head():
-        raise ArchiveSchemaError(f"the database is at schema revision {here}, this hopflow has {schema_head()}: "
-                                 "run `hopflow init` first")
+        raise ArchiveSchemaError(
+            f"the database is at schema revision {here}, this hopflow has {schema_head()}: run `hopflow init` first"
+        )
     manifest = verified.manifest
     report = ImportReport(name=verified.path.name, sha256=verified.sha256, schema_revision=verified.revision)
     batch_rows = get_settings().archive_batch_rows
     with session_scope(engine, write=True) as session, zipfile.ZipFile(verified.path) as zf:
-        archive = Archive(name=verified.path.name, sha256=verified.sha256, format_version=manifest["format_version"],
-                          schema_revision=verified.revision, hopflow_version=manifest.get("hopflow_version"),
-                          exported_at=_parse_time(manifest.get("exported_at")), imported_at=utcnow(),
-                          manifest={k: v for k, v in manifest.items()})
+        archive = Archive(
+            name=verified.path.name,
+            sha256=verified.sha256,
+            format_version=manifest["format_version"],
+            schema_revision=verified.revision,
+            hopflow_version=manifest.get("hopflow_version"),
+            exported_at=_parse_time(manifest.get("exported_at")),
+            imported_at=utcnow(),
+            manifest={k: v for k, v in manifest.items()},
+        )
         session.add(archive)
         session.flush()
         state = _Import(session=session, archive=verified, archive_id=archive.id, report=report)
@@ -932,13 +981,19 @@ def _parse_time(value: str | None) -> datetime | None:
 def _link_sources(state: _Import) -> None:
     """Sources added by this import point at their structures once those are in."""
     structures = state.map("structures")
-    values = [{"sid": source_id, "structure": structures.local(structure_id)}
-              for source_id, structure_id in state.pending_sources if structures.local(structure_id) is not None]
+    values = [
+        {"sid": source_id, "structure": structures.local(structure_id)}
+        for source_id, structure_id in state.pending_sources
+        if structures.local(structure_id) is not None
+    ]
     if values:
         from sqlalchemy import bindparam
 
-        stmt = (update(Source.__table__).where(Source.__table__.c.id == bindparam("sid"))
-                .values(structure_id=bindparam("structure")))
+        stmt = (
+            update(Source.__table__)
+            .where(Source.__table__.c.id == bindparam("sid"))
+            .values(structure_id=bindparam("structure"))
+        )
         state.session.connection().execute(stmt, values)
     state.pending_sources.clear()
 
@@ -946,13 +1001,19 @@ def _link_sources(state: _Import) -> None:
 def _link_reuse(state: _Import) -> None:
     """An added run that reused a cached result points at that result's run when the archive holds it too."""
     runs = state.map("runs")
-    values = [{"rid": runs.local(run_id), "reused": runs.local(reused)} for run_id, reused in state.pending_reuse
-              if runs.local(reused) is not None and runs.ids.get(run_id, (0, False))[1]]
+    values = [
+        {"rid": runs.local(run_id), "reused": runs.local(reused)}
+        for run_id, reused in state.pending_reuse
+        if runs.local(reused) is not None and runs.ids.get(run_id, (0, False))[1]
+    ]
     if values:
         from sqlalchemy import bindparam
 
-        stmt = (update(Run.__table__).where(Run.__table__.c.id == bindparam("rid"))
-                .values(reused_run_id=bindparam("reused")))
+        stmt = (
+            update(Run.__table__)
+            .where(Run.__table__.c.id == bindparam("rid"))
+            .values(reused_run_id=bindparam("reused"))
+        )
         state.session.connection().execute(stmt, values)
 
 
@@ -964,9 +1025,22 @@ def archive_line(session: Session, run: Run) -> dict[str, Any] | None:
     if archive is None:
         return None
     via = [v.get("archive") for v in (run.origin or {}).get("via", [])]
-    return {"archive": archive.name, "sha256": archive.sha256[:16], "imported": archive.imported_at,
-            "origin_run": (run.origin or {}).get("run_id"), "via": ", ".join(v for v in via if v) or None}
+    return {
+        "archive": archive.name,
+        "sha256": archive.sha256[:16],
+        "imported": archive.imported_at,
+        "origin_run": (run.origin or {}).get("run_id"),
+        "via": ", ".join(v for v in via if v) or None,
+    }
 
 
-__all__ = ["ArchiveError", "ExportReport", "ImportReport", "Selection", "archive_line", "export_closure",
-           "import_archive", "verify_archive"]
+__all__ = [
+    "ArchiveError",
+    "ExportReport",
+    "ImportReport",
+    "Selection",
+    "archive_line",
+    "export_closure",
+    "import_archive",
+    "verify_archive",
+]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -28,7 +28,7 @@ SQLITE_BUSY_TIMEOUT_MS = 60_000
 
 def utcnow() -> datetime:
     """Timezone-aware now in UTC (stored naive-UTC on SQLite)."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):
@@ -51,7 +51,8 @@ def make_engine(url: str | None = None) -> Engine:
     url = url or get_settings().url
     if is_sqlite(url):
         in_memory = url in ("sqlite://", "sqlite:///:memory:")
-        kwargs: dict[str, Any] = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}}
+        connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
+        kwargs: dict[str, Any] = {"connect_args": connect_args}
         if in_memory:
             kwargs["poolclass"] = StaticPool
         else:

@@ -7,7 +7,7 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -328,7 +328,7 @@ def train(
         cv_mae=cv.mae,
         cv_folds=cv.folds,
         seed=seed,
-        created=datetime.now(timezone.utc),
+        created=datetime.now(UTC),
         target=target,
     )
 
@@ -531,7 +531,7 @@ def fit_calibration(
         ids=kept_ids,
         source=source,
         reference=reference,
-        created=datetime.now(timezone.utc),
+        created=datetime.now(UTC),
     )
 
 

@@ -50,7 +50,8 @@ def trace_chain(session: Session, run_id: int) -> list[dict[str, Any]]:
         raise LookupError(f"no run {run_id}")
     while run is not None:
         stage = get_stage(run.stage)
-        chain.append({"run": run.id, "stage": run.stage, "state": run.state, "input": f"{stage.input_table}#{run.input_id}",
+        chain.append({"run": run.id, "stage": run.stage, "state": run.state,
+                      "input": f"{stage.input_table}#{run.input_id}",
                       "parameters": run.parameters, "flow_run": run.flow_run_id, "host": run.host,
                       "started": run.started_at, "finished": run.finished_at, "reused_run": run.reused_run_id,
                       "versions": {k: v for k, v in (run.versions or {}).items() if v}})

@@ -1,4 +1,6 @@
-"""The one generic stage queue: enqueue, rank, claim, start, complete, fail, release, sweep. All queue SQL lives here."""
+"""The one generic stage queue: enqueue, rank, claim, start, complete, fail, release, sweep.
+
+All queue SQL lives here."""
 
 from __future__ import annotations
 
@@ -187,7 +189,8 @@ def rank(session: Session, stage: Stage, ranker_name: str | None = None, refresh
         ids_query = select(items.c.item_id) if refresh else select(items.c.item_id).where(~scored)
         ids = list(session.scalars(ids_query))
         scores = ranker.score(session, ids) if ids else {}
-        rows = [{"stage": stage.name, "ranker": ranker.name, "item_id": i, "score": float(s)} for i, s in scores.items()]
+        rows = [{"stage": stage.name, "ranker": ranker.name, "item_id": i, "score": float(s)}
+                for i, s in scores.items()]
         if rows:
             session.execute(_insert(session, Score.__table__).on_conflict_do_nothing(), rows)
         count = len(rows)

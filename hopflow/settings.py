@@ -37,7 +37,9 @@ class Settings(BaseSettings):
         "Use `postgresql+psycopg://user:pass@host/db` for many concurrent workers, `sqlite://` for in-memory.",
     )
     migrating_ion: str = Field(default="F", description="Element symbol of the migrating ion (F, Li, Na, O, Cl ...).")
-    max_sites: int = Field(default=500, gt=0, le=INT64_MAX, description="Largest structure (sites in the reduced cell) accepted on import.")
+    max_sites: int = Field(
+        default=500, gt=0, le=INT64_MAX,
+        description="Largest structure (sites in the reduced cell) accepted on import.")
     mp_api_key: SecretStr | None = Field(
         default=None,
         validation_alias=AliasChoices("MP_API_KEY", "HOPFLOW_MP_API_KEY"),
@@ -50,17 +52,24 @@ class Settings(BaseSettings):
         "their attempt back and are claimed in half-size batches until the crashing run is lost alone. Off by default: "
         "each halving costs a crashed flow run, and the chaos run (30 always-crashing-on-first-try items in 300) did "
         "not finish in 420 s with it on.")
-    lease_seconds: float = Field(default=3600.0, gt=0, description="Default lease of a claimed run before sweep may requeue it.")
-    retry_limit: int = Field(default=3, ge=1, le=INT64_MAX, description="Default number of attempts a run gets before it is failed for good.")
+    lease_seconds: float = Field(
+        default=3600.0, gt=0, description="Default lease of a claimed run before sweep may requeue it.")
+    retry_limit: int = Field(
+        default=3, ge=1, le=INT64_MAX,
+        description="Default number of attempts a run gets before it is failed for good.")
 
     # path finding
-    max_paths: int = Field(default=5, ge=1, le=INT64_MAX, description="Most distinct hops kept per structure, shortest first.")
+    max_paths: int = Field(
+        default=5, ge=1, le=INT64_MAX, description="Most distinct hops kept per structure, shortest first.")
     max_hop: float | None = Field(
         default=None, gt=0, description="Largest hop length in Å; None lets pymatgen-analysis-diffusion choose it."
     )
-    supercell_min_length: float = Field(default=10.0, gt=0, description="Smallest supercell lattice length in Å for vacancy hops.")
-    supercell_min_atoms: int = Field(default=40, ge=1, le=INT64_MAX, description="Fewest atoms in a vacancy-hop supercell.")
-    supercell_max_atoms: int = Field(default=240, ge=1, le=INT64_MAX, description="Most atoms in a vacancy-hop supercell.")
+    supercell_min_length: float = Field(
+        default=10.0, gt=0, description="Smallest supercell lattice length in Å for vacancy hops.")
+    supercell_min_atoms: int = Field(
+        default=40, ge=1, le=INT64_MAX, description="Fewest atoms in a vacancy-hop supercell.")
+    supercell_max_atoms: int = Field(
+        default=240, ge=1, le=INT64_MAX, description="Most atoms in a vacancy-hop supercell.")
     nimages: int = Field(default=5, ge=1, le=INT64_MAX, description="Intermediate images along a hop (IDPP, NEB).")
 
     # compute
@@ -71,14 +80,15 @@ class Settings(BaseSettings):
         default_factory=dict, description="Dask cluster profile by stage name, from `HOPFLOW_PROFILE_<STAGE>` "
         "variables (stage name upper-cased, `-` as `_`: HOPFLOW_PROFILE_VASP_NEB=slurm-cpu); wins over `dask_profile`.")
     max_chunks: int = Field(
-        default=16, ge=1, le=INT64_MAX, description="Most Dask tasks one stage flow run splits its items into (fewer, larger tasks amortise "
-        "Prefect's per-task cost; more balance uneven items).")
+        default=16, ge=1, le=INT64_MAX, description="Most Dask tasks one stage flow run splits its items into "
+        "(fewer, larger tasks amortise Prefect's per-task cost; more balance uneven items).")
     dask_workers: int = Field(default=2, ge=1, le=INT64_MAX, description="Worker processes of the local Dask cluster.")
     cluster_profiles: Path | None = Field(
         default=None, description="Dask cluster profile file; None uses deployments/clusters.yaml shipped with hopflow."
     )
     slurm_queue: str | None = Field(
-        default=None, description="SLURM partition of every SLURM profile's jobs (a site specific kept out of the YAML).")
+        default=None,
+        description="SLURM partition of every SLURM profile's jobs (a site specific kept out of the YAML).")
     slurm_account: str | None = Field(
         default=None, description="SLURM account charged for every SLURM profile's jobs.")
     dask_interface: str | None = Field(
@@ -87,14 +97,15 @@ class Settings(BaseSettings):
     # VASP (the vasp-neb engine)
     vasp_cmd: str = Field(default="vasp_std", description="VASP executable and its arguments (split like a shell).")
     vasp_mpi_launcher: str = Field(
-        default="", description="MPI launcher put before vasp_cmd, e.g. 'srun' or 'mpirun -np 64'; empty runs VASP directly."
-    )
+        default="",
+        description="MPI launcher put before vasp_cmd, e.g. 'srun' or 'mpirun -np 64'; empty runs VASP directly.")
     vasp_psp_dir: Path | None = Field(
         default=None,
         description="POTCAR root in pymatgen's PMG_VASP_PSP_DIR layout (POT_GGA_PAW_PBE/<symbol>/POTCAR); "
         "None uses pymatgen's own PMG_VASP_PSP_DIR setting.",
     )
-    vasp_max_errors: int = Field(default=5, ge=0, le=INT64_MAX, description="Most custodian corrections per VASP calculation before it fails.")
+    vasp_max_errors: int = Field(
+        default=5, ge=0, le=INT64_MAX, description="Most custodian corrections per VASP calculation before it fails.")
 
     estimate_engine: str = Field(
         default="mlip-idpp", description="Barrier engine of the estimates stage (mlip-idpp or mlip-neb)."
@@ -114,7 +125,8 @@ class Settings(BaseSettings):
     bulk_steps: int = Field(default=300, gt=0, le=INT64_MAX, description="Optimizer step limit of the bulk relaxation.")
     vacancy_fmax: float = Field(default=0.05, gt=0, description="eV/Å: force threshold of the vacancy relaxations "
                                 "(positions, fixed cell).")
-    vacancy_steps: int = Field(default=300, gt=0, le=INT64_MAX, description="Optimizer step limit of a vacancy relaxation.")
+    vacancy_steps: int = Field(
+        default=300, gt=0, le=INT64_MAX, description="Optimizer step limit of a vacancy relaxation.")
     vacancy_optimizer: str = Field(default="BFGS", description="ASE optimizer of the relaxations (BFGS or FIRE).")
     vacancy_fill_distance: float = Field(
         default=1.0, gt=0, description="Å: an atom this close to the vacant site after relaxation fills the vacancy "
@@ -123,9 +135,11 @@ class Settings(BaseSettings):
         default=1.0, gt=0, description="Å: an atom moving farther than this in a vacancy relaxation flags "
         "vacancy-moved.")
     archive_batch_rows: int = Field(
-        default=2000, gt=0, le=INT64_MAX, description="Rows per Parquet row group and per insert batch of `hopflow export` and "
-        "`hopflow import-archive` (memory stays bounded by it).")
-    screen_top: int = Field(default=10, ge=0, le=INT64_MAX, description="Pathways `hopflow screen` estimates, in the estimates stage's rank order.")
+        default=2000, gt=0, le=INT64_MAX, description="Rows per Parquet row group and per insert batch of "
+        "`hopflow export` and `hopflow import-archive` (memory stays bounded by it).")
+    screen_top: int = Field(
+        default=10, ge=0, le=INT64_MAX,
+        description="Pathways `hopflow screen` estimates, in the estimates stage's rank order.")
 
     screen_stages: list[str] = Field(
         default=["pathways", "features", "estimates"],

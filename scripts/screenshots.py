@@ -85,7 +85,8 @@ def prefect_ui(home: Path, out: Path) -> None:
                    "from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey\n"
                    "with get_client(sync_client=True) as c:\n"
                    "    ctl.publish_artifacts(c, None, ctl.TickReport((), (), (), {}, ctl.MirrorReport(), 0.0))\n"
-                   "    (a,) = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[OVERVIEW_KEY])))\n"
+                   "    key = ArtifactFilterKey(any_=[OVERVIEW_KEY])\n"
+                   "    (a,) = c.read_artifacts(artifact_filter=ArtifactFilter(key=key))\n"
                    "    print(a.id)\n")
         artifact = subprocess.run([sys.executable, "-c", publish], cwd=ROOT, env=env, check=True,
                                   capture_output=True, text=True).stdout.split()[-1]

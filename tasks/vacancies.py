@@ -15,8 +15,8 @@ from pymatgen.core import Lattice, Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 from pymatgen.util.coord import lattice_points_in_supercell
 
-from hopflow.errors import EngineError, InputError
 from hopflow.engines import model_versions
+from hopflow.errors import EngineError, InputError
 from hopflow.tasks.engines.potentials import Relaxed, pick_device, relax_bulk, relax_positions
 from hopflow.tasks.pathways import SYMPREC, wyckoff_labels
 
@@ -325,8 +325,9 @@ def hop_endpoints(symmetry: VacancySymmetry, bulk: Structure, start_frac: Sequen
     if a == b:
         raise InputError("the hop's start and end are the same supercell site: the supercell is too small")
     sites = SupercellSites.build(bulk, symmetry.supercell)
-    with_b_empty = mapped_vacancy(symmetry, sites, symmetry.canonical(b)[0], relaxed[symmetry.canonical(b)[0].site_index], b)
-    with_a_empty = mapped_vacancy(symmetry, sites, symmetry.canonical(a)[0], relaxed[symmetry.canonical(a)[0].site_index], a)
+    canonical_a, canonical_b = symmetry.canonical(a)[0], symmetry.canonical(b)[0]
+    with_b_empty = mapped_vacancy(symmetry, sites, canonical_b, relaxed[canonical_b.site_index], b)
+    with_a_empty = mapped_vacancy(symmetry, sites, canonical_a, relaxed[canonical_a.site_index], a)
     others = [k for k in range(len(sites.structure)) if k not in (a, b)]
     start_frac_rows = np.vstack([with_b_empty[others], with_b_empty[a]])
     end_frac_rows = np.vstack([with_a_empty[others], with_a_empty[b]])
@@ -389,7 +390,8 @@ def relax_vacancy(structure: Structure, supercell: Supercell, site_index: int, *
                                                   max_displacement=max_displacement)
     if not (relaxed.converged and bulk.converged):
         what = "vacancy" if bulk.converged else "bulk"
-        flag, reason = "unconverged", f"the {what} relaxation did not reach {fmax if bulk.converged else bulk_fmax} eV/Å"
+        threshold = fmax if bulk.converged else bulk_fmax
+        flag, reason = "unconverged", f"the {what} relaxation did not reach {threshold} eV/Å"
     return RelaxedVacancy(
         model=model, energy=relaxed.energy, max_force=relaxed.max_force, converged=relaxed.converged,
         steps=relaxed.steps, structure=relaxed.structure.as_dict(), bulk_structure=bulk.structure.as_dict(),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,7 +27,7 @@ PATHWAY_COLUMNS = ["formula", "structure_id", "pathway_id", "hop_length", "barri
 MATERIAL_COLUMNS = ["formula", "structure_id", "E*(3D)", "E*(2D)", "E*(1D)", "hops", "cut_off", "mode"]
 
 
-class Board(str, Enum):
+class Board(StrEnum):
     """Which leaderboard: one row per pathway or per structure."""
 
     pathway = "pathway"
@@ -36,7 +36,9 @@ class Board(str, Enum):
 
 def barrier_result(row: Estimate | NebResult) -> Any:
     """A stored estimate or NEB row as the engines' BarrierResult."""
-    from hopflow.tasks.engines.base import BarrierResult  # plots and results are tasks' types; the CLI imports them on use
+    from hopflow.tasks.engines.base import (
+        BarrierResult,  # plots and results are tasks' types; the CLI imports them on use
+    )
 
     return BarrierResult.model_validate({name: getattr(row, name) for name in BARRIER_COLUMNS})
 

@@ -13,17 +13,32 @@ from hopflow.loop import retrain_cycle
 from hopflow.validation import SEED_MAX, bounded_int
 
 
-def retrain(seed: Annotated[int, typer.Option("--seed", callback=bounded_int(ge=0, le=SEED_MAX), help="Seed of the model and its cross-validation.")] = 0,
-            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def retrain(
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed", callback=bounded_int(ge=0, le=SEED_MAX), help="Seed of the model and its cross-validation."
+        ),
+    ] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
     """Retrain the barrier models on finished barriers, calibrate estimates against VASP, re-score the rankers."""
     init_db()
     report = retrain_cycle(seed=seed)
     if as_json:
-        emit_json({"stages": [asdict(s) for s in report.stages], "calibrations": list(report.calibrations),
-                   "calibration_skipped": dict(report.calibration_skipped)})
+        emit_json(
+            {
+                "stages": [asdict(s) for s in report.stages],
+                "calibrations": list(report.calibrations),
+                "calibration_skipped": dict(report.calibration_skipped),
+            }
+        )
         return
-    table("barrier models", [asdict(s) for s in report.stages],
-          ["stage", "model_id", "n_train", "cv_mae", "rescored", "parity_png", "curve_png", "error"])
+    table(
+        "barrier models",
+        [asdict(s) for s in report.stages],
+        ["stage", "model_id", "n_train", "cv_mae", "rescored", "parity_png", "curve_png", "error"],
+    )
     for line in report.calibrations:
         console.print(f"calibration {line}")
     for engine, why in report.calibration_skipped.items():

@@ -7,9 +7,9 @@ import re
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
 from rich.markup import escape
 from sqlalchemy import func, inspect, select, table
+from typer.core import TyperGroup
 
 from hopflow import queue
 from hopflow.cli import archive, barriers, learning, orchestration, pathways, stages, structures
@@ -102,14 +102,21 @@ def init() -> None:
 
 
 @app.command()
-def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-           watch: Annotated[bool, typer.Option(
-               "--watch", help="Show a progress bar per stage from the queue until Ctrl-C (a controller campaign).")]
-           = False,
-           interval: Annotated[float, typer.Option(callback=finite_float(ge=0.1), help="Seconds between two looks (--watch).")] = 2.0,
-           until_idle: Annotated[bool, typer.Option(
-               "--until-idle", help="With --watch: stop once no run is queued, claimed or running.")] = False,
-           ) -> None:
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch", help="Show a progress bar per stage from the queue until Ctrl-C (a controller campaign)."
+        ),
+    ] = False,
+    interval: Annotated[
+        float, typer.Option(callback=finite_float(ge=0.1), help="Seconds between two looks (--watch).")
+    ] = 2.0,
+    until_idle: Annotated[
+        bool, typer.Option("--until-idle", help="With --watch: stop once no run is queued, claimed or running.")
+    ] = False,
+) -> None:
     """Rows per table and runs per stage and state."""
     engine = init_db()
     if watch:
@@ -122,22 +129,33 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
         rows = {n: session.scalar(select(func.count()).select_from(table(n))) for n in names}
         runs = queue.counts_by_state(session)
         targets = {name: queue.target(session, get_stage(name)) for name in STAGES}
-    data = {"database": engine.url.render_as_string(hide_password=True), "tables": rows, "runs": runs,
-            "targets": targets}
+    data = {
+        "database": engine.url.render_as_string(hide_password=True),
+        "tables": rows,
+        "runs": runs,
+        "targets": targets,
+    }
     if as_json:
         emit_json(data)
         return
     console.print(f"database: {data['database']}")
     render_table("rows per table", [{"table": k, "rows": v} for k, v in rows.items()])
-    render_table("runs per stage", [{"stage": s, "target": targets.get(s), **c} for s, c in runs.items()],
-                 ["stage", "target", "queued", "claimed", "running", "done", "failed"])
+    render_table(
+        "runs per stage",
+        [{"stage": s, "target": targets.get(s), **c} for s, c in runs.items()],
+        ["stage", "target", "queued", "claimed", "running", "done", "failed"],
+    )
 
 
 @app.command()
 def screen(
     ion: Annotated[str | None, typer.Option("--ion", help="Migrating ion (default: HOPFLOW_MIGRATING_ION).")] = None,
-    structure: Annotated[list[str] | None, typer.Option(
-        "--structure", help="Screen only these bundled entries (e.g. CaF2; repeat the option); default: all.")] = None,
+    structure: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--structure", help="Screen only these bundled entries (e.g. CaF2; repeat the option); default: all."
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Prefect's logs on the terminal too.")] = False,
 ) -> None:
     """The main job on the embedded default: init, import the bundled set, run every stage in batch mode, report."""
@@ -149,17 +167,17 @@ def screen(
 
 
 def _screen(ion: str | None, structure: list[str] | None) -> None:
-    from hopflow.tasks.structures import bundled_inputs
-
     from hopflow.cli.progress import batch_progress
     from hopflow.flows.batch import import_raw_inputs, run_batch
+    from hopflow.tasks.structures import bundled_inputs
 
     inputs = bundled_inputs()
     if structure:
         unknown = sorted(set(structure) - {r.location for r in inputs})
         if unknown:
-            raise typer.BadParameter(f"no bundled entry {', '.join(unknown)} (known: "
-                                     f"{', '.join(r.location for r in inputs)})")
+            raise typer.BadParameter(
+                f"no bundled entry {', '.join(unknown)} (known: {', '.join(r.location for r in inputs)})"
+            )
         inputs = [r for r in inputs if r.location in structure]
     init_db()
     outcomes = import_raw_inputs(inputs, ion=ion)

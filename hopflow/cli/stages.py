@@ -11,8 +11,8 @@ from hopflow import queue
 from hopflow.cli.render import console, emit_json, err_console, table
 from hopflow.db import init_db, session_scope
 from hopflow.errors import InvalidValueError
-from hopflow.registry import STAGES, get_stage
 from hopflow.provenance import trace_chain
+from hopflow.registry import STAGES, get_stage
 from hopflow.validation import bounded_int, check_parameters, finite_float, row_id
 
 StageArg = Annotated[str, typer.Argument(help="Stage name (hopflow status lists them).")]
@@ -69,20 +69,31 @@ def parameter_overrides(stage: Any, given: dict[str, Any], engine: str | None = 
     return overrides
 
 
-def run(stage: StageArg,
-        engine: Annotated[str | None, typer.Option(help="Barrier engine (barrier stages), e.g. mlip-neb.")] = None,
-        model: Annotated[str | None, typer.Option(
-            help="ML potential of the barrier engine (chgnet-0.3.0 or 7net-0; default HOPFLOW_BARRIER_MODEL).")] = None,
-        top: Annotated[int | None, typer.Option("--top", callback=bounded_int(ge=0), help="Claim at most N items, in rank order.")] = None,
-        ion: Annotated[str | None, typer.Option(help="Migrating ion (stages with an ion parameter).")] = None,
-        max_hop: Annotated[float | None, typer.Option(callback=finite_float(gt=0), help="Largest hop length in Å (pathways).")] = None,
-        max_paths: Annotated[int | None, typer.Option(callback=bounded_int(ge=1), help="Most hops kept per structure (pathways).")] = None,
-        verbose: VerboseOption = False,
-        ) -> None:
+def run(
+    stage: StageArg,
+    engine: Annotated[str | None, typer.Option(help="Barrier engine (barrier stages), e.g. mlip-neb.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="ML potential of the barrier engine (chgnet-0.3.0 or 7net-0; default HOPFLOW_BARRIER_MODEL)."
+        ),
+    ] = None,
+    top: Annotated[
+        int | None, typer.Option("--top", callback=bounded_int(ge=0), help="Claim at most N items, in rank order.")
+    ] = None,
+    ion: Annotated[str | None, typer.Option(help="Migrating ion (stages with an ion parameter).")] = None,
+    max_hop: Annotated[
+        float | None, typer.Option(callback=finite_float(gt=0), help="Largest hop length in Å (pathways).")
+    ] = None,
+    max_paths: Annotated[
+        int | None, typer.Option(callback=bounded_int(ge=1), help="Most hops kept per structure (pathways).")
+    ] = None,
+    verbose: VerboseOption = False,
+) -> None:
     """Run a stage now on every eligible item (or its top N), on the stage's Dask cluster profile (no server needed)."""
+    from hopflow.cli.progress import batch_progress, prefect_logs_to_file
     from hopflow.flows.batch import run_batch
     from hopflow.flows.common import batch_clusters
-    from hopflow.cli.progress import batch_progress, prefect_logs_to_file
 
     st = _stage(stage)
     overrides = parameter_overrides(st, {"ion": ion, "max_hop": max_hop, "max_paths": max_paths}, engine, model)
@@ -99,9 +110,12 @@ def run(stage: StageArg,
         raise typer.Exit(1)
 
 
-def queue_(stage: StageArg, n: Annotated[int, typer.Option("-n", callback=bounded_int(ge=0), help="How many.")] = 20,
-           ranker: Annotated[str | None, typer.Option(help="Ranker (default: the active one).")] = None,
-           as_json: JsonOption = False) -> None:
+def queue_(
+    stage: StageArg,
+    n: Annotated[int, typer.Option("-n", callback=bounded_int(ge=0), help="How many.")] = 20,
+    ranker: Annotated[str | None, typer.Option(help="Ranker (default: the active one).")] = None,
+    as_json: JsonOption = False,
+) -> None:
     """The head of a stage's queue: what would be claimed next, with scores."""
     st = _stage(stage)
     if ranker is not None:
@@ -118,8 +132,11 @@ def queue_(stage: StageArg, n: Annotated[int, typer.Option("-n", callback=bounde
         table(f"{stage} queue (ranker {name}, cutoffs {cutoffs or 'none'})", rows)
 
 
-def rank(stage: StageArg, ranker: Annotated[str, typer.Option(help="Ranker to (re)compute.")],
-         activate: Annotated[bool, typer.Option(help="Also make it the ranker claims use.")] = False) -> None:
+def rank(
+    stage: StageArg,
+    ranker: Annotated[str, typer.Option(help="Ranker to (re)compute.")],
+    activate: Annotated[bool, typer.Option(help="Also make it the ranker claims use.")] = False,
+) -> None:
     """Recompute a ranker's scores for every input item of a stage (and optionally switch claims to it)."""
     st = _stage(stage)
     _ranker(st, ranker)
@@ -132,10 +149,14 @@ def rank(stage: StageArg, ranker: Annotated[str, typer.Option(help="Ranker to (r
     console.print(f"{stage}: {count} items scored by {ranker}" + (" (now active)" if activate else ""))
 
 
-def cutoff(stage: StageArg, name: Annotated[str, typer.Argument(help="Cutoff name.")],
-           value: Annotated[float, typer.Argument(callback=finite_float(), help="New value (put `--` before a negative one).")],
-           reason: Annotated[str, typer.Option(help="Why: recorded with the change.")] = "set with hopflow cutoff",
-           ) -> None:
+def cutoff(
+    stage: StageArg,
+    name: Annotated[str, typer.Argument(help="Cutoff name.")],
+    value: Annotated[
+        float, typer.Argument(callback=finite_float(), help="New value (put `--` before a negative one).")
+    ],
+    reason: Annotated[str, typer.Option(help="Why: recorded with the change.")] = "set with hopflow cutoff",
+) -> None:
     """Change a stage's cutoff (eligibility criterion); the history is kept."""
     st = _stage(stage)
     try:
@@ -148,8 +169,10 @@ def cutoff(stage: StageArg, name: Annotated[str, typer.Argument(help="Cutoff nam
     console.print(f"{stage}: cutoff {name} = {value}")
 
 
-def trace(run_id: Annotated[int, typer.Argument(callback=row_id(), help="A run id (every result row names its run).")],
-          as_json: JsonOption = False) -> None:
+def trace(
+    run_id: Annotated[int, typer.Argument(callback=row_id(), help="A run id (every result row names its run).")],
+    as_json: JsonOption = False,
+) -> None:
     """Walk a result back through its runs and inputs to its source (file, bundled entry or MP id)."""
     init_db()
     with session_scope() as session:
@@ -161,8 +184,9 @@ def trace(run_id: Annotated[int, typer.Argument(callback=row_id(), help="A run i
         emit_json(chain)
     else:
         for depth, link in enumerate(chain):
-            console.print("  " * depth + " ".join(f"[bold]{k}[/bold]={escape(str(v))}" for k, v in link.items()
-                                                  if v is not None))
+            console.print(
+                "  " * depth + " ".join(f"[bold]{k}[/bold]={escape(str(v))}" for k, v in link.items() if v is not None)
+            )
 
 
 def register(app: typer.Typer) -> None:

@@ -23,9 +23,8 @@ def import_(
     limit: Annotated[int | None, typer.Option(help="mp: most documents to fetch.")] = None,
 ) -> None:
     """Import structures; bad inputs are reported one by one and the exit code says whether any failed."""
-    from hopflow.tasks.structures import MPApiClient, MPCriteria, bundled_inputs, file_inputs
-
     from hopflow.flows.batch import import_raw_inputs
+    from hopflow.tasks.structures import MPApiClient, MPCriteria, bundled_inputs, file_inputs
 
     if what == ["bundled"]:
         raws = bundled_inputs()

@@ -8,4 +8,22 @@ from hopflow.models.pathways import Features, Pathway
 from hopflow.models.synthetic import SyntheticItem, SyntheticResult
 from hopflow.models.vacancies import Vacancy, VacancySite
 
-__all__ = ["Archive", "BarrierModelRow", "CalibrationRow", "Estimate", "Features", "NebResult", "Pathway", "Run", "RunState", "Score", "Source", "StageSetting", "Structure", "SyntheticItem", "SyntheticResult", "Vacancy", "VacancySite"]
+__all__ = [
+    "Archive",
+    "BarrierModelRow",
+    "CalibrationRow",
+    "Estimate",
+    "Features",
+    "NebResult",
+    "Pathway",
+    "Run",
+    "RunState",
+    "Score",
+    "Source",
+    "StageSetting",
+    "Structure",
+    "SyntheticItem",
+    "SyntheticResult",
+    "Vacancy",
+    "VacancySite",
+]

@@ -114,7 +114,8 @@ class BarrierResult(BaseModel):
     model: str | None = Field(default=None, description="The ML potential (None for DFT).")
     converged: bool
     max_forces: tuple[float | None, ...] = Field(
-        description="Largest atomic force per image (eV/Å): NEB-projected for moving images of an NEB, else true forces."
+        description="Largest atomic force per image (eV/Å): NEB-projected for moving images of an NEB, else true "
+        "forces."
     )
     n_images: int = Field(description="Intermediate images (endpoints excluded).")
     moving_index: int = Field(description="Site index of the migrating ion in every image.")

@@ -11,18 +11,18 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 from pymatgen.core import Structure
 
-from hopflow.errors import EngineError
 from hopflow.engines import (
     ENGINE_IDENTITIES,
-    model_versions,
-    versions_of,
+    Device,
     MlipIdppSettings,
     MlipNebSettings,
-    Device,
     MlipSettings,
     Optimizer,
     canonical_model,
+    model_versions,
+    versions_of,
 )
+from hopflow.errors import EngineError
 from hopflow.tasks.engines.base import (
     PREPARED_FILE,
     RUN_FILE,
@@ -34,9 +34,9 @@ from hopflow.tasks.engines.base import (
     checked_fields,
     find_moving_index,
     image_structures,
+    reaction_coordinate,
     read_prepared,
     read_structures,
-    reaction_coordinate,
     register,
     relative,
     write_model,

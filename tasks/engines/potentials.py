@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pymatgen.core import Structure
 
+from hopflow.engines import MODEL_WEIGHTS, Device, Optimizer, canonical_model
 from hopflow.errors import InputError
 from hopflow.settings import get_settings
-from hopflow.engines import MODEL_WEIGHTS, Device, Optimizer, canonical_model
 
 if TYPE_CHECKING:
     from ase import Atoms

@@ -1,4 +1,5 @@
-"""`vasp-neb`: VASP (CI-)NEB inputs from pymatgen's NEB set, a custodian run with NEB-aware handlers, NEBAnalysis parse."""
+"""`vasp-neb`: VASP (CI-)NEB inputs from pymatgen's NEB set, a custodian run with NEB-aware handlers, NEBAnalysis
+parse."""
 
 from __future__ import annotations
 
@@ -22,19 +23,21 @@ from pymatgen.core import Element, Structure
 from pymatgen.io.vasp.inputs import Incar, Kpoints, Poscar, Potcar, PotcarSingle
 from pymatgen.io.vasp.sets import CINEBSet, NEBSet
 
-from hopflow.errors import EngineError, InputError
 from hopflow.engines import (
     ENGINE_IDENTITIES,
-    versions_of,
-    VASP_EXECUTION_FIELDS as EXECUTION_FIELDS,
     VaspNebSettings,
+    versions_of,
 )
+from hopflow.engines import (
+    VASP_EXECUTION_FIELDS as EXECUTION_FIELDS,
+)
+from hopflow.errors import EngineError, InputError
 from hopflow.tasks.engines.base import (
     PREPARED_FILE,
     RUN_FILE,
     BarrierResult,
-    Images,
     Correction,
+    Images,
     PreparedInputs,
     Stopwatch,
     Timings,
@@ -288,7 +291,8 @@ class VaspNebEngine:
             now = self.settings.model_dump(mode="json")
             changed = sorted(k for k in now.keys() - EXECUTION_FIELDS if before.get(k) != now[k])
             if changed:
-                raise InputError(f"{workdir} was prepared with other settings ({', '.join(changed)}); use a fresh directory")
+                raise InputError(f"{workdir} was prepared with other settings ({', '.join(changed)}); "
+                                 "use a fresh directory")
 
     def _write_inputs(self, structures: list[Structure], workdir: Path, charge: int) -> None:
         s = self.settings
@@ -349,8 +353,9 @@ class VaspNebEngine:
         for name in ENDPOINT_DIRS:
             folder = workdir / name
             if folder.is_dir() and not outcar_finished(folder):
-                job = VaspJob(cmd, output_file=ENDPOINT_OUTPUT, stderr_file=ENDPOINT_STDERR, auto_npar=False,
-                              auto_gamma=False)
+                job = VaspJob(
+                    cmd, output_file=ENDPOINT_OUTPUT, stderr_file=ENDPOINT_STDERR, auto_npar=False, auto_gamma=False
+                )
                 handlers = [VaspErrorHandler(), StdErrHandler(), FrozenJobErrorHandler()]
                 runs.append((name, self._custodian(job, handlers, folder)))
         if not all(outcar_converged(d) for d in image_dirs(workdir)[1:-1]):
@@ -363,7 +368,9 @@ class VaspNebEngine:
             ]
             runs.append(("neb", self._custodian(job, handlers, workdir)))
         record_path = workdir / RUN_FILE
-        record = VaspRunRecord.model_validate_json(record_path.read_text()) if record_path.is_file() else VaspRunRecord()
+        record = (
+            VaspRunRecord.model_validate_json(record_path.read_text()) if record_path.is_file() else VaspRunRecord()
+        )
         corrections = list(record.corrections)
         failure: str | None = None
         for name, custodian in runs:
@@ -389,7 +396,9 @@ class VaspNebEngine:
         workdir = Path(workdir)
         prepared = read_prepared(workdir)
         record_path = workdir / RUN_FILE
-        record = VaspRunRecord.model_validate_json(record_path.read_text()) if record_path.is_file() else VaspRunRecord()
+        record = (
+            VaspRunRecord.model_validate_json(record_path.read_text()) if record_path.is_file() else VaspRunRecord()
+        )
         folders = image_dirs(workdir)
         ends = [workdir / d for d in ENDPOINT_DIRS]
         relaxation_dirs = tuple(str(d) for d in ends) if all(find_output(d, "OUTCAR") for d in ends) else None
