@@ -168,7 +168,8 @@ def overview_digest(session: Session, boards: Boards) -> str:
     is the `hopflow-progress` table artifact, every tick)."""
     materials = [(m.structure_id, m.value(3), m.value(2), m.value(1)) for m in boards[0][:OVERVIEW_ROWS]]
     pathways = [(p.pathway_id, p.table, p.result_id) for p in boards[1][:OVERVIEW_ROWS]]
-    where = (str(session.get_bind().url), str(report_path()))  # another database is another overview
+    bind = session.get_bind()
+    where = (str(bind.engine.url), str(report_path()))  # another database is another overview
     return hashlib.sha256(repr((where, materials, pathways)).encode()).hexdigest()[:16]
 
 

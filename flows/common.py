@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from prefect.runtime import flow_run
+from prefect.task_runners import TaskRunner
 from prefect_dask import DaskTaskRunner
 
 from hopflow.registry import get_stage
@@ -30,7 +31,7 @@ def profile_for(stage_name: str) -> str:
     return get_stage(stage_name).resources
 
 
-def stage_task_runner(stage_name: str) -> DaskTaskRunner:
+def stage_task_runner(stage_name: str) -> TaskRunner[Any]:
     """A DaskTaskRunner built from the stage's cluster profile (deployments/clusters.yaml)."""
     from hopflow.deployments.clusters import task_runner
 

@@ -153,7 +153,7 @@ def over_flow_runs(client: SyncPrefectClient, flow_run_ids: Iterable[str]) -> di
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=chunk),
                                                                    state=_state_filter(OVER_STATES)),
                                      limit=len(chunk))
-        over.update({str(r.id): (r.state.name if r.state else "unknown") for r in runs})
+        over.update({str(r.id): (r.state.name or "unknown") if r.state else "unknown" for r in runs})
     return over
 
 

@@ -17,7 +17,8 @@ from hopflow.tasks.pathways import PathwayRecord
 def pathway_record(fields: dict[str, Any]) -> PathwayRecord:
     """Rebuild a PathwayRecord from a stored pathway's fields (JSON lists back to tuples)."""
     vectors = ("end_image", "start_frac", "end_frac", "start_cart", "end_cart")
-    return PathwayRecord(**{k: tuple(v) if k in vectors else v for k, v in fields.items()})
+    values: dict[str, Any] = {k: tuple(v) if k in vectors else v for k, v in fields.items()}
+    return PathwayRecord(**values)
 
 
 @task(name="featurize-pathway")

@@ -71,9 +71,9 @@ def delete_old_flow_runs(client: SyncPrefectClient, older_than_days: float, stat
     if not kinds or not all(k.value in FINISHED_STATES for k in kinds):
         raise ValueError(f"clean-up deletes finished flow runs only: states must be among {', '.join(FINISHED_STATES)}")
     cutoff = datetime.now(UTC) - timedelta(days=older_than_days)
+    only_tagged: dict[str, Any] = {"tags": FlowRunFilterTags(all_=list(tags))} if tags else {}
     criteria = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=kinds)),
-                             end_time=FlowRunFilterEndTime(before_=cutoff),
-                             **({"tags": FlowRunFilterTags(all_=list(tags))} if tags else {}))
+                             end_time=FlowRunFilterEndTime.model_validate({"before_": cutoff}), **only_tagged)
     body = {"flow_runs": criteria.model_dump(mode="json", exclude_unset=True), "limit": BULK_DELETE_LIMIT}
     deleted = 0
     while True:
@@ -188,6 +188,7 @@ def _pg_environment(url: URL) -> dict[str, str]:
 def _snapshot_sqlite(engine: Engine, dest: Path) -> None:
     with engine.connect() as conn:
         source = conn.connection.driver_connection
+        assert source is not None, "a live SQLite connection has its sqlite3 connection"
         target = sqlite3.connect(dest)
         try:
             source.backup(target)  # SQLite's online backup API: a consistent copy while others write

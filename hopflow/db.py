@@ -9,7 +9,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Engine, MetaData, create_engine, event, func
+from sqlalchemy import JSON, DateTime, Engine, MetaData, Table, create_engine, event, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -141,7 +141,8 @@ class Immutable:
 def _reject_result_changes(session: Session, _context: Any, _instances: Any) -> None:
     for obj in (*session.dirty, *session.deleted):
         if isinstance(obj, Immutable) and (obj in session.deleted or session.is_modified(obj)):
-            raise ImmutableResultError(f"{type(obj).__name__} {obj.id} is a stored result and cannot be changed")
+            name = f"{type(obj).__name__} {getattr(obj, 'id', '?')}"
+            raise ImmutableResultError(f"{name} is a stored result and cannot be changed")
 
 
 # ---------------------------------------------------------------- immutability under raw SQL (PostgreSQL)
@@ -157,8 +158,8 @@ def result_tables() -> list[str]:
     """Every table whose model is `Immutable` (derived from the models, so a result table added later is covered)."""
     import hopflow.models  # noqa: F401  (registers every model)
 
-    return sorted({mapper.local_table.name for mapper in Base.registry.mappers
-                   if issubclass(mapper.class_, Immutable) and mapper.local_table.name in Base.metadata.tables})
+    tables = (mapper.local_table for mapper in Base.registry.mappers if issubclass(mapper.class_, Immutable))
+    return sorted({table.name for table in tables if isinstance(table, Table) and table.name in Base.metadata.tables})
 
 
 def install_result_guards(engine: Engine) -> list[str]:

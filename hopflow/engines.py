@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hopflow.errors import InputError
-from hopflow.settings import get_settings
+from hopflow.settings import Optimizer, get_settings
 
 VacancyMode = Literal["neutral", "charged"]
 
@@ -34,7 +34,6 @@ MODELS: tuple[str, ...] = ("chgnet-0.3.0", "7net-0")
 """The potentials hopflow knows, by canonical name (both trained on MPtrj; weights in their wheels)."""
 
 Device = Literal["cpu", "cuda", "mps"]
-Optimizer = Literal["BFGS", "FIRE"]
 
 _LEGACY_NAMES = {"0.3.0": "chgnet-0.3.0"}  # the CHGNet engines' model name before SevenNet was added
 MODEL_PACKAGE = {"chgnet-0.3.0": "chgnet", "7net-0": "sevenn"}

@@ -73,7 +73,8 @@ def _archive_lines(session: Session, chain: list[dict[str, Any]]) -> list[dict[s
     lines: dict[str, dict[str, Any]] = {}
     for link in chain:
         if "run" in link:
-            line = archive_line(session, session.get(Run, link["run"]))
+            run = session.get(Run, link["run"])
+            line = archive_line(session, run) if run is not None else None
             if line is not None:
                 lines.setdefault(line["archive"] + line["sha256"], line)
     return list(lines.values())

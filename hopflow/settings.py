@@ -12,11 +12,14 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+Optimizer = Literal["BFGS", "FIRE"]
+"""The ASE optimizers a relaxation may use."""
 
 INT64_MAX = 2**63 - 1
 """Integer settings stay within the 64-bit integers the database stores (hopflow.validation uses the same bound)."""
@@ -127,7 +130,7 @@ class Settings(BaseSettings):
                                 "(positions, fixed cell).")
     vacancy_steps: int = Field(
         default=300, gt=0, le=INT64_MAX, description="Optimizer step limit of a vacancy relaxation.")
-    vacancy_optimizer: str = Field(default="BFGS", description="ASE optimizer of the relaxations (BFGS or FIRE).")
+    vacancy_optimizer: Optimizer = Field(default="BFGS", description="ASE optimizer of the relaxations (BFGS or FIRE).")
     vacancy_fill_distance: float = Field(
         default=1.0, gt=0, description="Å: an atom this close to the vacant site after relaxation fills the vacancy "
         "(flag vacancy-moved).")

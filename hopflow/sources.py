@@ -28,7 +28,8 @@ def register_sources(session: Session, raws: Iterable[Any]) -> list[int]:
     for raw in raws:
         found = session.scalars(select(Source).where(Source.kind == raw.kind, Source.key == raw.key)).first()
         if found is None:
-            meta = asdict(raw.metadata) if is_dataclass(raw.metadata) else dict(raw.metadata or {})
+            meta = (asdict(raw.metadata) if is_dataclass(raw.metadata) and not isinstance(raw.metadata, type)
+                    else dict(raw.metadata or {}))
             if raw.read_error:
                 meta["read_error"] = raw.read_error
             found = Source(kind=raw.kind, key=raw.key, location=raw.location, format=raw.format,

@@ -33,8 +33,8 @@ def ensure_sites(session: Session, rows: Iterable[SiteRow], lattices: Mapping[in
     rows = list(rows)
     if not rows:
         return {}
-    fingerprints = dict(session.execute(select(Structure.id, Structure.fingerprint)
-                                        .where(Structure.id.in_({r.structure_id for r in rows}))).all())
+    fingerprints: dict[int, str] = {structure_id: fingerprint for structure_id, fingerprint in session.execute(
+        select(Structure.id, Structure.fingerprint).where(Structure.id.in_({r.structure_id for r in rows})))}
     values = [{"structure_id": r.structure_id, "supercell": r.supercell, "site_index": r.site_index,
                "site_label": r.site_label, "orbit_size": r.orbit_size, "nsites": r.nsites,
                "fingerprint": vacancy_site_fingerprint(fingerprints[r.structure_id], lattices[r.structure_id],

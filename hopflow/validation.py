@@ -61,7 +61,7 @@ def check_parameters(parameters: Mapping[str, Any], name: str = "parameter") -> 
         if isinstance(value, Mapping):
             check_parameters(value, label)
         elif isinstance(value, (list, tuple)):
-            check_parameters(dict(enumerate(value)), label)
+            check_parameters({str(i): item for i, item in enumerate(value)}, label)
         elif isinstance(value, float):
             check_float(value, label)
         elif isinstance(value, int) and not isinstance(value, bool):

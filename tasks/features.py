@@ -12,7 +12,7 @@ from matminer.featurizers.site import EwaldSiteEnergy
 from pymatgen.core import Element, Species, Structure
 
 from hopflow.errors import InputError
-from hopflow.tasks.images import HopImages, hop_images
+from hopflow.tasks.images import HopImages, hop_images, oxidation_state
 from hopflow.tasks.pathways import PathwayRecord
 
 NEIGHBOUR_CUTOFF = 6.0
@@ -147,7 +147,7 @@ def featurize(
 
     return PathwayFeatures(
         ion=pathway.ion,
-        ion_oxidation_state=float(moving.oxi_state),
+        ion_oxidation_state=oxidation_state(moving),
         oxidation_states=oxidation_states,
         radii=radii,
         radii_description=RADII_DESCRIPTION,
@@ -172,11 +172,11 @@ def featurize(
     )
 
 
-def shannon_radius(species: Species) -> float:
+def shannon_radius(species: Species | Element) -> float:
     """Radius of a species in Å as RADII_DESCRIPTION says (Shannon ionic radius at CN VI or the nearest CN)."""
-    oxidation = species.oxi_state
-    if oxidation is None:
+    if not isinstance(species, Species) or species.oxi_state is None:
         raise InputError(f"{species} has no oxidation state, so no ionic radius")
+    oxidation = species.oxi_state
     element = species.element
     if oxidation == 0:
         if element.atomic_radius is None:

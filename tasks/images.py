@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from pymatgen.analysis.diffusion.neb.pathfinder import IDPPSolver, MigrationHop
@@ -153,7 +153,7 @@ def hop_images(
         except Exception as exc:  # the solver raises bare numpy/ValueErrors on degenerate paths
             raise InputError(f"{formula}: IDPP relaxation of the hop failed: {exc}") from exc
     matrix = np.rint(np.linalg.solve(structure.lattice.matrix.T, start.lattice.matrix.T).T).astype(int)
-    charge = float(sum(site.specie.oxi_state for site in start)) if _has_oxidation_states(start) else None
+    charge = float(sum(oxidation_state(site.specie) for site in start)) if _has_oxidation_states(start) else None
     return HopImages(
         images=list(images),
         moving_index=moving_index,
@@ -188,6 +188,14 @@ def _check_single_move(start: Structure, end: Structure, length: float, formula:
             "(supercell too small for this hop?)"
         )
     return index
+
+
+def oxidation_state(species: Any) -> float:
+    """The oxidation state a decorated site's species carries (InputError where it carries none)."""
+    state = getattr(species, "oxi_state", None)
+    if state is None:
+        raise InputError(f"{species} carries no oxidation state")
+    return float(state)
 
 
 def _has_oxidation_states(structure: Structure) -> bool:

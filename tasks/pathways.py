@@ -52,7 +52,7 @@ class _MigrationGraph(MigrationGraph):
     """
 
     @cached_property
-    def symm_structure(self) -> SymmetrizedStructure:  # type: ignore[override]
+    def symm_structure(self) -> SymmetrizedStructure:
         return super().symm_structure
 
 
@@ -265,7 +265,8 @@ def wyckoff_labels(structure: Structure, ion: str) -> list[str]:
     best_key, best = None, None
     for origin in frac:
         cell = (cell_matrix, frac - origin, numbers)
-        dataset = spglib.get_symmetry_dataset(cell, symprec=SYMPREC, angle_tolerance=ANGLE_TOL)
+        dataset = spglib.get_symmetry_dataset(cell, symprec=SYMPREC,  # type: ignore[arg-type]  # arrays are fine
+                                              angle_tolerance=ANGLE_TOL)
         if dataset is None:
             formula = structure.composition.reduced_formula
             raise InputError(f"{formula}: spglib found no symmetry ({spglib.get_error_message()})")

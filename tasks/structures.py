@@ -341,7 +341,7 @@ def _check_cif_block(block: Mapping[str, Any], location: str, max_sites: int) ->
             raise InputError(f"{location}: {name} is {value}, a lattice length must be positive")
         if name in CIF_CELL_ANGLES and not 0 < number < 180:
             raise InputError(f"{location}: {name} is {value}, a cell angle must lie between 0 and 180 degrees")
-    rows = next((block[k] for k in ("_atom_site_label", "_atom_site_type_symbol") if k in block), [])
+    rows: Any = next((block[k] for k in ("_atom_site_label", "_atom_site_type_symbol") if k in block), [])
     nrows = len(rows) if isinstance(rows, list) else 1
     if nrows > max_sites:
         raise InputError(f"{location}: {nrows} atom rows exceed the limit of {max_sites} sites (HOPFLOW_MAX_SITES)")
@@ -432,7 +432,7 @@ def _structure_from_dict(data: Mapping[str, Any], location: str, max_sites: int)
     if isinstance(sites, list) and len(sites) > max_sites:
         raise InputError(f"{location}: {len(sites)} sites exceed the limit of {max_sites} (HOPFLOW_MAX_SITES)")
     try:
-        return Structure.from_dict(data)
+        return Structure.from_dict(dict(data))
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"{location}: JSON is not a pymatgen Structure ({_short(exc)})") from exc
 
@@ -478,7 +478,7 @@ _PARSERS = {
 }
 
 
-def _short(exc: BaseException, limit: int = 160) -> str:
+def _short(exc: BaseException | str, limit: int = 160) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -521,7 +521,7 @@ def _guess(structure: Structure) -> Structure | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         guessed.add_oxidation_state_by_guess()
-    states = [site.specie.oxi_state for site in guessed]
+    states = [float(getattr(site.specie, "oxi_state", None) or 0.0) for site in guessed]
     # add_oxidation_state_by_guess silently falls back to all-zero states when it finds no guess
     if all(state == 0 for state in states) or abs(sum(states)) > CHARGE_TOLERANCE:
         return None
@@ -545,7 +545,7 @@ def assign_oxidation_states(structure: Structure) -> tuple[Structure, OxidationM
 def _mean_oxidation_states(structure: Structure) -> dict[str, float]:
     totals: dict[str, list[float]] = {}
     for site in structure:
-        totals.setdefault(site.specie.symbol, []).append(float(site.specie.oxi_state))
+        totals.setdefault(site.specie.symbol, []).append(float(getattr(site.specie, "oxi_state", None) or 0.0))
     return {element: sum(values) / len(values) for element, values in sorted(totals.items())}
 
 

@@ -15,8 +15,9 @@ from pymatgen.core import Lattice, Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 from pymatgen.util.coord import lattice_points_in_supercell
 
-from hopflow.engines import model_versions
+from hopflow.engines import Device, model_versions
 from hopflow.errors import EngineError, InputError
+from hopflow.settings import Optimizer
 from hopflow.tasks.engines.potentials import Relaxed, pick_device, relax_bulk, relax_positions
 from hopflow.tasks.pathways import SYMPREC, wyckoff_labels
 
@@ -369,22 +370,23 @@ class RelaxedVacancy:
 
 
 @lru_cache(maxsize=8)
-def _relaxed_bulk(structure_json: str, model: str, device: str, fmax: float, steps: int, optimizer: str) -> Relaxed:
+def _relaxed_bulk(structure_json: str, model: str, device: Device, fmax: float, steps: int,
+                  optimizer: Optimizer) -> Relaxed:
     # one bulk relaxation per structure and settings in a worker process, whatever number of its vacancies it relaxes
     return relax_bulk(Structure.from_str(structure_json, fmt="json"), model, device, fmax=fmax, steps=steps,
                       optimizer=optimizer)
 
 
-def relax_vacancy(structure: Structure, supercell: Supercell, site_index: int, *, model: str, device: str | None,
-                  bulk_fmax: float, bulk_steps: int, fmax: float, steps: int, optimizer: str, fill_distance: float,
-                  max_displacement: float) -> RelaxedVacancy:
+def relax_vacancy(structure: Structure, supercell: Supercell, site_index: int, *, model: str, device: Device | None,
+                  bulk_fmax: float, bulk_steps: int, fmax: float, steps: int, optimizer: Optimizer,
+                  fill_distance: float, max_displacement: float) -> RelaxedVacancy:
     """Relax the bulk (lattice and positions, symmetry kept), then the vacancy at `site_index` of its supercell
     (positions, fixed cell), and check that the vacancy stayed where it was made."""
     clock = time.perf_counter()
-    device = pick_device(device)  # type: ignore[arg-type]
-    bulk = _relaxed_bulk(plain(structure).to_json(), model, device, bulk_fmax, bulk_steps, optimizer)
+    chosen = pick_device(device)
+    bulk = _relaxed_bulk(plain(structure).to_json(), model, chosen, bulk_fmax, bulk_steps, optimizer)
     sites = SupercellSites.build(bulk.structure, supercell)
-    relaxed = relax_positions(vacancy_structure(sites, site_index), model, device, fmax=fmax, steps=steps,
+    relaxed = relax_positions(vacancy_structure(sites, site_index), model, chosen, fmax=fmax, steps=steps,
                               optimizer=optimizer)
     worst, closest, flag, reason = assess_vacancy(sites, site_index, relaxed.structure, fill_distance=fill_distance,
                                                   max_displacement=max_displacement)

@@ -78,7 +78,7 @@ def without_secrets(text: str) -> str:
 class HopflowGroup(TyperGroup):
     """The command group: known errors end a command with one line on stderr and an exit code, not a traceback."""
 
-    def invoke(self, ctx: typer.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:  # click's Context, which typer vendors privately
         try:
             return super().invoke(ctx)
         except Exception as exc:

@@ -128,7 +128,7 @@ def show_path(
         pathway = session.get(Pathway, pathway_id)
         if pathway is None:
             raise typer.BadParameter(f"no pathway {pathway_id}")
-        structure = PmgStructure.from_dict(session.get(Structure, pathway.structure_id).structure)
+        structure = PmgStructure.from_dict(session.get_one(Structure, pathway.structure_id).structure)
         record = pathway_record(pathway_fields(pathway))
     images = hop_images(structure, record, nimages=nimages)
     cif.write_text(images_cif(images.images, f"pathway{pathway_id}"))

@@ -148,7 +148,7 @@ class StageBars:
         for stage, c in counts.items():
             if self.stages is not None and stage not in self.stages:
                 continue
-            fields = {"done": c.done, "failed": c.failed, "cached": c.cached}
+            fields: dict[str, Any] = {"done": c.done, "failed": c.failed, "cached": c.cached}
             if stage not in self.tasks:
                 self.tasks[stage] = self.progress.add_task(stage, total=c.total, completed=c.finished, **fields)
             else:

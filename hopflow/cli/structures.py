@@ -29,7 +29,7 @@ def import_(
     if what == ["bundled"]:
         raws = bundled_inputs()
     elif what and what[0] == "mp":
-        criteria = MPCriteria(elements=elements or [get_settings().migrating_ion], energy_above_hull_max=e_hull,
+        criteria = MPCriteria(elements=tuple(elements or [get_settings().migrating_ion]), energy_above_hull_max=e_hull,
                               limit=limit)
         raws = MPApiClient().search(criteria)
     else:

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from hopflow.engines import canonical_model, model_version
 from hopflow.models import Run, Structure, Vacancy, VacancySite
 from hopflow.registry import Ranker, Stage, StageParams, register
-from hopflow.settings import Settings
+from hopflow.settings import Optimizer, Settings
 from hopflow.stages.common import BY_ID
 from hopflow.stages.pathways import structure_producer
 
@@ -35,7 +35,7 @@ class VacancyParams(StageParams):
     bulk_steps: int
     fmax: float
     steps: int
-    optimizer: str
+    optimizer: Optimizer
     fill_distance: float
     max_displacement: float
 

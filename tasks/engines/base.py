@@ -32,7 +32,8 @@ LATTICE_TOLERANCE = 1e-3
 class HasImages(Protocol):
     """Anything carrying its images, e.g. `tasks.images.HopImages`."""
 
-    images: Sequence[Structure]
+    @property
+    def images(self) -> Sequence[Structure]: ...
 
 
 Images = Sequence[Structure] | HasImages
@@ -188,14 +189,15 @@ class Engine(Protocol):
         ...
 
 
-ENGINES: dict[str, type] = {}
+ENGINES: dict[str, Any] = {}
+"""Engine classes by registry name (each class has `name` and `settings_type`)."""
 
 _E = TypeVar("_E", bound=type)
 
 
 def register(cls: _E) -> _E:
     """Class decorator: add an engine class to `ENGINES` under its `name`."""
-    ENGINES[cls.name] = cls
+    ENGINES[cls.name] = cls  # type: ignore[attr-defined]  # every engine class names itself
     return cls
 
 
@@ -247,7 +249,7 @@ def compute_barrier(
 
 def image_structures(images: Images) -> list[Structure]:
     """The image structures, from a plain sequence or from an object with an `images` attribute (HopImages)."""
-    seq = getattr(images, "images", images)
+    seq = images if isinstance(images, Sequence) else images.images
     structures = [s.copy() for s in seq]
     if not all(isinstance(s, Structure) for s in structures):
         raise InputError("images must be pymatgen Structures")
