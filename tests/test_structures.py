@@ -15,7 +15,6 @@ from pymatgen.io.vasp import Poscar
 from hopflow.errors import InputError, MaterialsProjectError, MissingAPIKeyError
 from hopflow.settings import get_settings
 from hopflow.tasks.structures import (
-    FakeMaterialsProject,
     MaterialsProjectClient,
     MPApiClient,
     MPCriteria,
@@ -27,6 +26,8 @@ from hopflow.tasks.structures import (
     parse_input,
     sanitize,
 )
+
+from fake_mp import FakeMaterialsProject
 
 MAX_SITES = 500
 FAKE_KEY = "fake-mp-key-0123456789abcdef0123"
