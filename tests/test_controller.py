@@ -3,7 +3,6 @@ settings mirrored to Prefect Variables and read back, manual submission through 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from datetime import timedelta
 
@@ -18,7 +17,7 @@ from hopflow.flows import controller as ctl
 from hopflow import queue
 from hopflow.db import session_scope, utcnow
 from hopflow.models import Run, RunState, StageSetting
-from hopflow.registry import STAGES, Cutoff, get_stage, register
+from hopflow.registry import Cutoff, get_stage
 from prefect_helpers import (  # noqa: F401  (prefect_client is a fixture)
     add_synthetic_items,
     create_deployment,
@@ -40,16 +39,13 @@ def deployment(prefect_client):
 
 
 @pytest.fixture
-def cut_stage():
+def cut_stage(register_stage):
     """A copy of the synthetic stage with a broadenable cutoff on the item priority (registered for one test)."""
-    stage = dataclasses.replace(
-        get_stage(SYNTHETIC), name="synthetic-cut",
+    return register_stage(
+        "synthetic-cut",
         cutoffs=(Cutoff("max_priority", "items with priority at most this", default=10.0,
                         criterion=lambda c, v: c.priority <= v, broaden_step=10.0, broaden_limit=40.0,
                         minimum=None),))  # priorities may be negative
-    register(stage)
-    yield stage
-    STAGES.pop(stage.name)
 
 
 def _tick(client, engine, deployment_name: str, stage: str = SYNTHETIC, **kwargs) -> ctl.StageTick:

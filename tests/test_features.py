@@ -16,7 +16,7 @@ from hopflow.tasks.features import (EWALD_ACCURACY, NEIGHBOUR_CUTOFF, PathwayFea
                             shannon_radius)
 from hopflow.tasks.images import HopImages, hop_images
 from hopflow.tasks.pathways import PathwayRecord, find_pathways
-from tests.test_pathways import crystal, lattice_a
+from crystals import crystal, lattice_a
 
 SUPERCELL = {"min_length": 10.0, "min_atoms": 40, "max_atoms": 240}
 

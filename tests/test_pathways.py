@@ -2,45 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import math
-from functools import cache
-from pathlib import Path
 
 import numpy as np
 import pytest
-from pymatgen.core import Lattice, Structure
+from pymatgen.core import Structure
 from pymatgen.util.testing import MatSciTest
 
 from hopflow.errors import InputError
 from hopflow.tasks.pathways import PathwayRecord, automatic_max_hop, canonical_cell, find_pathways
-
-# The bundled set ships the verified crystal data (shared/data/fluoride-crystals.json plus its own additions).
-CRYSTALS = Path(__file__).resolve().parents[1] / "hopflow" / "data" / "bundled_structures.json"
-
-
-@cache
-def _entries() -> dict[str, dict]:
-    return {entry["name"]: entry for entry in json.loads(CRYSTALS.read_text())}
-
-
-def crystal(name: str, *, oxidation_states: bool = False, a: float | None = None) -> Structure:
-    """A verified crystal of the shared data set in its conventional cell (optionally decorated, or with another a)."""
-    entry = _entries()[name]
-    lat = dict(entry["lattice"])
-    if a is not None:
-        lat.update(a=a, b=a, c=a)
-    lattice = Lattice.from_parameters(lat["a"], lat["b"], lat["c"], lat["alpha"], lat["beta"], lat["gamma"])
-    structure = Structure.from_spacegroup(
-        entry["spacegroup"], lattice, [s["species"] for s in entry["sites"]], [s["coords"] for s in entry["sites"]]
-    )
-    if oxidation_states:
-        structure.add_oxidation_state_by_element(entry["oxidation_states"])
-    return structure
-
-
-def lattice_a(name: str) -> float:
-    return float(_entries()[name]["lattice"]["a"])
+from crystals import bundled_entry, crystal, lattice_a
 
 
 def summary(paths: list[PathwayRecord]) -> list[tuple]:
@@ -85,7 +56,7 @@ def test_fluorite_automatic_limit_gives_the_shortest_hop_only() -> None:
 
 
 def test_rutile_mgf2_two_hops_at_the_automatic_limit() -> None:
-    entry = _entries()["MgF2"]
+    entry = bundled_entry("MgF2")
     a, c = entry["lattice"]["a"], entry["lattice"]["c"]
     x = entry["sites"][1]["coords"][0]
     # F at (x,x,0): shared octahedron edge to (1-x,1-x,0), and to (1/2-x,1/2+x,1/2) in the next chain
