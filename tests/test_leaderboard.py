@@ -21,6 +21,7 @@ from hopflow.leaderboard import MaterialEntry, PathwayEntry, material_leaderboar
 from hopflow.models import Estimate, NebResult, Pathway, Run, Structure, Vacancy, VacancySite
 from prefect_helpers import latest_artifact, prefect_client  # noqa: F401  (prefect_client: a fixture)
 from hopflow.tasks.pathways import PathwayRecord, find_pathways
+from crystals import CAF2_A, caf2
 
 CHGNET, SEVENNET = "chgnet-0.3.0", "7net-0"
 PATHWAY_COLUMNS = {c.name for c in Pathway.__table__.columns}
@@ -28,8 +29,7 @@ MINIMUM_REASON = "image [2] lies 0.100 eV below the lower endpoint [/red]"  # ma
 
 
 def _fluorite(a: float) -> PmgStructure:
-    return PmgStructure.from_spacegroup("Fm-3m", Lattice.cubic(a), ["Ca", "F"],
-                                        [[0, 0, 0], [0.25, 0.25, 0.25]]).get_primitive_structure()
+    return caf2(a).get_primitive_structure()
 
 
 RUTILE = PmgStructure.from_spacegroup("P4_2/mnm", Lattice.tetragonal(4.621, 3.052), ["Mg", "F"],
@@ -40,7 +40,7 @@ RUTILE = PmgStructure.from_spacegroup("P4_2/mnm", Lattice.tetragonal(4.621, 3.05
 def hops() -> dict[str, tuple[PmgStructure, list[PathwayRecord]]]:
     """Real hops: CaF2 (a/2, a/√2), a SrF2-sized fluorite cut to its shortest hop, MgF2 (0D, 3D, 1D alone)."""
     srf2 = _fluorite(5.80)
-    return {"CaF2": (_fluorite(5.463), find_pathways(_fluorite(5.463), ion="F", max_hop=4.0, max_paths=5)),
+    return {"CaF2": (_fluorite(CAF2_A), find_pathways(_fluorite(CAF2_A), ion="F", max_hop=4.0, max_paths=5)),
             "SrF2": (srf2, find_pathways(srf2, ion="F", max_hop=4.2, max_paths=1)),
             "MgF2": (RUTILE, find_pathways(RUTILE, ion="F", max_hop=3.1, max_paths=5))}
 

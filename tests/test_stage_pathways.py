@@ -21,9 +21,10 @@ from hopflow.models import Features, Pathway, Run, RunState, Structure
 from hopflow.registry import get_stage
 from hopflow.stages import FEATURE_COLUMNS
 from hopflow.tasks.structures import bundled_inputs
+from crystals import lattice_a
 
 CRYSTALS = ("CaF2", "LiF", "MgF2")
-FLUORITE_A = 5.463
+FLUORITE_A = lattice_a("CaF2")  # the bundled crystal the stage imports
 """Å: the bundled fluorite's lattice parameter; F hops a/2 and a/√2."""
 
 
