@@ -6,12 +6,13 @@ import math
 
 import numpy as np
 import pytest
+from pymatgen.analysis.diffusion.neb.pathfinder import DistinctPathFinder
 from pymatgen.core import Structure
 from pymatgen.util.testing import MatSciTest
 
 from hopflow.errors import InputError
 from hopflow.tasks.pathways import PathwayRecord, automatic_max_hop, canonical_cell, find_pathways
-from crystals import bundled_entry, crystal, lattice_a
+from crystals import bundled_entry, bundled_names, crystal, lattice_a
 
 
 def summary(paths: list[PathwayRecord]) -> list[tuple]:
@@ -190,6 +191,20 @@ def test_automatic_limit_is_the_shell_that_connects_every_ion(name: str) -> None
     assert limit == pytest.approx(max(path_cutoff, junction_cutoff), abs=1e-3)
     # every ion has at least two hops within the limit, so the hop graph has no dead ends
     assert all(sum(d <= limit + 1e-3 for d in s) >= 2 for s in shells)
+
+
+@pytest.mark.parametrize("name", bundled_names())
+def test_automatic_limit_is_the_librarys(name: str) -> None:
+    """The automatic limit is pymatgen-analysis-diffusion's own choice: DistinctPathFinder with max_path_length=None
+    and its defaults (perc_mode '>1d', symprec 0.1), asked here on the bundled conventional cell, not on the canonical
+    primitive cell hopflow hands it; find_pathways records that limit on every hop it returns."""
+    structure = crystal(name)
+    library = DistinctPathFinder(structure, "F", max_path_length=None).max_path_length
+    assert 2.0 < library < min(structure.lattice.abc)  # a real F-F shell, not the library's fallback
+    assert automatic_max_hop(canonical_cell(structure), "F") == pytest.approx(library, abs=1e-3)
+    paths = find_pathways(structure, ion="F", max_hop=None, max_paths=5)
+    assert paths and all(p.max_hop_automatic and p.max_hop == pytest.approx(library, abs=1e-3) for p in paths)
+    assert max(p.length for p in paths) <= library + 1e-3
 
 
 def test_rutile_limit_is_beyond_the_shared_edge() -> None:
