@@ -71,16 +71,15 @@ def test_rutile_mgf2_two_hops_at_the_automatic_limit() -> None:
     assert [(p.multiplicity, p.dimensionality, p.dimensionality_cumlengths) for p in paths] == [(1, 0, 0), (8, 3, 3)]
 
 
-@pytest.mark.parametrize("a", [None, 4.027])
-def test_rocksalt_lif_hop_is_a_over_root_two(a: float | None) -> None:
+@pytest.mark.parametrize(("a", "rounded"), [(None, 2.841), (4.027, 2.848)])
+def test_rocksalt_lif_hop_is_a_over_root_two(a: float | None, rounded: float) -> None:
     structure = crystal("LiF", a=a)
     edge = a or lattice_a("LiF")
     paths = find_pathways(structure, ion="F", max_hop=None, max_paths=5)
     assert len(paths) == 1
     assert paths[0].length == pytest.approx(edge / math.sqrt(2), abs=1e-4)
+    assert round(paths[0].length, 3) == rounded
     assert paths[0].multiplicity == 12  # fcc anion sublattice
-    if a == 4.027:
-        assert round(paths[0].length, 3) == 2.848
 
 
 def test_lifepo4_lithium_has_one_hop_forming_1d_channels() -> None:
