@@ -36,8 +36,7 @@ from hopflow.stages import VACANCY_COLUMNS, engine_parameters, lattice_parameter
 from hopflow.vacancies import SiteRow, ensure_sites
 from hopflow.tasks.engines.base import BarrierResult, checked_fields
 from hopflow.tasks.structures import bundled_inputs
-from tests.conftest import drop_postgres_database, fresh_postgres_database
-from tests.test_stage_barriers import SMALL_CELLS
+from crystals import SMALL_CELLS
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -182,13 +181,12 @@ def _traces(url: str) -> list[list[dict[str, Any]]]:
     return out
 
 
-def test_round_trip_sqlite_postgres_sqlite_keeps_every_trace(source_db, tmp_path) -> None:
+def test_round_trip_sqlite_postgres_sqlite_keeps_every_trace(source_db, tmp_path, postgres_database) -> None:
     first, second = tmp_path / "first.hopflow.zip", tmp_path / "second.hopflow.zip"
     report = export_closure(Selection(all=True), first, engine=source_db)
     assert report.rows["runs.estimates"] == report.rows["estimates"] >= 2 and report.rows["vacancies"] == 2
     assert report.rows["runs.pathways"] == 4 and report.rows["pathways"] == report.rows["features"] + 2
-    url, name = fresh_postgres_database()
-    postgres = make_engine(url)
+    postgres = make_engine(postgres_database())
     try:
         init_db(postgres)
         imported = import_archive(first, engine=postgres)
@@ -197,7 +195,6 @@ def test_round_trip_sqlite_postgres_sqlite_keeps_every_trace(source_db, tmp_path
         export_closure(Selection(all=True), second, engine=postgres)
     finally:
         postgres.dispose()
-        drop_postgres_database(name)
     back = _sqlite(tmp_path / "back.sqlite")
     import_archive(second, engine=back)
     assert _counts(back) == _counts(source_db)

@@ -25,6 +25,7 @@ from hopflow.tasks.engines import compute_barrier, get_engine
 from hopflow.tasks.features import featurize
 from hopflow.tasks.pathways import find_pathways
 from hopflow.tasks.structures import bundled_inputs, file_inputs
+from crystals import CAF2_A, caf2
 from tests.fake_vasp.fake_potcar import write_fake_psp_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -32,7 +33,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 CORPUS = Path(__file__).parent / "data" / "bad_inputs"
 STANDIN = Path(__file__).parent / "fake_vasp" / "vasp_standin"
 GOOD = ("CaF2", "LiF")
-CAF2_A = 5.463  # Å, the bundled fluorite
 HUGE_CELL = (10, 5, 5)  # rock-salt LiF conventional cell (8 atoms) x 250 = 2,000 atoms, over max_sites (500)
 
 EXPECTED_IMPORT_ERRORS = {
@@ -137,8 +137,7 @@ def test_import_pathways_features_corpus(tmp_path) -> None:
 
     # a second batch of bad inputs (plus a duplicate of a stored crystal) stores nothing new
     expected = _generated_bad_files(tmp_path)
-    caf2 = Structure.from_spacegroup("Fm-3m", Lattice.cubic(CAF2_A), ["Ca", "F"], [[0, 0, 0], [0.25, 0.25, 0.25]])
-    CifWriter(caf2).write_file(tmp_path / "CaF2_again.cif")
+    CifWriter(caf2()).write_file(tmp_path / "CaF2_again.cif")
     second = _outcomes_by_name(import_raw_inputs(file_inputs([tmp_path])))
     for name, reason in expected.items():
         assert second[name]["state"] == RunState.FAILED and reason in second[name]["error"], second[name]
@@ -160,7 +159,7 @@ def test_import_pathways_features_corpus(tmp_path) -> None:
 
 
 def _caf2(oxidation: dict[str, float] | None) -> Structure:
-    s = Structure.from_spacegroup("Fm-3m", Lattice.cubic(CAF2_A), ["Ca", "F"], [[0, 0, 0], [0.25, 0.25, 0.25]])
+    s = caf2()
     if oxidation is not None:
         s.add_oxidation_state_by_element(oxidation)
     return s

@@ -13,7 +13,6 @@ from types import ModuleType
 import pytest
 from sqlalchemy import Engine
 
-from conftest import drop_postgres_database, fresh_postgres_database
 from hopflow.db import init_db, make_engine
 from hopflow.models import RunState
 from prefect_helpers import prefect_client  # noqa: F401  (a fixture)
@@ -33,13 +32,12 @@ def _chaos_module() -> ModuleType:
 
 
 @pytest.fixture
-def postgres_engine(monkeypatch: pytest.MonkeyPatch) -> Iterator[Engine]:
-    url, name = fresh_postgres_database()
+def postgres_engine(monkeypatch: pytest.MonkeyPatch, postgres_database) -> Iterator[Engine]:
+    url = postgres_database()
     monkeypatch.setenv("HOPFLOW_DATABASE_URL", url)
     engine = init_db(make_engine(url))
     yield engine
     engine.dispose()
-    drop_postgres_database(name)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from pymatgen.core import Lattice, Structure
 from typer.testing import CliRunner
 
 from hopflow.cli.main import app
+import crystals
 
 runner = CliRunner()
 
@@ -53,7 +54,7 @@ def test_import_bundled_lists_every_structure_once(tmp_path) -> None:
 def test_folder_of_five_valid_and_five_broken_files(tmp_path) -> None:
     folder = tmp_path / "inputs"
     folder.mkdir()
-    caf2 = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.4631), ["Ca", "F"], [[0, 0, 0], [0.25, 0.25, 0.25]])
+    caf2 = crystals.caf2()
     lif = Structure.from_spacegroup("Fm-3m", Lattice.cubic(4.0173), ["Li", "F"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     mgf2 = Structure.from_spacegroup("P4_2/mnm", Lattice.tetragonal(4.6213, 3.0519), ["Mg", "F"],
                                      [[0, 0, 0], [0.3028, 0.3028, 0]])

@@ -126,12 +126,10 @@ def test_database_url_errors_hide_the_password(monkeypatch, tmp_path) -> None:
         assert "s3cretpw" not in out and "Traceback" not in out, (url, out)
 
 
-def test_failed_checkpoint_leaves_no_folder(tmp_path, monkeypatch) -> None:
+def test_failed_checkpoint_leaves_no_folder(tmp_path, monkeypatch, postgres_url) -> None:
     """A checkpoint of a PostgreSQL database that does not exist fails after its dated folder was made: the folder
     goes again."""
-    from conftest import postgres_url
-
-    monkeypatch.setenv("HOPFLOW_DATABASE_URL", postgres_url().rsplit("/", 1)[0] + "/no_such_database")
+    monkeypatch.setenv("HOPFLOW_DATABASE_URL", postgres_url.rsplit("/", 1)[0] + "/no_such_database")
     get_settings.cache_clear()
     dest = tmp_path / "checkpoints"
     dest.mkdir()

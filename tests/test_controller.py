@@ -3,7 +3,6 @@ settings mirrored to Prefect Variables and read back, manual submission through 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from datetime import timedelta
 
@@ -17,8 +16,10 @@ from sqlalchemy import select, update
 from hopflow.flows import controller as ctl
 from hopflow import queue
 from hopflow.db import session_scope, utcnow
-from hopflow.models import Run, RunState, StageSetting
-from hopflow.registry import STAGES, Cutoff, get_stage, register
+from hopflow.models import Estimate, Run, RunState, StageSetting
+from hopflow.registry import Cutoff, get_stage
+from hopflow.tasks.pathways import find_pathways
+from barrier_rows import add_results, barrier_row, store_pathways
 from prefect_helpers import (  # noqa: F401  (prefect_client is a fixture)
     add_synthetic_items,
     create_deployment,
@@ -40,16 +41,13 @@ def deployment(prefect_client):
 
 
 @pytest.fixture
-def cut_stage():
+def cut_stage(register_stage):
     """A copy of the synthetic stage with a broadenable cutoff on the item priority (registered for one test)."""
-    stage = dataclasses.replace(
-        get_stage(SYNTHETIC), name="synthetic-cut",
+    return register_stage(
+        "synthetic-cut",
         cutoffs=(Cutoff("max_priority", "items with priority at most this", default=10.0,
                         criterion=lambda c, v: c.priority <= v, broaden_step=10.0, broaden_limit=40.0,
                         minimum=None),))  # priorities may be negative
-    register(stage)
-    yield stage
-    STAGES.pop(stage.name)
 
 
 def _tick(client, engine, deployment_name: str, stage: str = SYNTHETIC, **kwargs) -> ctl.StageTick:
@@ -257,8 +255,23 @@ def _latest_artifact(client, key: str):
     return artifact
 
 
-def test_tick_publishes_progress_and_leaderboard(engine, prefect_client, deployment):
+def test_tick_publishes_progress_and_leaderboard(engine, prefect_client, deployment, caf2, crystal):
+    """The tick's leaderboard artifacts rank the barrier rows in the database: real hops of CaF2 and MgF2, results
+    inserted out of order, lower flagged and legacy values besides; the expected order is derived here from them."""
     name, _ = deployment
+    cells = {"CaF2": caf2.get_primitive_structure(), "MgF2": crystal("MgF2")}
+    records = {"CaF2": find_pathways(cells["CaF2"], ion="F", max_hop=4.0, max_paths=5),  # a/2, a/sqrt2: both 3D
+               "MgF2": find_pathways(cells["MgF2"], ion="F", max_hop=3.1, max_paths=5)}  # 0D, 3D, 1D
+    assert [[p.dimensionality for p in records[f]] for f in ("CaF2", "MgF2")] == [[3, 3], [0, 3, 1]]
+    with session_scope(engine, write=True) as session:
+        caf2_id, (a2, a_sqrt2) = store_pathways(session, "CaF2", cells["CaF2"], records["CaF2"], max_paths=5,
+                                                hops_found=2)
+        mgf2_id, (m0, m3d, m1d) = store_pathways(session, "MgF2", cells["MgF2"], records["MgF2"], max_paths=5,
+                                                 hops_found=3)
+        inserted = [(a_sqrt2, 0.90, "ok"), (m1d, 0.25, "ok"), (a2, 0.30, "ok"), (a2, 0.05, "intermediate-minimum"),
+                    (m3d, 0.60, "ok"), (m3d, 0.02, "unchecked"), (m0, None, "vacancy-moved")]
+        add_results(session, *(barrier_row(Estimate, pid, barrier, flag=flag, reason=None if flag == "ok" else flag)
+                               for pid, barrier, flag in inserted))
     add_synthetic_items(engine, 30)
     _set_target(engine, 1)
     ctl.tick(prefect_client, engine=engine, stages=[SYNTHETIC], deployments={SYNTHETIC: name}, mirror=False)
@@ -267,8 +280,27 @@ def test_tick_publishes_progress_and_leaderboard(engine, prefect_client, deploym
     assert progress[SYNTHETIC] | {"note": ""} == {
         "stage": SYNTHETIC, "target": 1, "live_flow_runs": 0, "queued": 10, "claimed": BATCH, "running": 0,
         "done": 0, "failed": 0, "cached": 0, "submitted": 1, "note": ""}
-    for key in (ctl.LEADERBOARD_KEY, ctl.MATERIALS_KEY):  # no pathways yet: empty (tests/test_leaderboard.py fills them)
-        assert json.loads(_latest_artifact(prefect_client, key).data) == []
+
+    # per pathway: the lowest trusted ("ok") barrier, lowest first; a pathway with flagged results only comes last
+    trusted = {pid: min(b for p, b, f in inserted if p == pid and f == "ok") for pid, _, f in inserted if f == "ok"}
+    expected = sorted(trusted, key=trusted.__getitem__) + [m0]
+    assert expected == [m1d, a2, m3d, a_sqrt2, m0]
+    board = json.loads(_latest_artifact(prefect_client, ctl.LEADERBOARD_KEY).data)
+    assert [row["pathway_id"] for row in board] == expected
+    assert [row["barrier"] for row in board] == [trusted[pid] for pid in expected[:-1]] + [None]
+    assert [row["flag"] for row in board] == ["ok"] * 4 + ["vacancy-moved"]
+    lengths = dict(zip([a2, a_sqrt2, m0, m3d, m1d], [p.length for p in records["CaF2"] + records["MgF2"]]))
+    assert [row["hop_length"] for row in board] == pytest.approx([lengths[pid] for pid in expected])
+    assert [row["formula"] for row in board] == ["MgF2", "CaF2", "MgF2", "CaF2", "MgF2"]
+
+    # per material: CaF2's a/2 hop alone percolates in 3D at 0.30 eV; MgF2 has a hop without a trusted barrier
+    materials = json.loads(_latest_artifact(prefect_client, ctl.MATERIALS_KEY).data)
+    assert [(m["formula"], m["structure_id"]) for m in materials] == [("CaF2", caf2_id), ("MgF2", mgf2_id)]
+    caf2_row, mgf2_row = materials
+    assert (caf2_row["e_star_3d"], caf2_row["status_3d"], caf2_row["pathways_3d"]) == (0.30, "complete", [a2])
+    assert (caf2_row["hops_known"], caf2_row["hops_total"]) == (2, 2)
+    assert (mgf2_row["e_star_3d"], mgf2_row["status_3d"]) == (None, "incomplete")
+    assert (mgf2_row["hops_known"], mgf2_row["hops_total"]) == (2, 3)
 
 
 def test_controller_flow_runs_a_tick_and_links_its_artifact(engine, prefect_client):

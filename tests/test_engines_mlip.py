@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydantic import ValidationError
-from pymatgen.core import Lattice, Structure
+from pymatgen.core import Structure
 
 from hopflow.settings import get_settings
 from hopflow.tasks.engines import BarrierResult, compute_barrier, get_engine
@@ -29,7 +29,7 @@ from hopflow.tasks.engines.mlip import (
 from hopflow.tasks.engines.potentials import _weights, pick_device, single_points
 from hopflow.tasks.images import HopImages, hop_images
 from hopflow.tasks.pathways import find_pathways
-from tests.test_engines_vasp import CAF2_A, caf2_hop
+from crystals import CAF2_A, caf2, caf2_hop
 
 EXPERIMENT_RANGE = (0.35, 0.55)  # eV, F-vacancy migration in CaF2 (ENVIRONMENT.md); universal MLIPs come out softer
 ACCEPTED_RANGE = (0.1, 0.6)  # eV, what the acceptance criterion allows for CHGNet
@@ -37,9 +37,7 @@ ACCEPTED_RANGE = (0.1, 0.6)  # eV, what the acceptance criterion allows for CHGN
 
 def fluorite() -> Structure:
     """CaF2, conventional cell, with the oxidation states the engines must strip."""
-    s = Structure.from_spacegroup("Fm-3m", Lattice.cubic(CAF2_A), ["Ca", "F"], [[0, 0, 0], [0.25, 0.25, 0.25]])
-    s.add_oxidation_state_by_element({"Ca": 2, "F": -1})
-    return s
+    return caf2(oxidation_states=True)
 
 
 @cache

@@ -3,39 +3,27 @@
 from __future__ import annotations
 
 import sys
-from functools import cache
 from pathlib import Path
 
 import numpy as np
 import pytest
 from pydantic import ValidationError
 from pymatgen.analysis.transition_state import NEBAnalysis
-from pymatgen.core import Lattice, Structure
 from pymatgen.io.vasp.inputs import Incar, Poscar, Potcar
 
 from hopflow.errors import EngineError, InputError
 from hopflow.tasks.engines import ENGINES, BarrierResult, compute_barrier, get_engine
 from hopflow.tasks.engines.base import RUN_FILE
 from hopflow.tasks.engines.vasp import NEB_OUTPUT, VaspNebEngine, VaspNebSettings, VaspRunRecord
-from hopflow.tasks.images import HopImages, displacements, hop_images
-from hopflow.tasks.pathways import find_pathways
+from hopflow.tasks.images import displacements
+from crystals import CAF2_A, caf2_hop
 from tests.fake_vasp.fake_potcar import write_fake_psp_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pymatgen rightly does not know the FAKE POTCARs
 
 STANDIN = Path(__file__).parent / "fake_vasp" / "vasp_standin"
-CAF2_A = 5.4631  # Å, shared verified data (Speziale & Duffy 2002)
 BARRIER = 0.37  # eV, the stand-in's analytic barrier for these tests
 ZVAL = {"Ca": 10, "F": 7}  # the FAKE POTCARs' valence counts (those of VASP's Ca_sv and F)
-
-
-@cache
-def caf2_hop() -> HopImages:
-    """CaF2, shortest F-vacancy hop (a/2 along <100>), 3 IDPP images in the 2x2x2 cell (95 atoms)."""
-    structure = Structure.from_spacegroup("Fm-3m", Lattice.cubic(CAF2_A), ["Ca", "F"], [[0, 0, 0], [0.25, 0.25, 0.25]])
-    structure.add_oxidation_state_by_element({"Ca": 2, "F": -1})
-    record = find_pathways(structure, ion="F", max_hop=3.0, max_paths=1)[0]
-    return hop_images(structure, record, nimages=3, min_length=7.0, min_atoms=1, max_atoms=200)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import fields
 from functools import cache
+from typing import get_type_hints
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from hopflow.tasks.features import (EWALD_ACCURACY, NEIGHBOUR_CUTOFF, PathwayFea
                             shannon_radius)
 from hopflow.tasks.images import HopImages, hop_images
 from hopflow.tasks.pathways import PathwayRecord, find_pathways
-from tests.test_pathways import crystal, lattice_a
+from crystals import crystal, lattice_a
 
 SUPERCELL = {"min_length": 10.0, "min_atoms": 40, "max_atoms": 240}
 
@@ -34,12 +35,13 @@ def _features(rank: int) -> PathwayFeatures:
 def test_every_feature_is_finite_and_the_composition_ones_are_exact() -> None:
     f = _features(0)
     a = lattice_a("CaF2")
-    for field in fields(PathwayFeatures):
-        value = getattr(f, field.name)
-        if isinstance(value, float):
-            assert math.isfinite(value), field.name
-    # no neutral neighbours in CaF2: those overlaps are absent, not a sentinel
-    assert (f.overlap_neutral_start, f.overlap_neutral_midpoint, f.overlap_neutral_max) == (None, None, None)
+    hints = get_type_hints(PathwayFeatures)
+    numbers = {field.name for field in fields(PathwayFeatures) if hints[field.name] in (float, int, float | None)}
+    assert {"length", "overlap_cation_max", "overlap_neutral_max", "nsites"} <= numbers
+    # no neutral neighbours in CaF2: those overlaps are absent, not a sentinel; every other number is finite
+    absent = {"overlap_neutral_start", "overlap_neutral_midpoint", "overlap_neutral_max", "overlap_neutral_max_change"}
+    assert {name for name in numbers if getattr(f, name) is None} == absent
+    assert [name for name in sorted(numbers - absent) if not math.isfinite(getattr(f, name))] == []
     assert f.ion == "F" and f.ion_oxidation_state == -1
     assert f.oxidation_states == {"Ca2+": 2.0, "F-": -1.0}
     assert f.radii == {"Ca2+": 1.00, "F-": 1.33}  # Shannon ionic radii, CN VI

@@ -26,7 +26,7 @@ from hopflow.settings import get_settings
 from hopflow.stages import engine_parameters
 from hopflow.tasks.engines.base import BarrierResult, check_profile, checked_fields
 from hopflow.tasks.structures import bundled_inputs
-from tests.test_stage_barriers import SMALL_CELLS
+from crystals import SMALL_CELLS
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

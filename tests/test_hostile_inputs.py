@@ -272,14 +272,13 @@ def test_outcomes_are_those_of_this_commands_parameter_set(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-def test_migration_0007_adds_the_format_to_file_keys(backend, tmp_path) -> None:
+def test_migration_0007_adds_the_format_to_file_keys(backend, tmp_path, postgres_database) -> None:
     from alembic import command
     from sqlalchemy import text
 
     from hopflow.db import alembic_config, make_engine
-    from tests.conftest import drop_postgres_database, fresh_postgres_database
 
-    url, name = (f"sqlite:///{tmp_path / 'old.sqlite'}", None) if backend == "sqlite" else fresh_postgres_database()
+    url = f"sqlite:///{tmp_path / 'old.sqlite'}" if backend == "sqlite" else postgres_database()
     engine = make_engine(url)
     try:
         config = alembic_config(engine)
@@ -301,5 +300,3 @@ def test_migration_0007_adds_the_format_to_file_keys(backend, tmp_path) -> None:
         assert keys() == [key for _, key, _ in rows]
     finally:
         engine.dispose()
-        if name:
-            drop_postgres_database(name)

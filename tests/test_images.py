@@ -10,7 +10,7 @@ import pytest
 from hopflow.errors import InputError
 from hopflow.tasks.images import HopImages, displacements, hop_images
 from hopflow.tasks.pathways import PathwayRecord, find_pathways
-from tests.test_pathways import crystal, lattice_a
+from crystals import crystal, lattice_a
 
 SUPERCELL = {"min_length": 10.0, "min_atoms": 40, "max_atoms": 240}
 

@@ -12,7 +12,6 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
-from conftest import drop_postgres_database, fresh_postgres_database
 from hopflow.db import allow_result_rewrite, init_db, install_result_guards, make_engine, result_tables, session_scope
 from hopflow.models import Run, SyntheticItem, SyntheticResult
 
@@ -20,12 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def pg_engine():
-    url, name = fresh_postgres_database()
+def pg_engine(postgres_database):
+    url = postgres_database()
     engine = init_db(make_engine(url))
     yield engine
     engine.dispose()
-    drop_postgres_database(name)
 
 
 def _one_result(engine) -> int:

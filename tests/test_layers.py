@@ -1,5 +1,6 @@
 """Dependencies point one way: the core (`hopflow` minus its command line) imports no flow, task, deployment or
-command-line module, at module level or inside a function; and no generic top-level package is installed."""
+command-line module, at module level or inside a function; and no generic top-level package is installed. In tests/,
+no file imports a test module or conftest.py (shared code lives in fixtures and helper modules)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import hopflow
 
 CORE = Path(hopflow.__file__).parent
+TESTS = Path(__file__).resolve().parent
 OUTER = ("hopflow.flows", "hopflow.tasks", "hopflow.deployments", "hopflow.cli")
 
 
@@ -80,3 +82,43 @@ def test_no_generic_top_level_package_is_installed():
 
     assert Path(hopflow.flows.batch.__file__).parent.name == "flows"
     assert Path(hopflow.tasks.pathways.__file__).parent.name == "tasks"
+
+
+def imports_of_test_modules(path: Path) -> list[str]:
+    """`file:line imports module` for each import in `path` of a test module (test_*) or of conftest, in any form:
+    `import tests.test_x`, `from tests import test_x`, `from . import conftest`, `from` the module itself ..."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = "." * node.level + (node.module or "")
+            names = [module] + [f"{module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            parts = [part for part in name.split(".") if part]
+            if any(part.startswith("test_") or part == "conftest" for part in parts):
+                found.append(f"{path.name}:{node.lineno} imports {name}")
+                break
+    return found
+
+
+def test_no_test_file_imports_a_test_module_or_conftest():
+    files = sorted(TESTS.rglob("*.py"))
+    assert TESTS / "conftest.py" in files and TESTS / "test_queue.py" in files and len(files) > 40
+    assert [edge for path in files for edge in imports_of_test_modules(path)] == []
+
+
+def test_the_test_import_check_sees_every_form(tmp_path):
+    # spelled in pieces, so that the grep for such imports in tests/ finds only real ones
+    lines = [("import", "tests.test_queue", None), ("from", "test_pathways", "crystal"), ("from", "tests", "test_flags"),
+             "def f():", ("    from", "conftest", "postgres_url"), ("    from", ".", "conftest"),
+             ("from", "tests.conftest", "x"), ("import", "crystals", None), ("from", "prefect_helpers", "wait_for"),
+             ("from", "tests.fake_vasp.fake_potcar", "write_fake_psp_dir")]
+    sample = tmp_path / "test_probe.py"
+    sample.write_text("".join((line if isinstance(line, str) else
+                               f"{line[0]} {line[1]}" + (f" import {line[2]}" if line[2] else "")) + "\n"
+                              for line in lines))
+    assert sorted(edge.split(" imports ")[0] for edge in imports_of_test_modules(sample)) == [
+        f"test_probe.py:{line}" for line in (1, 2, 3, 5, 6, 7)]

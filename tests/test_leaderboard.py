@@ -18,18 +18,20 @@ from hopflow.cli.barriers import write_profile_plots
 from hopflow.cli.main import app
 from hopflow.db import session_scope
 from hopflow.leaderboard import MaterialEntry, PathwayEntry, material_leaderboard, pathway_leaderboard
-from hopflow.models import Estimate, NebResult, Pathway, Run, Structure, Vacancy, VacancySite
+from hopflow.models import Estimate, NebResult, Run, Vacancy, VacancySite
+from barrier_rows import CHGNET, SEVENNET
+from barrier_rows import add_results as _add
+from barrier_rows import barrier_row as _result
+from barrier_rows import store_pathways as _store
 from prefect_helpers import latest_artifact, prefect_client  # noqa: F401  (prefect_client: a fixture)
 from hopflow.tasks.pathways import PathwayRecord, find_pathways
+from crystals import CAF2_A, caf2
 
-CHGNET, SEVENNET = "chgnet-0.3.0", "7net-0"
-PATHWAY_COLUMNS = {c.name for c in Pathway.__table__.columns}
 MINIMUM_REASON = "image [2] lies 0.100 eV below the lower endpoint [/red]"  # markup-like text must print as is
 
 
 def _fluorite(a: float) -> PmgStructure:
-    return PmgStructure.from_spacegroup("Fm-3m", Lattice.cubic(a), ["Ca", "F"],
-                                        [[0, 0, 0], [0.25, 0.25, 0.25]]).get_primitive_structure()
+    return caf2(a).get_primitive_structure()
 
 
 RUTILE = PmgStructure.from_spacegroup("P4_2/mnm", Lattice.tetragonal(4.621, 3.052), ["Mg", "F"],
@@ -40,55 +42,9 @@ RUTILE = PmgStructure.from_spacegroup("P4_2/mnm", Lattice.tetragonal(4.621, 3.05
 def hops() -> dict[str, tuple[PmgStructure, list[PathwayRecord]]]:
     """Real hops: CaF2 (a/2, a/√2), a SrF2-sized fluorite cut to its shortest hop, MgF2 (0D, 3D, 1D alone)."""
     srf2 = _fluorite(5.80)
-    return {"CaF2": (_fluorite(5.463), find_pathways(_fluorite(5.463), ion="F", max_hop=4.0, max_paths=5)),
+    return {"CaF2": (_fluorite(CAF2_A), find_pathways(_fluorite(CAF2_A), ion="F", max_hop=4.0, max_paths=5)),
             "SrF2": (srf2, find_pathways(srf2, ion="F", max_hop=4.2, max_paths=1)),
             "MgF2": (RUTILE, find_pathways(RUTILE, ion="F", max_hop=3.1, max_paths=5))}
-
-
-def _store(session: Session, formula: str, structure: PmgStructure, records: list[PathwayRecord], *,
-           max_paths: int, hops_found: int) -> tuple[int, list[int]]:
-    """A structure and one pathways run's rows; returns the structure id and the pathway ids by rank."""
-    run = Run(stage="pathways", input_id=0, param_hash=f"test-{formula}", parameters={"max_paths": max_paths},
-              state="done")
-    session.add(run)
-    session.flush()
-    row = Structure(formula=formula, chemsys="-".join(sorted(e.symbol for e in structure.composition)),
-                    spacegroup="test", spacegroup_number=1, nsites=len(structure), density=structure.density,
-                    volume=structure.volume, oxidation_states=None, oxidation_method=None,
-                    fingerprint=f"fp-{formula}", structure=structure.as_dict(), run_id=run.id)
-    session.add(row)
-    session.flush()
-    pathways = [Pathway(run_id=run.id, structure_id=row.id,
-                        **{**{k: v for k, v in asdict(r).items() if k in PATHWAY_COLUMNS}, "hops_found": hops_found})
-                for r in records]
-    session.add_all(pathways)
-    session.flush()
-    return row.id, [p.id for p in pathways]
-
-
-def _result(table: type, pathway_id: int, barrier: float | None, *, flag: str = "ok", reason: str | None = None,
-            engine: str = "mlip-idpp", model: str | None = CHGNET, energies: list[float] | None = None,
-            vacancies: tuple[int, int] | None = None) -> Estimate | NebResult:
-    energies = energies or [0.0, barrier or 0.1, 0.0]
-    start_vacancy, end_vacancy = vacancies or (None, None)
-    return table(run_id=None, pathway_id=pathway_id, engine=engine, engine_version="test-1", barrier=barrier,
-                 forward_barrier=barrier, reverse_barrier=barrier, flag=flag, flag_reason=reason, model=model,
-                 start_vacancy_id=start_vacancy, end_vacancy_id=end_vacancy, converged=True, energies=energies,
-                 relative_energies=[e - energies[0] for e in energies], reaction_coordinate=[0.0, 0.5, 1.0],
-                 max_forces=[0.01] * 3, n_images=1, moving_index=0, steps=1, vacancy_mode="neutral", charge=0,
-                 timings={}, settings={}, corrections=[], continued=False, versions={}, workdir=None)
-
-
-def _add(session: Session, *rows: Estimate | NebResult) -> None:
-    """Rows in this order (the later, the newer), each with its own run."""
-    for row in rows:
-        run = Run(stage=row.__tablename__, input_id=row.pathway_id, param_hash=f"r{id(row)}", parameters={},
-                  state="done")
-        session.add(run)
-        session.flush()
-        row.run_id = run.id
-        session.add(row)
-        session.flush()
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from hopflow.learning import (
     train,
     uncertain_scores,
 )
+from crystals import CAF2_A
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -288,7 +289,7 @@ def test_fixture_matches_tasks_features_for_fluorite(benchmark):
     stored = dict(zip(real.names, real.matrix[real.labels.index(f"{name}#0")], strict=True))
     assert set(stored) <= set(row)
     assert {k: pytest.approx(row[k], rel=1e-4, abs=1e-6) for k in stored} == stored
-    assert stored["length"] == pytest.approx(5.4631 / 2, abs=1e-3)  # fluorite's a/2 hop
+    assert stored["length"] == pytest.approx(CAF2_A / 2, abs=1e-3)  # fluorite's a/2 hop
 
 
 @pytest.mark.slow

@@ -19,7 +19,6 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.states import Cancelled, Completed, Crashed, Failed, Running
 from sqlalchemy import func, inspect, select, text
 
-from conftest import drop_postgres_database, fresh_postgres_database
 from hopflow.flows import maintenance
 from hopflow import queue
 from hopflow.db import is_sqlite, make_engine, session_scope
@@ -104,17 +103,16 @@ def _row_counts(engine) -> dict[str, int]:
                 for name in inspect(conn).get_table_names()}
 
 
-def _restore_postgres(dump: Path) -> tuple[str, str]:
-    url, name = fresh_postgres_database()
+def _restore_postgres(dump: Path, url: str) -> None:
+    """Restore `dump` into the empty database at `url`."""
     target = make_engine(url).url
     restore = str(Path(maintenance.find_pg_dump()).with_name("pg_restore"))
     done = subprocess.run([restore, "--no-owner", "--dbname", target.database, str(dump)],
                           env=maintenance._pg_environment(target), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    return url, name
 
 
-def test_checkpoint_writes_a_snapshot_and_every_table(engine, tmp_path):
+def test_checkpoint_writes_a_snapshot_and_every_table(engine, tmp_path, postgres_database):
     _fill(engine)
     expected = _row_counts(engine)
     report = maintenance.checkpoint_database(engine, dest=tmp_path / "ck")
@@ -141,13 +139,11 @@ def test_checkpoint_writes_a_snapshot_and_every_table(engine, tmp_path):
         copy.dispose()
     else:
         assert report.snapshot.name == "hopflow.pgdump"
-        url, name = _restore_postgres(report.snapshot)
-        try:
-            restored = make_engine(url)
-            assert _row_counts(restored) == expected
-            restored.dispose()
-        finally:
-            drop_postgres_database(name)
+        url = postgres_database()
+        _restore_postgres(report.snapshot, url)
+        restored = make_engine(url)
+        assert _row_counts(restored) == expected
+        restored.dispose()
 
 
 def test_checkpoint_flow_uses_the_home_folder(engine):

@@ -2,45 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import math
-from functools import cache
-from pathlib import Path
 
 import numpy as np
 import pytest
-from pymatgen.core import Lattice, Structure
+from pymatgen.analysis.diffusion.neb.pathfinder import DistinctPathFinder
+from pymatgen.core import Structure
 from pymatgen.util.testing import MatSciTest
 
 from hopflow.errors import InputError
 from hopflow.tasks.pathways import PathwayRecord, automatic_max_hop, canonical_cell, find_pathways
-
-# The bundled set ships the verified crystal data (shared/data/fluoride-crystals.json plus its own additions).
-CRYSTALS = Path(__file__).resolve().parents[1] / "hopflow" / "data" / "bundled_structures.json"
-
-
-@cache
-def _entries() -> dict[str, dict]:
-    return {entry["name"]: entry for entry in json.loads(CRYSTALS.read_text())}
-
-
-def crystal(name: str, *, oxidation_states: bool = False, a: float | None = None) -> Structure:
-    """A verified crystal of the shared data set in its conventional cell (optionally decorated, or with another a)."""
-    entry = _entries()[name]
-    lat = dict(entry["lattice"])
-    if a is not None:
-        lat.update(a=a, b=a, c=a)
-    lattice = Lattice.from_parameters(lat["a"], lat["b"], lat["c"], lat["alpha"], lat["beta"], lat["gamma"])
-    structure = Structure.from_spacegroup(
-        entry["spacegroup"], lattice, [s["species"] for s in entry["sites"]], [s["coords"] for s in entry["sites"]]
-    )
-    if oxidation_states:
-        structure.add_oxidation_state_by_element(entry["oxidation_states"])
-    return structure
-
-
-def lattice_a(name: str) -> float:
-    return float(_entries()[name]["lattice"]["a"])
+from crystals import bundled_entry, bundled_names, crystal, lattice_a
 
 
 def summary(paths: list[PathwayRecord]) -> list[tuple]:
@@ -85,7 +57,7 @@ def test_fluorite_automatic_limit_gives_the_shortest_hop_only() -> None:
 
 
 def test_rutile_mgf2_two_hops_at_the_automatic_limit() -> None:
-    entry = _entries()["MgF2"]
+    entry = bundled_entry("MgF2")
     a, c = entry["lattice"]["a"], entry["lattice"]["c"]
     x = entry["sites"][1]["coords"][0]
     # F at (x,x,0): shared octahedron edge to (1-x,1-x,0), and to (1/2-x,1/2+x,1/2) in the next chain
@@ -99,16 +71,15 @@ def test_rutile_mgf2_two_hops_at_the_automatic_limit() -> None:
     assert [(p.multiplicity, p.dimensionality, p.dimensionality_cumlengths) for p in paths] == [(1, 0, 0), (8, 3, 3)]
 
 
-@pytest.mark.parametrize("a", [None, 4.027])
-def test_rocksalt_lif_hop_is_a_over_root_two(a: float | None) -> None:
+@pytest.mark.parametrize(("a", "rounded"), [(None, 2.841), (4.027, 2.848)])
+def test_rocksalt_lif_hop_is_a_over_root_two(a: float | None, rounded: float) -> None:
     structure = crystal("LiF", a=a)
     edge = a or lattice_a("LiF")
     paths = find_pathways(structure, ion="F", max_hop=None, max_paths=5)
     assert len(paths) == 1
     assert paths[0].length == pytest.approx(edge / math.sqrt(2), abs=1e-4)
+    assert round(paths[0].length, 3) == rounded
     assert paths[0].multiplicity == 12  # fcc anion sublattice
-    if a == 4.027:
-        assert round(paths[0].length, 3) == 2.848
 
 
 def test_lifepo4_lithium_has_one_hop_forming_1d_channels() -> None:
@@ -219,6 +190,20 @@ def test_automatic_limit_is_the_shell_that_connects_every_ion(name: str) -> None
     assert limit == pytest.approx(max(path_cutoff, junction_cutoff), abs=1e-3)
     # every ion has at least two hops within the limit, so the hop graph has no dead ends
     assert all(sum(d <= limit + 1e-3 for d in s) >= 2 for s in shells)
+
+
+@pytest.mark.parametrize("name", bundled_names())
+def test_automatic_limit_is_the_librarys(name: str) -> None:
+    """The automatic limit is pymatgen-analysis-diffusion's own choice: DistinctPathFinder with max_path_length=None
+    and its defaults (perc_mode '>1d', symprec 0.1), asked here on the bundled conventional cell, not on the canonical
+    primitive cell hopflow hands it; find_pathways records that limit on every hop it returns."""
+    structure = crystal(name)
+    library = DistinctPathFinder(structure, "F", max_path_length=None).max_path_length
+    assert 2.0 < library < min(structure.lattice.abc)  # a real F-F shell, not the library's fallback
+    assert automatic_max_hop(canonical_cell(structure), "F") == pytest.approx(library, abs=1e-3)
+    paths = find_pathways(structure, ion="F", max_hop=None, max_paths=5)
+    assert paths and all(p.max_hop_automatic and p.max_hop == pytest.approx(library, abs=1e-3) for p in paths)
+    assert max(p.length for p in paths) <= library + 1e-3
 
 
 def test_rutile_limit_is_beyond_the_shared_edge() -> None:

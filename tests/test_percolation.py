@@ -10,6 +10,7 @@ from pymatgen.core import Lattice, Structure
 
 from hopflow.percolation import HopBarrier, hop_network, material_barriers, unestimated
 from hopflow.tasks.pathways import PathwayRecord, find_pathways
+import crystals
 
 
 def _hops(records: list[PathwayRecord], barriers: list[float | None]) -> list[HopBarrier]:
@@ -34,7 +35,7 @@ def rutile() -> tuple[Structure, list[PathwayRecord]]:
 @pytest.fixture(scope="module")
 def fluorite() -> tuple[Structure, list[PathwayRecord]]:
     """CaF2 primitive cell: the a/2 hop (2.73 Å) and the a/√2 hop (3.86 Å)."""
-    caf2 = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.463), ["Ca", "F"], [[0, 0, 0], [0.25, 0.25, 0.25]])
+    caf2 = crystals.caf2()
     records = find_pathways(caf2.get_primitive_structure(), ion="F", max_hop=4.0, max_paths=5)
     assert [round(r.length, 2) for r in records] == [2.73, 3.86]
     return caf2.get_primitive_structure(), records

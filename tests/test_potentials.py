@@ -7,7 +7,7 @@ from functools import cache
 
 import numpy as np
 import pytest
-from pymatgen.core import Lattice, Structure
+from pymatgen.core import Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
 from hopflow.errors import InputError
@@ -19,15 +19,11 @@ from hopflow.tasks.engines.potentials import (
     relax_positions,
     single_points,
 )
-
-CAF2_A = 5.463  # Å, fluorite (ENVIRONMENT.md)
-
+from crystals import CAF2_A, caf2
 
 def fluorite(a: float = CAF2_A) -> Structure:
     """The CaF2 conventional cell (12 atoms) with oxidation states, which the potentials must not see."""
-    s = Structure.from_spacegroup("Fm-3m", Lattice.cubic(a), ["Ca", "F"], [[0, 0, 0], [0.25, 0.25, 0.25]])
-    s.add_oxidation_state_by_element({"Ca": 2, "F": -1})
-    return s
+    return caf2(a, oxidation_states=True)
 
 
 @cache

@@ -47,6 +47,7 @@ def test_every_key_is_one_prefect_reads():
     assert set(document) - {ANCHOR_SECTION} <= _fields(PrefectYamlModel)
     PrefectYamlModel.model_validate(document)  # what `prefect deploy` runs first
     job_variables = set(ProcessWorker.get_default_base_job_template()["variables"]["properties"])
+    limits, crons = [], []
     for deployment in document["deployments"]:
         where = deployment.get("name")
         assert set(deployment) <= _fields(DeploymentConfig), where
@@ -58,10 +59,14 @@ def test_every_key_is_one_prefect_reads():
         if isinstance(limit, dict):
             assert set(limit) <= _fields(ConcurrencyLimitSpec), where
             ConcurrencyLimitStrategy(limit["collision_strategy"])
+            limits.append(where)
         for schedule in deployment.get("schedules", []):
             parsed = RawScheduleConfig.model_validate(schedule)  # forbids unknown keys
             if parsed.cron is not None:
                 CronSchedule(cron=parsed.cron, timezone=parsed.timezone)  # validates the expression
+                crons.append(where)
+    # the checks above really ran: the controller's limit, the daily cleanup and checkpoint schedules
+    assert "controller" in limits and crons.count("daily") == 2, (limits, crons)
 
 
 def test_names_are_unique_and_every_stage_has_its_deployment():

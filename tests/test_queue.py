@@ -16,7 +16,7 @@ from hopflow import queue
 from hopflow.db import make_engine, session_scope, utcnow
 from hopflow.errors import ImmutableResultError
 from hopflow.models import Run, RunState, StageSetting, SyntheticItem, SyntheticResult
-from hopflow.registry import Cutoff, Ranker, Stage, get_stage, register
+from hopflow.registry import Cutoff, Ranker, Stage, get_stage
 
 SYN = "synthetic"
 
@@ -164,18 +164,18 @@ def test_ties_are_broken_by_id(engine) -> None:
     assert [c.input_id for c in sorted(queue.claim(SYN, 3, engine=engine), key=lambda c: c.input_id)] == [1, 2, 3]
 
 
-def test_model_score_ranker_is_recomputed_by_rank(engine) -> None:
+def test_model_score_ranker_is_recomputed_by_rank(engine, register_stage) -> None:
     calls: list[int] = []
 
     def reverse_id(session, ids):
         calls.append(len(ids))
         return {i: -float(i) for i in ids}
 
-    stage = register(Stage(
+    stage = register_stage(Stage(
         name="synthetic-scored", description="test stage", input_table="synthetic_items",
         inputs=get_stage(SYN).inputs, params=get_stage(SYN).params, load=get_stage(SYN).load,
         store=get_stage(SYN).store, output_model=get_stage(SYN).output_model, input_columns=get_stage(SYN).input_columns, rankers=(Ranker("reverse", "model score", score=reverse_id),),
-        default_ranker="reverse"), replace=True)
+        default_ranker="reverse"))
     with session_scope(engine, write=True) as s:
         s.add_all([SyntheticItem(priority=0.0) for _ in range(4)])
         s.flush()
@@ -188,13 +188,13 @@ def test_model_score_ranker_is_recomputed_by_rank(engine) -> None:
     assert calls == [4, 4]
 
 
-def test_cutoff_holds_items_back_and_broadens_one_bounded_step(engine) -> None:
-    stage = register(Stage(
+def test_cutoff_holds_items_back_and_broadens_one_bounded_step(engine, register_stage) -> None:
+    stage = register_stage(Stage(
         name="synthetic-cut", description="test stage with a cutoff", input_table="synthetic_items",
         inputs=get_stage(SYN).inputs, params=get_stage(SYN).params, load=get_stage(SYN).load,
         store=get_stage(SYN).store, output_model=get_stage(SYN).output_model, input_columns=get_stage(SYN).input_columns, rankers=get_stage(SYN).rankers, default_ranker="priority",
         cutoffs=(Cutoff("max_priority", "largest priority value eligible", default=2.0,
-                        criterion=lambda c, v: c.priority <= v, broaden_step=3.0, broaden_limit=6.0),)), replace=True)
+                        criterion=lambda c, v: c.priority <= v, broaden_step=3.0, broaden_limit=6.0),)))
     with session_scope(engine, write=True) as s:
         s.add_all([SyntheticItem(priority=float(p)) for p in (1, 4, 7, 9)])
         s.flush()

@@ -17,9 +17,8 @@ from typer.testing import CliRunner
 from hopflow import queue
 from hopflow.db import get_engine, init_db, make_engine, session_scope
 from hopflow.models import Run, SyntheticItem
-from hopflow.registry import NoParams, STAGES, Cutoff, Stage, get_stage, register
+from hopflow.registry import NoParams, Cutoff, Stage, get_stage
 from hopflow.settings import get_settings
-from tests.conftest import drop_postgres_database, postgres_url
 
 FAKE_MP_KEY = "FAKEmpKEYsecret0123456789abcdefg"  # 32 characters, like a real key, so mp-api goes on to the network
 FAKE_DB_PASSWORD = "pw-FAKE-" + "s3cr3t-Zq7"
@@ -27,15 +26,15 @@ INJECTION = "x; DROP TABLE runs"
 
 
 @pytest.fixture
-def secret_database(monkeypatch, tmp_path):
+def secret_database(monkeypatch, tmp_path, postgres_url):
     """A database on the test PostgreSQL server owned by a new role whose password is FAKE_DB_PASSWORD."""
     suffix = uuid.uuid4().hex[:10]
     role, name = f"hopflow_role_{suffix}", f"hopflow_secret_{suffix}"
-    admin = make_engine(postgres_url()).execution_options(isolation_level="AUTOCOMMIT")
+    admin = make_engine(postgres_url).execution_options(isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f"CREATE ROLE {role} LOGIN PASSWORD '{FAKE_DB_PASSWORD}'"))
         conn.execute(text(f'CREATE DATABASE "{name}" OWNER {role}'))
-    url = make_url(postgres_url()).set(username=role, password=FAKE_DB_PASSWORD, database=name)
+    url = make_url(postgres_url).set(username=role, password=FAKE_DB_PASSWORD, database=name)
     url_text = url.render_as_string(hide_password=False)
     assert FAKE_DB_PASSWORD in url_text
     monkeypatch.setenv("HOPFLOW_DATABASE_URL", url_text)
@@ -45,8 +44,8 @@ def secret_database(monkeypatch, tmp_path):
     yield url_text
     get_engine().dispose()
     get_engine.cache_clear()
-    drop_postgres_database(name)
     with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         conn.execute(text(f"DROP ROLE IF EXISTS {role}"))
     admin.dispose()
 
@@ -126,7 +125,7 @@ def test_ranker_and_cutoff_names_are_checked(engine) -> None:
         assert queue.stage_settings(session, "pathways") == {}
 
 
-def test_cutoff_values_are_bound_parameters(engine) -> None:
+def test_cutoff_values_are_bound_parameters(engine, register_stage) -> None:
     marker = 0.123456789
     stage = Stage(
         name="secrets-cutoff-test", description="test stage with a cutoff", input_table="synthetic_items",
@@ -136,23 +135,20 @@ def test_cutoff_values_are_bound_parameters(engine) -> None:
         rankers=(get_stage("synthetic").ranker("id"),), default_ranker="id",
         cutoffs=(Cutoff("max_priority", "priority at most", 1.0, lambda c, v: c.priority <= v),),
     )
-    register(stage)
-    try:
-        with session_scope(write=True) as session:
-            session.add_all(SyntheticItem(priority=p) for p in (0.1, 0.2, 5.0))
-            session.flush()
-            queue.enqueue(session, stage)
-            assert session.scalar(select(func.count()).select_from(Run).where(Run.stage == stage.name)) == 3
-            with pytest.raises(ValueError):
-                queue.set_cutoff(session, stage, "max_priority", "1 OR 1=1")  # type: ignore[arg-type]
-            queue.set_cutoff(session, stage, "max_priority", marker)
-            cutoffs = queue.cutoff_values(session, stage)
-            stmt = queue.claim_statement(session, stage, 10, "id", queue.param_hash(queue.stage_parameters(stage)),
-                                         "c", 60, cutoffs)
-            compiled = stmt.compile(dialect=session.get_bind().dialect)
-            assert str(marker) not in str(compiled) and "0.1234" not in str(compiled)
-            assert marker in compiled.params.values()
-            claimed = session.execute(stmt).all()
-            assert len(claimed) == 1  # only priority 0.1 <= 0.123456789
-    finally:
-        STAGES.pop(stage.name, None)
+    register_stage(stage)
+    with session_scope(write=True) as session:
+        session.add_all(SyntheticItem(priority=p) for p in (0.1, 0.2, 5.0))
+        session.flush()
+        queue.enqueue(session, stage)
+        assert session.scalar(select(func.count()).select_from(Run).where(Run.stage == stage.name)) == 3
+        with pytest.raises(ValueError):
+            queue.set_cutoff(session, stage, "max_priority", "1 OR 1=1")  # type: ignore[arg-type]
+        queue.set_cutoff(session, stage, "max_priority", marker)
+        cutoffs = queue.cutoff_values(session, stage)
+        stmt = queue.claim_statement(session, stage, 10, "id", queue.param_hash(queue.stage_parameters(stage)),
+                                     "c", 60, cutoffs)
+        compiled = stmt.compile(dialect=session.get_bind().dialect)
+        assert str(marker) not in str(compiled) and "0.1234" not in str(compiled)
+        assert marker in compiled.params.values()
+        claimed = session.execute(stmt).all()
+        assert len(claimed) == 1  # only priority 0.1 <= 0.123456789

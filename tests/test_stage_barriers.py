@@ -29,16 +29,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pymatgen right
 
 STANDIN = Path(__file__).parent / "fake_vasp" / "vasp_standin"
 BARRIER = 0.37  # eV, the stand-in's analytic barrier
-SMALL_CELLS = {"HOPFLOW_SUPERCELL_MIN_LENGTH": "5", "HOPFLOW_SUPERCELL_MIN_ATOMS": "1",
-               "HOPFLOW_SUPERCELL_MAX_ATOMS": "30", "HOPFLOW_NIMAGES": "3"}
-"""Small vacancy supercells (CaF2 11 atoms, LiF 63) and 3 images keep CHGNet on 2 CPU cores quick."""
 
 
 @pytest.fixture
-def env(monkeypatch, tmp_path) -> Path:
+def env(monkeypatch, tmp_path, small_cells) -> Path:
     """Small cells, local Dask workers for every stage, the VASP stand-in with FAKE POTCARs for Ca and F only."""
-    for key, value in SMALL_CELLS.items():
-        monkeypatch.setenv(key, value)
     psp = write_fake_psp_dir(tmp_path / "psp", ["Ca_sv", "F"])  # no Li: LiF's NEB must fail, recorded
     monkeypatch.setenv("HOPFLOW_VASP_CMD", str(STANDIN))
     monkeypatch.setenv("HOPFLOW_VASP_PSP_DIR", str(psp))

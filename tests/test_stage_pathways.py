@@ -21,9 +21,10 @@ from hopflow.models import Features, Pathway, Run, RunState, Structure
 from hopflow.registry import get_stage
 from hopflow.stages import FEATURE_COLUMNS
 from hopflow.tasks.structures import bundled_inputs
+from crystals import lattice_a
 
 CRYSTALS = ("CaF2", "LiF", "MgF2")
-FLUORITE_A = 5.463
+FLUORITE_A = lattice_a("CaF2")  # the bundled crystal the stage imports
 """Å: the bundled fluorite's lattice parameter; F hops a/2 and a/√2."""
 
 
@@ -80,10 +81,9 @@ def test_pathways_and_features_stages_end_to_end(tmp_path) -> None:
         assert first.length == pytest.approx(FLUORITE_A / 2, abs=1e-3)
         assert first.ion_fraction == pytest.approx(2 / 3)
         assert first.oxidation_states == {"Ca2+": 2.0, "F-": -1.0}
-        for name in FEATURE_COLUMNS:
-            value = getattr(first, name)
-            if isinstance(value, float):
-                assert math.isfinite(value), name
+        floats = {name: getattr(first, name) for name in FEATURE_COLUMNS if isinstance(getattr(first, name), float)}
+        assert {"length", "ion_fraction", "overlap_cation_max", "min_cation_anion_distance"} <= set(floats)
+        assert [name for name, value in floats.items() if not math.isfinite(value)] == []
         assert first.overlap_cation_max_change is not None and first.overlap_cation_max_change > 0
         features_run = first.run_id
         chain = trace_chain(session, features_run)

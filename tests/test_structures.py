@@ -26,6 +26,8 @@ from hopflow.tasks.structures import (
     parse_input,
     sanitize,
 )
+import crystals
+from crystals import CAF2_A
 
 from fake_mp import FakeMaterialsProject
 
@@ -49,8 +51,8 @@ def bundled() -> list[tuple[RawInput, dict, SanitizedStructure]]:
 
 @pytest.fixture(scope="module")
 def caf2() -> Structure:
-    """Conventional fluorite CaF2 (12 sites), a = 5.4631 Å."""
-    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.4631), ["Ca", "F"], [[0, 0, 0], [0.25, 0.25, 0.25]])
+    """Conventional fluorite CaF2 (12 sites), a = 5.4631 Å (crystals.CAF2_A)."""
+    return crystals.caf2()
 
 
 def _rocksalt(cation: str, a: float) -> Structure:
@@ -101,9 +103,9 @@ def test_caf2_sanitized_is_the_three_site_fluorite_cell(bundled):
     assert (san.spacegroup_number, san.spacegroup_symbol, san.nsites) == (225, "Fm-3m", 3)
     assert san.oxidation_states == {"Ca": 2.0, "F": -1.0}
     assert san.chemsys == "Ca-F"
-    assert san.volume == pytest.approx(5.4631**3 / 4, rel=1e-6)
+    assert san.volume == pytest.approx(CAF2_A**3 / 4, rel=1e-6)
     assert san.density == pytest.approx(3.181, abs=0.002)  # X-ray density of fluorite, 3.18 g/cm3
-    assert san.fingerprint == f"CaF2|225|{5.4631**3 / 12:.1f}"
+    assert san.fingerprint == f"CaF2|225|{CAF2_A**3 / 12:.1f}"
 
 
 # ---------------------------------------------------------------- file formats
@@ -240,7 +242,7 @@ def test_sanitize_reduces_supercells_and_keeps_oxidation_fallbacks(caf2):
     san = sanitize(supercell, ion="F", max_sites=MAX_SITES)
     assert (san.nsites, san.spacegroup_number) == (3, 225)
     a, b, c = san.structure.lattice.abc
-    assert a == pytest.approx(5.4631 / 2**0.5) and b == pytest.approx(a) and c == pytest.approx(a)  # LLL: fcc primitive
+    assert a == pytest.approx(CAF2_A / 2**0.5) and b == pytest.approx(a) and c == pytest.approx(a)  # LLL: fcc primitive
 
     xef2 = Structure.from_spacegroup(
         "I4/mmm", Lattice.tetragonal(4.315, 6.99), ["Xe", "F"], [[0, 0, 0], [0, 0, 0.2837]]

@@ -20,14 +20,15 @@ from hopflow.tasks.engines.mlip import idpp_path
 from hopflow.tasks.pathways import find_pathways
 from hopflow.tasks.structures import bundled_inputs
 from hopflow.tasks.vacancies import VacancySymmetry, hop_endpoints, relax_vacancy, vacancy_structure
+from crystals import CAF2_A, caf2
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 DEFAULT_CELL = {"min_length": 10.0, "min_atoms": 40, "max_atoms": 240}
 
 
-def fluorite(a: float = 5.463) -> Structure:
-    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(a), ["Ca", "F"], [[0, 0, 0], [0.25, 0.25, 0.25]])
+def fluorite(a: float = CAF2_A) -> Structure:
+    return caf2(a)
 
 
 def lanthanum_fluoride() -> Structure:
@@ -140,7 +141,7 @@ def test_caf2_default_cheap_path_gives_a_believable_barrier(tmp_path) -> None:
                             max_displacement=settings.vacancy_max_displacement)
     assert relaxed.flag == "ok" and relaxed.converged and relaxed.bulk_converged
     bulk = Structure.from_dict(relaxed.bulk_structure)
-    assert bulk.lattice.abc[0] * np.sqrt(2) == pytest.approx(5.463, rel=0.03)  # CHGNet's fluorite lattice
+    assert bulk.lattice.abc[0] * np.sqrt(2) == pytest.approx(CAF2_A, rel=0.03)  # CHGNet's fluorite lattice
     short = find_pathways(primitive, ion="F", max_hop=3.0, max_paths=1)[0]
     ends = hop_endpoints(symmetry, bulk, short.start_frac, short.end_frac,
                          {canonical: Structure.from_dict(relaxed.structure)})
