@@ -209,8 +209,6 @@ def counts(engine: Engine) -> dict[str, int]:
 
 def run_campaign(engine: Engine, client: Any, config: CampaignConfig, workdir: Path) -> CampaignReport:
     """Drive the campaign to the last item; sample live runs every second."""
-    from prefect_helpers import delete_waiting_runs, deploy_stage, start_worker, stop_process_group, wait_for_worker
-
     from benchmarks.chaos import DEPLOYMENT
     from hopflow import queue
     from hopflow.db import session_scope
@@ -218,6 +216,8 @@ def run_campaign(engine: Engine, client: Any, config: CampaignConfig, workdir: P
     from hopflow.flows.controller import count_live, tick
     from hopflow.models import RunState
     from hopflow.registry import get_stage
+
+    from prefect_helpers import delete_waiting_runs, deploy_stage, start_worker, stop_process_group, wait_for_worker
 
     url = engine.url.render_as_string(hide_password=False)
     add_items(engine, config.items, config.sleep_ms)

@@ -426,14 +426,14 @@ def flow_run_states(client: Any, flow_run_ids: list[str]) -> dict[str, int]:
 
 def run_chaos(engine: Engine, client: Any, config: ChaosConfig, workdir: Path) -> ChaosReport:
     """Drive a full chaos run against the database behind `engine` and the Prefect server of `client`."""
-    from prefect_helpers import delete_waiting_runs, deploy_stage, start_worker, stop_process_group, wait_for_worker
-
     from hopflow import queue
     from hopflow.db import session_scope
     from hopflow.deployments.bootstrap import POOL_NAME
     from hopflow.flows.controller import count_live, tick
     from hopflow.models import RunState
     from hopflow.registry import get_stage
+
+    from prefect_helpers import delete_waiting_runs, deploy_stage, start_worker, stop_process_group, wait_for_worker
 
     rng = random.Random(config.seed)
     url = engine.url.render_as_string(hide_password=False)

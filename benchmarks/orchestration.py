@@ -161,10 +161,11 @@ class PrefectRun:
 def run_prefect(workdir: Path, url: str, n: int, cpu_ms: float, target: int, batch: int, profile: str) -> PrefectRun:
     """Controller ticks (driven here) claim batches; a process worker runs the synthetic flow on a Dask cluster."""
     from prefect.client.orchestration import get_client
-    from prefect_helpers import deploy_stage, start_worker, stop_process_group, wait_for_worker
 
     from hopflow.deployments.bootstrap import POOL_NAME
     from hopflow.flows.controller import tick
+
+    from prefect_helpers import deploy_stage, start_worker, stop_process_group, wait_for_worker
 
     engine = _engine(url)
     _add_items(engine, n, cpu_ms)

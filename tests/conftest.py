@@ -11,14 +11,18 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 
+import crystals
 import pytest
+from prefect import get_client
+from prefect.client.orchestration import SyncPrefectClient
 from pymatgen.core import Structure as PmgStructure
 from sqlalchemy import Engine, text
 
-import crystals
 from hopflow.db import init_db, make_engine
 from hopflow.registry import STAGES, Stage, get_stage, register
 from hopflow.settings import get_settings
+
+from prefect_helpers import prefect_api_url
 
 POSTGRES_ENV = "HOPFLOW_TEST_POSTGRES_URL"
 
@@ -46,6 +50,14 @@ def _drop_database(name: str) -> None:
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture
+def prefect_client() -> Iterator[SyncPrefectClient]:
+    """A sync client of the test server (scripts/test.sh starts it)."""
+    prefect_api_url()
+    with get_client(sync_client=True) as client:
+        yield client
 
 
 @pytest.fixture

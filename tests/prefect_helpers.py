@@ -8,18 +8,17 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
-from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
 from sqlalchemy import Engine, insert
 
-from hopflow.deployments.bootstrap import PREFECT_YAML
 from hopflow.db import session_scope
+from hopflow.deployments.bootstrap import PREFECT_YAML
 from hopflow.models import SyntheticItem
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -32,14 +31,6 @@ def prefect_api_url() -> str:
     if not url:
         raise RuntimeError("PREFECT_API_URL is not set: run the tests through scripts/test.sh, which starts Prefect")
     return url
-
-
-@pytest.fixture
-def prefect_client() -> Iterator[SyncPrefectClient]:
-    """A sync client of the test server."""
-    prefect_api_url()
-    with get_client(sync_client=True) as client:
-        yield client
 
 
 def latest_artifact(client: SyncPrefectClient, key: str) -> Any:
@@ -167,8 +158,10 @@ def delete_waiting_runs(client: SyncPrefectClient, deployment_id: Any,
             client.delete_flow_run(run.id)
 
 
-def wait_for_worker(client: SyncPrefectClient, pool: str, since: float, timeout: float = WORKER_START_TIMEOUT_S) -> None:
+def wait_for_worker(client: SyncPrefectClient, pool: str, since: float,
+                    timeout: float = WORKER_START_TIMEOUT_S) -> None:
     """Wait until a worker of `pool` has sent a heartbeat after `since` (a time.time())."""
+
     def reported() -> bool:
         workers = client.read_workers_for_work_pool(pool)
         return any(w.last_heartbeat_time and w.last_heartbeat_time.timestamp() >= since for w in workers)

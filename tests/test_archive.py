@@ -19,24 +19,23 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from crystals import SMALL_CELLS
 from sqlalchemy import Engine, func, inspect, select, table
 from typer.testing import CliRunner
 
 from hopflow import queue
 from hopflow.archive import Selection, export_closure, import_archive, schema_head
 from hopflow.cli.main import app
-from hopflow.flows.batch import run_batch
 from hopflow.db import get_engine, init_db, make_engine, session_scope
 from hopflow.errors import ArchiveCorruptError, ArchiveSchemaError
-from hopflow.flows.batch import import_raw_inputs
+from hopflow.flows.batch import import_raw_inputs, run_batch
 from hopflow.models import Estimate, Pathway, Run, RunState, Source, Structure, Vacancy
 from hopflow.registry import get_stage
 from hopflow.settings import get_settings
 from hopflow.stages import VACANCY_COLUMNS, engine_parameters, lattice_parameters
-from hopflow.vacancies import SiteRow, ensure_sites
 from hopflow.tasks.engines.base import BarrierResult, checked_fields
 from hopflow.tasks.structures import bundled_inputs
-from crystals import SMALL_CELLS
+from hopflow.vacancies import SiteRow, ensure_sites
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -90,7 +89,7 @@ def _add_vacancies_and_estimates() -> None:
         rows = [SiteRow(sid, "[[1,0,0],[0,1,0],[0,0,1]]", 0, "F 8c", 8, 12, (0.25, 0.25, 0.25))
                 for sid, _ in structures]
         sites = ensure_sites(session, rows, {sid: lattice_parameters(s) for sid, s in structures})
-    for (sid, structure), row in zip(structures, rows):
+    for (sid, structure), row in zip(structures, rows, strict=True):
         _complete("vacancies", sites[(sid, row.supercell, row.site_index)], _relaxed(structure, -60.0 - sid))
     with session_scope() as session:
         vacancy_of = dict(session.execute(select(Vacancy.structure_id, Vacancy.id)).all())
@@ -200,7 +199,7 @@ def test_round_trip_sqlite_postgres_sqlite_keeps_every_trace(source_db, tmp_path
     assert _counts(back) == _counts(source_db)
     before, after = _traces(source_db.url.render_as_string(False)), _traces(back.url.render_as_string(False))
     assert len(before) == len(after) == _counts(source_db)["runs"]
-    for old, new in zip(before, after):
+    for old, new in zip(before, after, strict=True):
         assert new[:-1] == old  # identical but for the ids ...
         assert (new[-1]["archive"], new[-1]["via"]) == ("second.hopflow.zip", "first.hopflow.zip")  # ... and one line
         assert new[-1]["sha256"] == hashlib.sha256(second.read_bytes()).hexdigest()[:16]
@@ -262,7 +261,8 @@ def test_damaged_truncated_or_newer_archives_are_refused(source_db, tmp_path) ->
     with pytest.raises(ArchiveCorruptError, match=r"member estimates.parquet (is damaged \(Bad CRC-32|fails its SHA)"):
         import_archive(tmp_path / "flipped.zip", engine=target)
     newer = _rewrite(good, tmp_path / "newer.zip", lambda m: m.update(schema_revision="0099"))
-    with pytest.raises(ArchiveSchemaError, match=f"schema revision 0099 is newer than this hopflow's \\({schema_head()}"):
+    newer_than_head = f"schema revision 0099 is newer than this hopflow's \\({schema_head()}"
+    with pytest.raises(ArchiveSchemaError, match=newer_than_head):
         import_archive(newer, engine=target)
     assert _counts(target) == empty
     with session_scope(target) as session:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
+from hopflow.db import init_db, session_scope
 from hopflow.flows.artifacts import md, md_table, report_path
 from hopflow.flows.batch import run_batch
-from hopflow.db import init_db, session_scope
 from hopflow.models import Run, SyntheticItem
 from hopflow.settings import get_settings
-from prefect_helpers import add_synthetic_items, latest_artifact, prefect_client  # noqa: F401  (a fixture)
+
+from prefect_helpers import add_synthetic_items, latest_artifact
 
 HOSTILE = "<img src=x onerror=alert(1)>[bold]x.cif | *y*"
 

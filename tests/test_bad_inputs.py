@@ -9,23 +9,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from crystals import CAF2_A, caf2
 from pymatgen.core import Lattice, Structure
 from pymatgen.io.cif import CifWriter
 from sqlalchemy import select
 
-from hopflow.flows.features import features
-from hopflow.flows.pathways import pathways
 from hopflow import queue
 from hopflow.db import init_db, session_scope
 from hopflow.errors import EngineError, InputError
 from hopflow.flows.batch import import_raw_inputs
-from hopflow.models import Features, Pathway, Run, RunState, Source, Structure as StructureRow
+from hopflow.flows.features import features
+from hopflow.flows.pathways import pathways
+from hopflow.models import Features, Pathway, Run, RunState, Source
+from hopflow.models import Structure as StructureRow
 from hopflow.registry import get_stage
 from hopflow.tasks.engines import compute_barrier, get_engine
 from hopflow.tasks.features import featurize
 from hopflow.tasks.pathways import find_pathways
 from hopflow.tasks.structures import bundled_inputs, file_inputs
-from crystals import CAF2_A, caf2
+
 from tests.fake_vasp.fake_potcar import write_fake_psp_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -86,7 +88,8 @@ def _generated_bad_files(tmp_path: Path) -> dict[str, str]:
     flat = Structure(Lattice.cubic(CAF2_A), ["Ca", "F"], [[0, 0, 0], [0.25, 0.25, 0.25]]).as_dict()
     flat["lattice"]["matrix"][2] = [0.0, 0.0, float("nan")]
     (tmp_path / "nan_lattice.json").write_text(json.dumps(flat))
-    (tmp_path / "hostile'; DROP TABLE runs; --.cif").write_text("data_x\n_cell_length_a 'Robert'); DROP TABLE runs;--\n")
+    hostile = "data_x\n_cell_length_a 'Robert'); DROP TABLE runs;--\n"
+    (tmp_path / "hostile'; DROP TABLE runs; --.cif").write_text(hostile)
     return {
         "huge_2000_atoms.json": "2000 sites exceed the limit of 500",
         "nan_lattice.json": "NaN or infinite",

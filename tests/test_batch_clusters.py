@@ -9,11 +9,10 @@ import sys
 from distributed import Client
 from sqlalchemy import func, select
 
+from hopflow.db import init_db, session_scope
+from hopflow.flows.batch import import_raw_inputs, run_batch
 from hopflow.flows.common import batch_clusters, batch_flow
 from hopflow.flows.features import features
-from hopflow.flows.batch import run_batch
-from hopflow.db import init_db, session_scope
-from hopflow.flows.batch import import_raw_inputs
 from hopflow.models import Features, Pathway
 from hopflow.settings import get_settings
 from hopflow.tasks.structures import bundled_inputs

@@ -15,7 +15,6 @@ from sqlalchemy import Engine
 
 from hopflow.db import init_db, make_engine
 from hopflow.models import RunState
-from prefect_helpers import prefect_client  # noqa: F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 ITEMS = 300  # the benchmark runs 1,000; 300 keep the test within a few minutes on 2 cores

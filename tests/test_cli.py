@@ -6,11 +6,11 @@ import json
 import shutil
 from pathlib import Path
 
+import crystals
 from pymatgen.core import Lattice, Structure
 from typer.testing import CliRunner
 
 from hopflow.cli.main import app
-import crystals
 
 runner = CliRunner()
 

@@ -1,4 +1,5 @@
-"""Dask cluster profiles: every profile builds, a LocalCluster computes, a SLURMCluster and a Prefect flow run on SLURM."""
+"""Dask cluster profiles: every profile builds, a LocalCluster computes, a SLURMCluster and a Prefect flow run on
+SLURM."""
 
 from __future__ import annotations
 
@@ -139,7 +140,10 @@ def test_profile_file_and_default_profile_come_from_settings(monkeypatch: pytest
         ("  p:\n    cluster: slurm\n    jobqueue: {env-extra: [x]}\n", "use 'job-script-prologue'"),
         ("  p:\n    cluster: pbs\n", "cluster must be one of"),
         ("  p:\n    cluster: local\n    jobqueue: {cores: 1}\n", "not `jobqueue:`"),
-        ("  p:\n    cluster: local\n    local: {n-workers: 1}\n    adapt: {maximum-jobs: 2}\n", "unknown key 'maximum-jobs'"),
+        (
+            "  p:\n    cluster: local\n    local: {n-workers: 1}\n    adapt: {maximum-jobs: 2}\n",
+            "unknown key 'maximum-jobs'",
+        ),
     ],
 )
 def test_malformed_profiles_are_refused_with_the_reason(tmp_path: Path, body: str, message: str) -> None:

@@ -7,25 +7,25 @@ import json
 from datetime import timedelta
 
 import pytest
+from barrier_rows import add_results, barrier_row, store_pathways
 from prefect.client.schemas.actions import VariableUpdate
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.client.schemas.sorting import ArtifactSort
 from prefect.states import Crashed, Running
 from sqlalchemy import select, update
 
-from hopflow.flows import controller as ctl
 from hopflow import queue
 from hopflow.db import session_scope, utcnow
+from hopflow.flows import controller as ctl
 from hopflow.models import Estimate, Run, RunState, StageSetting
 from hopflow.registry import Cutoff, get_stage
 from hopflow.tasks.pathways import find_pathways
-from barrier_rows import add_results, barrier_row, store_pathways
-from prefect_helpers import (  # noqa: F401  (prefect_client is a fixture)
+
+from prefect_helpers import (
     add_synthetic_items,
     create_deployment,
     delete_deployment,
     deployment_flow_runs,
-    prefect_client,
 )
 
 pytestmark = pytest.mark.prefect
@@ -110,7 +110,8 @@ def test_tick_requeues_work_of_crashed_flow_runs_and_expired_leases(engine, pref
     prefect_client.set_flow_run_state(survivor, Running(), force=True)
     expired_id = next(r.id for r in _runs(engine) if r.flow_run_id == survivor)
     with session_scope(engine, write=True) as session:
-        session.execute(update(Run).where(Run.id == expired_id).values(lease_expires_at=utcnow() - timedelta(minutes=1)))
+        expired = utcnow() - timedelta(minutes=1)
+        session.execute(update(Run).where(Run.id == expired_id).values(lease_expires_at=expired))
     crashed_ids = {r.id for r in _runs(engine) if r.flow_run_id == crashed}
 
     report = ctl.tick(prefect_client, engine=engine, stages=[SYNTHETIC], deployments={SYNTHETIC: name},
@@ -167,7 +168,8 @@ def test_a_retried_submission_of_one_claim_makes_one_flow_run(engine, prefect_cl
         queue.release(session, ids)
     reclaimed = [c.id for c in queue.claim(SYNTHETIC, 5, engine=engine)]
     assert sorted(reclaimed) == sorted(ids)
-    assert ctl.submit_batch(prefect_client, engine, SYNTHETIC, deployment_id, reclaimed) != first  # a new claim is a new batch
+    # a new claim is a new batch
+    assert ctl.submit_batch(prefect_client, engine, SYNTHETIC, deployment_id, reclaimed) != first
     assert len(deployment_flow_runs(prefect_client, deployment_id)) == 2
 
 
@@ -289,7 +291,7 @@ def test_tick_publishes_progress_and_leaderboard(engine, prefect_client, deploym
     assert [row["pathway_id"] for row in board] == expected
     assert [row["barrier"] for row in board] == [trusted[pid] for pid in expected[:-1]] + [None]
     assert [row["flag"] for row in board] == ["ok"] * 4 + ["vacancy-moved"]
-    lengths = dict(zip([a2, a_sqrt2, m0, m3d, m1d], [p.length for p in records["CaF2"] + records["MgF2"]]))
+    lengths = dict(zip([a2, a_sqrt2, m0, m3d, m1d], [p.length for p in records["CaF2"] + records["MgF2"]], strict=True))
     assert [row["hop_length"] for row in board] == pytest.approx([lengths[pid] for pid in expected])
     assert [row["formula"] for row in board] == ["MgF2", "CaF2", "MgF2", "CaF2", "MgF2"]
 

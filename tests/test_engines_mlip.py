@@ -10,14 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from crystals import CAF2_A, caf2, caf2_hop
 from pydantic import ValidationError
 from pymatgen.core import Structure
 
+from hopflow.engines import MLIP_ENGINE_REVISION as ENGINE_REVISION
+from hopflow.engines import model_version
 from hopflow.settings import get_settings
 from hopflow.tasks.engines import BarrierResult, compute_barrier, get_engine
 from hopflow.tasks.engines.base import RUN_FILE, check_profile
-from hopflow.engines import MLIP_ENGINE_REVISION as ENGINE_REVISION
-from hopflow.engines import model_version
 from hopflow.tasks.engines.mlip import (
     FINAL_IMAGES_FILE,
     INPUT_IMAGES_FILE,
@@ -29,7 +30,6 @@ from hopflow.tasks.engines.mlip import (
 from hopflow.tasks.engines.potentials import _weights, pick_device, single_points
 from hopflow.tasks.images import HopImages, hop_images
 from hopflow.tasks.pathways import find_pathways
-from crystals import CAF2_A, caf2, caf2_hop
 
 EXPERIMENT_RANGE = (0.35, 0.55)  # eV, F-vacancy migration in CaF2 (ENVIRONMENT.md); universal MLIPs come out softer
 ACCEPTED_RANGE = (0.1, 0.6)  # eV, what the acceptance criterion allows for CHGNet

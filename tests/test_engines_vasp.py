@@ -1,4 +1,5 @@
-"""vasp-neb end to end with the VASP stand-in (tests/fake_vasp, NOT VASP) and FAKE POTCARs; engine registry and schema."""
+"""vasp-neb end to end with the VASP stand-in (tests/fake_vasp, NOT VASP) and FAKE POTCARs; engine registry and
+schema."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from crystals import CAF2_A, caf2_hop
 from pydantic import ValidationError
 from pymatgen.analysis.transition_state import NEBAnalysis
 from pymatgen.io.vasp.inputs import Incar, Poscar, Potcar
@@ -16,7 +18,7 @@ from hopflow.tasks.engines import ENGINES, BarrierResult, compute_barrier, get_e
 from hopflow.tasks.engines.base import RUN_FILE
 from hopflow.tasks.engines.vasp import NEB_OUTPUT, VaspNebEngine, VaspNebSettings, VaspRunRecord
 from hopflow.tasks.images import displacements
-from crystals import CAF2_A, caf2_hop
+
 from tests.fake_vasp.fake_potcar import write_fake_psp_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pymatgen rightly does not know the FAKE POTCARs
@@ -86,7 +88,8 @@ def test_plain_neb_has_no_climbing_image(psp_dir, tmp_path) -> None:
 
 def test_charged_vacancy_has_one_electron_less(psp_dir, tmp_path) -> None:
     neutral = get_engine("vasp-neb", settings(psp_dir)).prepare(caf2_hop(), tmp_path / "neutral")
-    charged = get_engine("vasp-neb", settings(psp_dir, vacancy_mode="charged")).prepare(caf2_hop(), tmp_path / "charged")
+    charged_engine = get_engine("vasp-neb", settings(psp_dir, vacancy_mode="charged"))
+    charged = charged_engine.prepare(caf2_hop(), tmp_path / "charged")
     valence = 32 * ZVAL["Ca"] + 63 * ZVAL["F"]  # the neutral cell's electrons, 761
     assert Incar.from_file(tmp_path / "charged" / "INCAR")["NELECT"] == valence - 1
     assert Incar.from_file(tmp_path / "charged" / "start" / "INCAR")["NELECT"] == valence - 1

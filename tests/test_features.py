@@ -9,15 +9,21 @@ from typing import get_type_hints
 
 import numpy as np
 import pytest
+from crystals import crystal, lattice_a
 from matminer.featurizers.site import EwaldSiteEnergy
 from pymatgen.core import Element, Species
 
 from hopflow.errors import InputError
-from hopflow.tasks.features import (EWALD_ACCURACY, NEIGHBOUR_CUTOFF, PathwayFeatures, _max_overlaps, featurize,
-                            shannon_radius)
+from hopflow.tasks.features import (
+    EWALD_ACCURACY,
+    NEIGHBOUR_CUTOFF,
+    PathwayFeatures,
+    _max_overlaps,
+    featurize,
+    shannon_radius,
+)
 from hopflow.tasks.images import HopImages, hop_images
 from hopflow.tasks.pathways import PathwayRecord, find_pathways
-from crystals import crystal, lattice_a
 
 SUPERCELL = {"min_length": 10.0, "min_atoms": 40, "max_atoms": 240}
 

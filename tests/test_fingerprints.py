@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from hopflow.flows.batch import run_batch
 from hopflow.db import init_db, session_scope
-from hopflow.flows.batch import import_raw_inputs
+from hopflow.flows.batch import import_raw_inputs, run_batch
 from hopflow.models import Features, Pathway
 from hopflow.queue import fingerprints
 from hopflow.registry import get_stage

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from crystals import SMALL_CELLS
 from sqlalchemy import select, update
 
 from hopflow import queue
-from hopflow.flows.batch import run_batch
 from hopflow.db import get_engine, init_db, session_scope
-from hopflow.flows.batch import import_raw_inputs
+from hopflow.flows.batch import import_raw_inputs, run_batch
 from hopflow.leaderboard import material_leaderboard, pathway_leaderboard
 from hopflow.loop import best_estimates, calibration_pairs, estimates_by_engine, fit_calibrations, training_set
 from hopflow.models import CalibrationRow, Estimate, NebResult, Pathway, Run
@@ -26,7 +25,6 @@ from hopflow.settings import get_settings
 from hopflow.stages import engine_parameters
 from hopflow.tasks.engines.base import BarrierResult, check_profile, checked_fields
 from hopflow.tasks.structures import bundled_inputs
-from crystals import SMALL_CELLS
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import timezone
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,10 @@ from sqlalchemy import select
 from hopflow import queue
 from hopflow.db import init_db, make_engine, session_scope, utcnow
 from hopflow.models import Run, RunState, SyntheticItem
-from prefect_helpers import (  # noqa: F401  (prefect_client is a fixture)
+
+from prefect_helpers import (
     delete_waiting_runs,
     deploy_stage,
-    prefect_client,
     start_worker,
     stop_process_group,
     wait_for,
@@ -61,9 +61,9 @@ def _stop_until_released(engine, run_ids: list[int], stop: Any, log: Path) -> li
     """Ask the flow to stop, then wait for its claims to come back.
 
     Python runs a signal handler between any two bytecodes, also inside callbacks whose exceptions it ignores (seen:
-    importlib's module-lock weakref callback during start-up imports), and then the handler's exception is lost. Prefect's
-    own SIGTERM bridge has the same limit; runners follow up with SIGKILL, after which the controller's sweep requeues the
-    work. So the request is repeated, as a supervisor would, if nothing came back within RESEND_S."""
+    importlib's module-lock weakref callback during start-up imports), and then the handler's exception is lost.
+    Prefect's own SIGTERM bridge has the same limit; runners follow up with SIGKILL, after which the controller's sweep
+    requeues the work. So the request is repeated, as a supervisor would, if nothing came back within RESEND_S."""
     time.sleep(SETTLE_S)
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
@@ -101,7 +101,7 @@ def test_sigterm_releases_claims_at_once(tmp_path) -> None:
 
         released = _stop_until_released(engine, run_ids, lambda: proc.send_signal(signal.SIGTERM), log)
         # given back by the flow itself, long before any lease could expire (the stage's lease is 300 s)
-        assert utcnow() < (lease_ends if lease_ends.tzinfo else lease_ends.replace(tzinfo=timezone.utc))
+        assert utcnow() < (lease_ends if lease_ends.tzinfo else lease_ends.replace(tzinfo=UTC))
         assert all(r.attempts == 0 and r.claimant is None and r.lease_expires_at is None and r.flow_run_id is None
                    for r in released)
         assert all(r.error is None for r in released)
@@ -135,7 +135,8 @@ def test_prefect_cancellation_releases_claims_at_once(prefect_client, tmp_path) 
     deployment = deploy_stage(prefect_client, "synthetic/synthetic")
     since = time.time()
     worker = start_worker(POOL_NAME, {
-        "HOPFLOW_DATABASE_URL": url, "HOPFLOW_HOME": str(tmp_path / "home"), "HOPFLOW_PROFILE_SYNTHETIC": "local-threads",
+        "HOPFLOW_DATABASE_URL": url, "HOPFLOW_HOME": str(tmp_path / "home"),
+        "HOPFLOW_PROFILE_SYNTHETIC": "local-threads",
         "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}, tmp_path / "worker.log")
     log = tmp_path / "worker.log"
     try:
@@ -153,7 +154,7 @@ def test_prefect_cancellation_releases_claims_at_once(prefect_client, tmp_path) 
         time.sleep(SETTLE_S)
         prefect_client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
         released = _wait_for(engine, run_ids, RunState.QUEUED, None, log)
-        assert utcnow() < (lease_ends if lease_ends.tzinfo else lease_ends.replace(tzinfo=timezone.utc))
+        assert utcnow() < (lease_ends if lease_ends.tzinfo else lease_ends.replace(tzinfo=UTC))
         assert all(r.attempts == 0 and r.claimant is None and r.flow_run_id is None and r.error is None
                    for r in released)
         state = wait_for(lambda: (s := prefect_client.read_flow_run(flow_run_id).state) and s.is_final() and s,

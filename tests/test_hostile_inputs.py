@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 from hopflow.cli.main import app
 from hopflow.db import session_scope
 from hopflow.errors import InputError
-from hopflow.models import Run, RunState, Source, Structure as StructureRow
+from hopflow.models import Run, RunState, Source
+from hopflow.models import Structure as StructureRow
 from hopflow.settings import get_settings
 from hopflow.tasks.structures import bundled_inputs, file_inputs, parse_input
 

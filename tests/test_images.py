@@ -6,11 +6,11 @@ from functools import cache
 
 import numpy as np
 import pytest
+from crystals import crystal, lattice_a
 
 from hopflow.errors import InputError
 from hopflow.tasks.images import HopImages, displacements, hop_images
 from hopflow.tasks.pathways import PathwayRecord, find_pathways
-from crystals import crystal, lattice_a
 
 SUPERCELL = {"min_length": 10.0, "min_atoms": 40, "max_atoms": 240}
 

@@ -112,7 +112,8 @@ def test_no_test_file_imports_a_test_module_or_conftest():
 
 def test_the_test_import_check_sees_every_form(tmp_path):
     # spelled in pieces, so that the grep for such imports in tests/ finds only real ones
-    lines = [("import", "tests.test_queue", None), ("from", "test_pathways", "crystal"), ("from", "tests", "test_flags"),
+    lines = [("import", "tests.test_queue", None), ("from", "test_pathways", "crystal"),
+             ("from", "tests", "test_flags"),
              "def f():", ("    from", "conftest", "postgres_url"), ("    from", ".", "conftest"),
              ("from", "tests.conftest", "x"), ("import", "crystals", None), ("from", "prefect_helpers", "wait_for"),
              ("from", "tests.fake_vasp.fake_potcar", "write_fake_psp_dir")]

@@ -8,24 +8,25 @@ import json
 from dataclasses import asdict, fields
 
 import pytest
+from barrier_rows import CHGNET, SEVENNET
+from barrier_rows import add_results as _add
+from barrier_rows import barrier_row as _result
+from barrier_rows import store_pathways as _store
+from crystals import CAF2_A, caf2
 from pymatgen.core import Lattice
 from pymatgen.core import Structure as PmgStructure
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
-from hopflow.flows import controller as ctl
 from hopflow.cli.barriers import write_profile_plots
 from hopflow.cli.main import app
 from hopflow.db import session_scope
+from hopflow.flows import controller as ctl
 from hopflow.leaderboard import MaterialEntry, PathwayEntry, material_leaderboard, pathway_leaderboard
 from hopflow.models import Estimate, NebResult, Run, Vacancy, VacancySite
-from barrier_rows import CHGNET, SEVENNET
-from barrier_rows import add_results as _add
-from barrier_rows import barrier_row as _result
-from barrier_rows import store_pathways as _store
-from prefect_helpers import latest_artifact, prefect_client  # noqa: F401  (prefect_client: a fixture)
 from hopflow.tasks.pathways import PathwayRecord, find_pathways
-from crystals import CAF2_A, caf2
+
+from prefect_helpers import latest_artifact
 
 MINIMUM_REASON = "image [2] lies 0.100 eV below the lower endpoint [/red]"  # markup-like text must print as is
 

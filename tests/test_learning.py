@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from crystals import CAF2_A
 from matplotlib.image import imread
 
 from hopflow.errors import InsufficientDataError
@@ -34,7 +35,6 @@ from hopflow.learning import (
     train,
     uncertain_scores,
 )
-from crystals import CAF2_A
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -17,10 +17,26 @@ from hopflow.cli.main import app
 from hopflow.db import init_db, session_scope
 from hopflow.errors import InsufficientDataError
 from hopflow.learning import feature_matrix
-from hopflow.loop import (ESTIMATE_FEATURE, FEATURE_NAMES, latest_calibrations, latest_model, retrain,
-                          retrain_cycle, training_set)
-from hopflow.models import (BarrierModelRow, CalibrationRow, Estimate, Features, NebResult, Pathway, Run, Score,
-                            Structure)
+from hopflow.loop import (
+    ESTIMATE_FEATURE,
+    FEATURE_NAMES,
+    latest_calibrations,
+    latest_model,
+    retrain,
+    retrain_cycle,
+    training_set,
+)
+from hopflow.models import (
+    BarrierModelRow,
+    CalibrationRow,
+    Estimate,
+    Features,
+    NebResult,
+    Pathway,
+    Run,
+    Score,
+    Structure,
+)
 from hopflow.registry import get_stage
 
 N_PATHWAYS = 48
@@ -44,7 +60,8 @@ def _barrier_row(table: type, run_id: int, pathway_id: int, engine: str, barrier
     """A result row; flagged `ok` when it carries a converged barrier, else `unconverged`, unless `flag` says."""
     flag = flag or ("ok" if converged and barrier is not None else "unconverged")
     return table(run_id=run_id, pathway_id=pathway_id, engine=engine, engine_version="test-1", barrier=barrier,
-                 forward_barrier=barrier, reverse_barrier=barrier, flag=flag, converged=converged, energies=[0.0, barrier or 0.0, 0.0], relative_energies=[0.0, barrier or 0.0, 0.0],
+                 forward_barrier=barrier, reverse_barrier=barrier, flag=flag, converged=converged,
+                 energies=[0.0, barrier or 0.0, 0.0], relative_energies=[0.0, barrier or 0.0, 0.0],
                  reaction_coordinate=[0.0, 0.5, 1.0], max_forces=[0.01, 0.01, 0.01], n_images=3, moving_index=0,
                  steps=10, vacancy_mode="neutral", charge=0, timings={}, settings={}, corrections=[],
                  continued=False, versions={}, workdir=None)
@@ -164,7 +181,7 @@ def test_retrain_stores_models_with_provenance_ranks_live_and_changes_no_result(
         # targets: VASP where present, else the best trusted estimate
         data = training_set(session, "neb")
         neb = dict(session.execute(select(NebResult.pathway_id, NebResult.barrier)).all())
-        assert all(y == neb[i] for i, y in zip(data.ids, data.y) if i in neb)
+        assert all(y == neb[i] for i, y in zip(data.ids, data.y, strict=True) if i in neb)
         stored = latest_model(session, "estimates")
         assert stored is not None and stored.id == rows["estimates"].id
     for outcome in report.stages:
@@ -210,7 +227,8 @@ def test_too_little_data_raises_and_a_failed_retrain_keeps_the_previous_model_an
         assert latest_model(session, "estimates") is None
     assert scores("estimates", "predicted") == scores("estimates", "diverse")  # the fallback stays in force
 
-    # Enough barriers (the cross-validation's folds need 10 each): a model. Then a broken NEB result (infinite barrier) makes the next training fail.
+    # Enough barriers (the cross-validation's folds need 10 each): a model. Then a broken NEB result (infinite barrier)
+    # makes the next training fail.
     with session_scope(write=True) as session:
         run_id = session.scalar(select(Run.id).where(Run.stage == "fixture"))
         for pid in ids["all"][6:16]:

@@ -7,7 +7,7 @@ import json
 import subprocess
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,13 +19,14 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.states import Cancelled, Completed, Crashed, Failed, Running
 from sqlalchemy import func, inspect, select, text
 
-from hopflow.flows import maintenance
 from hopflow import queue
 from hopflow.db import is_sqlite, make_engine, session_scope
+from hopflow.flows import maintenance
 from hopflow.models import Run, RunState
 from hopflow.registry import get_stage
-from prefect_helpers import add_synthetic_items, prefect_client  # noqa: F401  (fixture)
 from hopflow.tasks.synthetic import SyntheticOutcome
+
+from prefect_helpers import add_synthetic_items
 
 OLD_FINISHED = 52  # more than one bulk-delete call (50 per call)
 
@@ -55,7 +56,7 @@ def test_cleanup_deletes_only_old_finished_flow_runs(engine, prefect_client):
     still_running = _flow_run(prefect_client, tag, Running())  # started long ago, not finished
     scheduled = _flow_run(prefect_client, tag)
     time.sleep(1.0)
-    boundary = datetime.now(timezone.utc)
+    boundary = datetime.now(UTC)
     time.sleep(1.0)
     recent_done = _flow_run(prefect_client, tag, Running(), Completed())
     recent_failed = _flow_run(prefect_client, tag, Running(), Failed())
@@ -68,7 +69,7 @@ def test_cleanup_deletes_only_old_finished_flow_runs(engine, prefect_client):
 
     with pytest.raises(ValueError, match="finished flow runs only"):
         maintenance.delete_old_flow_runs(prefect_client, 0, states=["RUNNING"])
-    age_days = (datetime.now(timezone.utc) - boundary).total_seconds() / 86400
+    age_days = (datetime.now(UTC) - boundary).total_seconds() / 86400
     report = maintenance.delete_old_flow_runs(prefect_client, age_days, tags=[tag])
 
     assert report.deleted == OLD_FINISHED

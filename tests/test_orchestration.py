@@ -3,6 +3,7 @@ by the test (target kept, target lowered, a flow-run process killed, no result t
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -13,21 +14,21 @@ from prefect.client.schemas.objects import StateType
 from sqlalchemy import func, select, update
 from typer.testing import CliRunner
 
-from hopflow.deployments.bootstrap import POOL_NAME, deploy_all, ensure_work_pool, pause_services
-from hopflow.flows import controller as ctl
 from hopflow import queue
 from hopflow.cli import orchestration
 from hopflow.db import session_scope, utcnow
+from hopflow.deployments.bootstrap import POOL_NAME, deploy_all, ensure_work_pool, pause_services
+from hopflow.flows import controller as ctl
 from hopflow.models import Run, RunState, StageSetting, SyntheticItem, SyntheticResult
 from hopflow.registry import get_stage
-from prefect_helpers import (  # noqa: F401  (prefect_client is a fixture)
+
+from prefect_helpers import (
     add_synthetic_items,
     create_deployment,
     delete_deployment,
     deployment_flow_runs,
     entrypoint_file,
     flow_run_pids,
-    prefect_client,
     start_worker,
     stop_process_group,
     wait_for,
@@ -158,7 +159,7 @@ def test_controller_drains_the_synthetic_stage_through_a_real_worker(engine, pre
     # runs submitted under the old target may still be draining the last items; none is added above the new one:
     # live after the lowering only falls (runs finish) or rises to 1 (a submission at 0 live)
     live_after = [live for target, live in live_seen if target == 1]
-    assert all(b <= max(a, 1) for a, b in zip(live_after, live_after[1:])), live_after
+    assert all(b <= max(a, 1) for a, b in itertools.pairwise(live_after)), live_after
 
     # the killed flow run crashed, its items were requeued by sweep and completed later, once each
     assert prefect_client.read_flow_run(killed).state_type == StateType.CRASHED
@@ -256,10 +257,9 @@ def test_bootstrap_tick_and_maintenance_commands(engine, cli, prefect_client, tm
 @pytest.mark.prefect
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # the SQLite path is covered by the synthetic test
 def test_controller_drains_twenty_structures_through_the_pathways_stage(engine, prefect_client, tmp_path):
-    from hopflow.tasks.structures import bundled_inputs
-
     from hopflow.flows.batch import import_raw_inputs
     from hopflow.models import Pathway, Structure
+    from hopflow.tasks.structures import bundled_inputs
 
     stage = get_stage("pathways")
     outcomes = import_raw_inputs(bundled_inputs()[:20])

@@ -6,13 +6,13 @@ import math
 
 import numpy as np
 import pytest
+from crystals import bundled_entry, bundled_names, crystal, lattice_a
 from pymatgen.analysis.diffusion.neb.pathfinder import DistinctPathFinder
 from pymatgen.core import Structure
 from pymatgen.util.testing import MatSciTest
 
 from hopflow.errors import InputError
 from hopflow.tasks.pathways import PathwayRecord, automatic_max_hop, canonical_cell, find_pathways
-from crystals import bundled_entry, bundled_names, crystal, lattice_a
 
 
 def summary(paths: list[PathwayRecord]) -> list[tuple]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import crystals
 import pytest
 from pymatgen.core import Lattice, Structure
 
 from hopflow.percolation import HopBarrier, hop_network, material_barriers, unestimated
 from hopflow.tasks.pathways import PathwayRecord, find_pathways
-import crystals
 
 
 def _hops(records: list[PathwayRecord], barriers: list[float | None]) -> list[HopBarrier]:

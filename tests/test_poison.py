@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import insert, select
 
 from hopflow import queue
 from hopflow.db import session_scope

@@ -7,11 +7,12 @@ from functools import cache
 
 import numpy as np
 import pytest
+from crystals import CAF2_A, caf2
 from pymatgen.core import Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-from hopflow.errors import InputError
 from hopflow.engines import MODELS, canonical_model, model_version, model_versions
+from hopflow.errors import InputError
 from hopflow.tasks.engines.potentials import (
     calculator,
     pick_device,
@@ -19,7 +20,7 @@ from hopflow.tasks.engines.potentials import (
     relax_positions,
     single_points,
 )
-from crystals import CAF2_A, caf2
+
 
 def fluorite(a: float = CAF2_A) -> Structure:
     """The CaF2 conventional cell (12 atoms) with oxidation states, which the potentials must not see."""

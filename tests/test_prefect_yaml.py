@@ -17,13 +17,20 @@ from prefect.cli.deploy._models import (
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy
 from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
 from prefect.flows import load_flow_from_entrypoint
-
-from hopflow.flows.batch import stage_flow
 from prefect.workers.process import ProcessWorker
 
-from hopflow.deployments.bootstrap import POOL_NAME, PREFECT_YAML, PROJECT_ROOT, deploy_all, ensure_work_pool, pause_services
+from hopflow.deployments.bootstrap import (
+    POOL_NAME,
+    PREFECT_YAML,
+    PROJECT_ROOT,
+    deploy_all,
+    ensure_work_pool,
+    pause_services,
+)
+from hopflow.flows.batch import stage_flow
 from hopflow.registry import STAGES, get_stage
-from prefect_helpers import entrypoint_file, prefect_client, yaml_deployments  # noqa: F401  (fixture)
+
+from prefect_helpers import entrypoint_file, yaml_deployments
 
 # Keys of the top level that Prefect does not read but that YAML anchors need (Prefect's own docs use it).
 ANCHOR_SECTION = "definitions"

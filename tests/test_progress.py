@@ -17,6 +17,7 @@ import pytest
 
 from hopflow.db import init_db
 from hopflow.settings import get_settings
+
 from prefect_helpers import PROJECT_ROOT, add_synthetic_items, prefect_api_url
 
 pytestmark = pytest.mark.prefect
@@ -59,7 +60,8 @@ def run_on_terminal(args: list[str], env: dict[str, str], timeout: float = 180.0
 def test_batch_mode_draws_a_bar_that_reaches_the_item_count(engine, tmp_path) -> None:
     add_synthetic_items(engine, ITEMS, cpu_ms=1.0, sleep_ms=120.0)
     env = {**os.environ, "PREFECT_API_URL": prefect_api_url(), "HOPFLOW_DASK_PROFILE": "local-threads",
-           "HOPFLOW_MAX_CHUNKS": str(ITEMS), "TERM": "xterm-256color", "COLUMNS": "140", "PYTHONPATH": str(PROJECT_ROOT)}
+           "HOPFLOW_MAX_CHUNKS": str(ITEMS), "TERM": "xterm-256color", "COLUMNS": "140",
+           "PYTHONPATH": str(PROJECT_ROOT)}
     code, out = run_on_terminal([*HOPFLOW, "run", "synthetic"], env)
     text = ANSI.sub("", out)
     assert code == 0, text[-3000:]

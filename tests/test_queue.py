@@ -1,4 +1,5 @@
-"""The generic queue on SQLite and PostgreSQL: exactly-once claims, leases, sweep, rankers, cutoffs, cache, provenance."""
+"""The generic queue on SQLite and PostgreSQL: exactly-once claims, leases, sweep, rankers, cutoffs, cache,
+provenance."""
 
 from __future__ import annotations
 
@@ -6,17 +7,16 @@ import multiprocessing as mp
 import os
 import signal
 import time
-from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, text
 
 from hopflow import queue
-from hopflow.db import make_engine, session_scope, utcnow
+from hopflow.db import session_scope
 from hopflow.errors import ImmutableResultError
 from hopflow.models import Run, RunState, StageSetting, SyntheticItem, SyntheticResult
-from hopflow.registry import Cutoff, Ranker, Stage, get_stage
+from hopflow.registry import Cutoff, Ranker, get_stage
 
 SYN = "synthetic"
 
@@ -171,11 +171,8 @@ def test_model_score_ranker_is_recomputed_by_rank(engine, register_stage) -> Non
         calls.append(len(ids))
         return {i: -float(i) for i in ids}
 
-    stage = register_stage(Stage(
-        name="synthetic-scored", description="test stage", input_table="synthetic_items",
-        inputs=get_stage(SYN).inputs, params=get_stage(SYN).params, load=get_stage(SYN).load,
-        store=get_stage(SYN).store, output_model=get_stage(SYN).output_model, input_columns=get_stage(SYN).input_columns, rankers=(Ranker("reverse", "model score", score=reverse_id),),
-        default_ranker="reverse"))
+    stage = register_stage("synthetic-scored", rankers=(Ranker("reverse", "model score", score=reverse_id),),
+                           default_ranker="reverse")
     with session_scope(engine, write=True) as s:
         s.add_all([SyntheticItem(priority=0.0) for _ in range(4)])
         s.flush()
@@ -189,12 +186,9 @@ def test_model_score_ranker_is_recomputed_by_rank(engine, register_stage) -> Non
 
 
 def test_cutoff_holds_items_back_and_broadens_one_bounded_step(engine, register_stage) -> None:
-    stage = register_stage(Stage(
-        name="synthetic-cut", description="test stage with a cutoff", input_table="synthetic_items",
-        inputs=get_stage(SYN).inputs, params=get_stage(SYN).params, load=get_stage(SYN).load,
-        store=get_stage(SYN).store, output_model=get_stage(SYN).output_model, input_columns=get_stage(SYN).input_columns, rankers=get_stage(SYN).rankers, default_ranker="priority",
-        cutoffs=(Cutoff("max_priority", "largest priority value eligible", default=2.0,
-                        criterion=lambda c, v: c.priority <= v, broaden_step=3.0, broaden_limit=6.0),)))
+    stage = register_stage("synthetic-cut", default_ranker="priority", cutoffs=(
+        Cutoff("max_priority", "largest priority value eligible", default=2.0, criterion=lambda c, v: c.priority <= v,
+               broaden_step=3.0, broaden_limit=6.0),))
     with session_scope(engine, write=True) as s:
         s.add_all([SyntheticItem(priority=float(p)) for p in (1, 4, 7, 9)])
         s.flush()

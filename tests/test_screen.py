@@ -9,10 +9,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from hopflow.flows import controller as ctl
 from hopflow.cli.main import app
+from hopflow.flows import controller as ctl
 from hopflow.settings import get_settings
-from prefect_helpers import latest_artifact, prefect_client  # noqa: F401  (prefect_client: a fixture)
+
+from prefect_helpers import latest_artifact
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.prefect]
 

@@ -9,15 +9,14 @@ import uuid
 from pathlib import Path
 
 import pytest
-from pydantic import SecretStr
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
 from hopflow import queue
-from hopflow.db import get_engine, init_db, make_engine, session_scope
+from hopflow.db import get_engine, make_engine, session_scope
 from hopflow.models import Run, SyntheticItem
-from hopflow.registry import NoParams, Cutoff, Stage, get_stage
+from hopflow.registry import Cutoff, NoParams, Stage, get_stage
 from hopflow.settings import get_settings
 
 FAKE_MP_KEY = "FAKEmpKEYsecret0123456789abcdefg"  # 32 characters, like a real key, so mp-api goes on to the network
@@ -55,10 +54,10 @@ def _files_text(root: Path) -> str:
 
 
 def test_secrets_never_appear(secret_database, tmp_path, caplog) -> None:
-    from hopflow.flows.pathways import pathways
     from hopflow.cli.main import app
     from hopflow.errors import MaterialsProjectError
     from hopflow.flows.batch import import_raw_inputs
+    from hopflow.flows.pathways import pathways
     from hopflow.tasks.structures import MPApiClient, MPCriteria, bundled_inputs, file_inputs
 
     assert get_settings().mp_api_key.get_secret_value() == FAKE_MP_KEY

@@ -17,13 +17,14 @@ from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
 from prefect.client.schemas.objects import StateType
 from sqlalchemy import Engine, func, insert, select
 
-from hopflow.deployments.clusters import task_runner
-from hopflow.flows.synthetic import synthetic
 from hopflow import queue
 from hopflow.db import init_db, make_engine, session_scope
+from hopflow.deployments.clusters import task_runner
+from hopflow.flows.synthetic import synthetic
 from hopflow.models import Run, RunState, SyntheticItem, SyntheticResult
 from hopflow.settings import get_settings
-from prefect_helpers import prefect_client, wait_for  # noqa: F401  (prefect_client is a fixture)
+
+from prefect_helpers import wait_for
 
 SLURM_PROFILE = "slurm-small"
 ITEMS = 4

@@ -14,15 +14,16 @@ from typer.testing import CliRunner
 
 from hopflow.cli.barriers import barrier_result
 from hopflow.cli.main import app
-from hopflow.provenance import trace_chain
 from hopflow.db import init_db, session_scope
 from hopflow.flows.batch import import_raw_inputs
 from hopflow.leaderboard import pathway_leaderboard
 from hopflow.models import Estimate, Features, NebResult, Pathway, Run, RunState, Structure
+from hopflow.provenance import trace_chain
 from hopflow.queue import param_hash
 from hopflow.settings import get_settings
 from hopflow.stages import PATHWAY_FIELDS, engine_parameters
 from hopflow.tasks.structures import bundled_inputs
+
 from tests.fake_vasp.fake_potcar import write_fake_psp_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pymatgen rightly does not know the FAKE POTCARs
@@ -110,7 +111,8 @@ def test_estimates_neb_leaderboard_end_to_end(env, tmp_path) -> None:
             assert row.engine_version == expected["engine_version"] and "chgnet" in row.versions
             assert row.timings["run_s"] > 0 and row.settings["model"] == expected["engine_settings"]["model"]
         caf2_row = rows[caf2_id]
-        assert len(caf2_row.energies) == 5 and caf2_row.energies[0] == pytest.approx(-6.1 * 23, abs=6.0)  # 2x2x2 primitive cells less one F
+        # 2x2x2 primitive cells less one F
+        assert len(caf2_row.energies) == 5 and caf2_row.energies[0] == pytest.approx(-6.1 * 23, abs=6.0)
         run = session.get(Run, caf2_row.run_id)
         workdir = get_settings().home / "work" / f"estimates-{caf2_id}-{param_hash(run.parameters)[:8]}"
         assert caf2_row.workdir == str(workdir) and workdir.is_dir()
@@ -144,8 +146,9 @@ def test_estimates_neb_leaderboard_end_to_end(env, tmp_path) -> None:
 
     # Leaderboard: the VASP barrier stands for CaF2, the estimate for LiF; lowest first.
     board = json.loads(_cli("leaderboard", "--json", "--plot", str(tmp_path / "board.png")))
-    assert [b["pathway_id"] for b in board] == sorted([caf2_id, lif_id], key=lambda p: {
-        caf2_id: neb_row.barrier, lif_id: rows[lif_id].barrier}[p])
+    assert [b["pathway_id"] for b in board] == sorted(
+        [caf2_id, lif_id], key=lambda p: {caf2_id: neb_row.barrier, lif_id: rows[lif_id].barrier}[p]
+    )
     barriers = [b["barrier"] for b in board]
     assert barriers == sorted(barriers)
     by_path = {b["pathway_id"]: b for b in board}

@@ -6,22 +6,22 @@ import json
 import math
 
 import pytest
+from crystals import lattice_a
 from pymatgen.io.cif import CifParser
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from hopflow.flows.features import features
-from hopflow.flows.pathways import pathways
 from hopflow import queue
 from hopflow.cli.main import app
-from hopflow.provenance import trace_chain
 from hopflow.db import init_db, session_scope
 from hopflow.flows.batch import import_raw_inputs
+from hopflow.flows.features import features
+from hopflow.flows.pathways import pathways
 from hopflow.models import Features, Pathway, Run, RunState, Structure
+from hopflow.provenance import trace_chain
 from hopflow.registry import get_stage
 from hopflow.stages import FEATURE_COLUMNS
 from hopflow.tasks.structures import bundled_inputs
-from crystals import lattice_a
 
 CRYSTALS = ("CaF2", "LiF", "MgF2")
 FLUORITE_A = lattice_a("CaF2")  # the bundled crystal the stage imports

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import crystals
 import numpy as np
 import pytest
+from crystals import CAF2_A
 from pydantic import SecretStr
 from pymatgen.core import Composition, Lattice, Structure
 from pymatgen.io.cif import CifWriter
@@ -26,8 +28,6 @@ from hopflow.tasks.structures import (
     parse_input,
     sanitize,
 )
-import crystals
-from crystals import CAF2_A
 
 from fake_mp import FakeMaterialsProject
 

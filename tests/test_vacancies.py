@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from crystals import CAF2_A, caf2
 from pymatgen.core import Lattice, Structure
 from sqlalchemy import func, select
 
-from hopflow.flows.batch import run_batch
 from hopflow.db import init_db, session_scope
-from hopflow.flows.batch import import_raw_inputs
+from hopflow.flows.batch import import_raw_inputs, run_batch
 from hopflow.leaderboard import material_leaderboard, pathway_leaderboard
 from hopflow.models import Estimate, Pathway, Run, Vacancy, VacancySite
 from hopflow.settings import get_settings
@@ -20,7 +20,6 @@ from hopflow.tasks.engines.mlip import idpp_path
 from hopflow.tasks.pathways import find_pathways
 from hopflow.tasks.structures import bundled_inputs
 from hopflow.tasks.vacancies import VacancySymmetry, hop_endpoints, relax_vacancy, vacancy_structure
-from crystals import CAF2_A, caf2
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -1,4 +1,5 @@
-"""FAKE POTCAR files for tests: headers that pymatgen's Potcar parser reads, no pseudopotential data (VASP's are licensed).
+"""FAKE POTCAR files for tests: headers that pymatgen's Potcar parser reads, no pseudopotential data (VASP's are
+licensed).
 
 Written in the PMG_VASP_PSP_DIR layout: <root>/POT_GGA_PAW_PBE/<symbol>/POTCAR. Run as a script to write one:
 `python tests/fake_vasp/fake_potcar.py DIR Ca_sv F`.

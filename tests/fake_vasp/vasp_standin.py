@@ -193,7 +193,7 @@ def outcar_text(
     body = []
     for step, energy in enumerate(energies, start=1):
         body += [
-            f"--------------------------------------- Iteration {step:6d}(   1)  ---------------------------------------",
+            f"{'-' * 39} Iteration {step:6d}(   1)  {'-' * 39}",
             force_block(structure, forces),
             "  FREE ENERGIE OF THE ION-ELECTRON SYSTEM (eV)",
             "  ---------------------------------------------------",
