@@ -967,43 +967,36 @@ def _parse_time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
+def _set_column(state: _Import, model: Any, column: str, values: list[tuple[int | None, Any]]) -> None:
+    """Set one column of rows of `model`'s table by id, (id, value) pairs in one executemany."""
+    if not values:
+        return
+    from sqlalchemy import bindparam
+
+    table = model.__table__
+    stmt = update(table).where(table.c.id == bindparam("row_id")).values({column: bindparam("new_value")})
+    state.session.connection().execute(stmt, [{"row_id": row_id, "new_value": value} for row_id, value in values])
+
+
 def _link_sources(state: _Import) -> None:
     """Sources added by this import point at their structures once those are in."""
     structures = state.map("structures")
-    values = [
-        {"sid": source_id, "structure": structures.local(structure_id)}
+    _set_column(state, Source, "structure_id", [
+        (source_id, structures.local(structure_id))
         for source_id, structure_id in state.pending_sources
         if structures.local(structure_id) is not None
-    ]
-    if values:
-        from sqlalchemy import bindparam
-
-        stmt = (
-            update(Source.__table__)
-            .where(Source.__table__.c.id == bindparam("sid"))
-            .values(structure_id=bindparam("structure"))
-        )
-        state.session.connection().execute(stmt, values)
+    ])
     state.pending_sources.clear()
 
 
 def _link_reuse(state: _Import) -> None:
     """An added run that reused a cached result points at that result's run when the archive holds it too."""
     runs = state.map("runs")
-    values = [
-        {"rid": runs.local(run_id), "reused": runs.local(reused)}
+    _set_column(state, Run, "reused_run_id", [
+        (runs.local(run_id), runs.local(reused))
         for run_id, reused in state.pending_reuse
         if runs.local(reused) is not None and runs.ids.get(run_id, (0, False))[1]
-    ]
-    if values:
-        from sqlalchemy import bindparam
-
-        stmt = (
-            update(Run.__table__)
-            .where(Run.__table__.c.id == bindparam("rid"))
-            .values(reused_run_id=bindparam("reused"))
-        )
-        state.session.connection().execute(stmt, values)
+    ])
 
 
 def archive_line(session: Session, run: Run) -> dict[str, Any] | None:
