@@ -85,26 +85,26 @@ class Member:
     def file(self) -> str:
         return f"{self.name}.parquet"
 
+    @classmethod
+    def rows_of(cls, model: Any, level: str) -> Member:
+        """A whole table's member, named after the table."""
+        return cls(model.__tablename__, model.__table__, level)
+
+    @classmethod
+    def runs_of(cls, stage: str) -> Member:
+        """The runs of one stage (`runs.<stage>`), at that stage's level."""
+        return cls(f"runs.{stage}", Run.__table__, stage, stage)
+
 
 def _members() -> tuple[Member, ...]:
-    runs = Run.__table__
     return (
-        Member("sources", Source.__table__, "import"),
-        Member("runs.import", runs, "import", "import"),
-        Member("structures", Structure.__table__, "import"),
-        Member("runs.pathways", runs, "pathways", "pathways"),
-        Member("pathways", Pathway.__table__, "pathways"),
-        Member("runs.features", runs, "features", "features"),
-        Member("features", Features.__table__, "features"),
-        Member("vacancy_sites", VacancySite.__table__, "vacancies"),
-        Member("runs.vacancies", runs, "vacancies", "vacancies"),
-        Member("vacancies", Vacancy.__table__, "vacancies"),
-        Member("runs.estimates", runs, "estimates", "estimates"),
-        Member("estimates", Estimate.__table__, "estimates"),
-        Member("runs.neb", runs, "neb", "neb"),
-        Member("neb", NebResult.__table__, "neb"),
-        Member("barrier_models", BarrierModelRow.__table__, "neb"),
-        Member("calibrations", CalibrationRow.__table__, "neb"),
+        Member.rows_of(Source, "import"), Member.runs_of("import"), Member.rows_of(Structure, "import"),
+        Member.runs_of("pathways"), Member.rows_of(Pathway, "pathways"),
+        Member.runs_of("features"), Member.rows_of(Features, "features"),
+        Member.rows_of(VacancySite, "vacancies"), Member.runs_of("vacancies"), Member.rows_of(Vacancy, "vacancies"),
+        Member.runs_of("estimates"), Member.rows_of(Estimate, "estimates"),
+        Member.runs_of("neb"), Member.rows_of(NebResult, "neb"),
+        Member.rows_of(BarrierModelRow, "neb"), Member.rows_of(CalibrationRow, "neb"),
     )
 
 
@@ -332,6 +332,16 @@ def _revisions() -> tuple[str, ...]:
     return tuple(r.revision for r in reversed(list(script.walk_revisions())))
 
 
+def _newest_revision(engine: Engine, verb: str) -> str:
+    """The database's schema revision, which must be the newest this hopflow knows (ArchiveSchemaError otherwise);
+    `verb` says what this hopflow does with that revision in the message ("writes", "has")."""
+    revision = database_revision(engine)
+    if revision is None or revision != schema_head():
+        raise ArchiveSchemaError(f"the database is at schema revision {revision}, this hopflow {verb} {schema_head()}"
+                                 ": run `hopflow init` first")
+    return revision
+
+
 def database_revision(engine: Engine) -> str | None:
     from sqlalchemy import text
 
@@ -353,10 +363,7 @@ def export_closure(selection: Selection, path: Path | str, *, engine: Engine | N
     """
     engine = engine or get_engine()
     path = Path(path)
-    revision = database_revision(engine)
-    if revision != schema_head():
-        raise ArchiveSchemaError(f"the database is at schema revision {revision}, this hopflow writes {schema_head()}"
-                                 ": run `hopflow init` first")
+    revision = _newest_revision(engine, "writes")
     batch_rows = get_settings().archive_batch_rows
     queries = _closure_queries(selection)
     members: dict[str, dict[str, Any]] = {}
@@ -670,11 +677,19 @@ def _store(state: _Import, member: Member, rows: list[dict[str, Any]], matched: 
     count.matched += len(matched)
 
 
+def _match_stored(state: _Import, table: Table, rows: list[dict[str, Any]], key: Sequence[str], probe_column: str,
+                  probe: set[Any]) -> dict[int, int]:
+    """Archive id -> local id of the rows whose `key` columns equal a stored row's, looking only at the stored rows
+    whose `probe_column` is in `probe` (none when it is empty)."""
+    if not probe:
+        return {}
+    stored = {tuple(found[1:]): found[0] for found in state.session.execute(
+        select(table.c.id, *(table.c[k] for k in key)).where(table.c[probe_column].in_(probe)))}
+    return {r["id"]: stored[ident] for r in rows if (ident := tuple(r[k] for k in key)) in stored}
+
+
 def _import_sources(state: _Import, member: Member, rows: list[dict[str, Any]]) -> None:
-    keys = {(r["kind"], r["key"]) for r in rows}
-    stored = {(k, key): i for i, k, key in state.session.execute(
-        select(Source.id, Source.kind, Source.key).where(Source.key.in_({key for _, key in keys})))}
-    matched = {r["id"]: stored[(r["kind"], r["key"])] for r in rows if (r["kind"], r["key"]) in stored}
+    matched = _match_stored(state, member.table, rows, ("kind", "key"), "key", {r["key"] for r in rows})
     structure_of = {r["id"]: r["structure_id"] for r in rows}
     for row in rows:
         row["structure_id"] = None  # set once the structures are in
@@ -804,13 +819,7 @@ def _import_pathways(state: _Import, member: Member, rows: list[dict[str, Any]])
         row["structure_id"] = structures.local(row["structure_id"])
         row["run_id"] = runs.local(row["run_id"])
     _fill_pathway_fingerprints(state, [r for r in rows if r.get("fingerprint") is None])
-    stored = {}
-    if probe:
-        stored = {(s, r, fp): i for i, s, r, fp in state.session.execute(
-            select(Pathway.id, Pathway.structure_id, Pathway.run_id, Pathway.fingerprint)
-            .where(Pathway.run_id.in_(probe)))}
-    matched = {r["id"]: stored[(r["structure_id"], r["run_id"], r["fingerprint"])] for r in rows
-               if (r["structure_id"], r["run_id"], r["fingerprint"]) in stored}
+    matched = _match_stored(state, member.table, rows, ("structure_id", "run_id", "fingerprint"), "run_id", probe)
     _store(state, member, rows, matched)
 
 
@@ -834,13 +843,8 @@ def _import_vacancy_sites(state: _Import, member: Member, rows: list[dict[str, A
     probe = {structures.local(r["structure_id"]) for r in rows if structures.existing(r["structure_id"])}
     for row in rows:
         row["structure_id"] = structures.local(row["structure_id"])
-    stored = {}
-    if probe:
-        stored = {(s, sc, i): vid for vid, s, sc, i in state.session.execute(
-            select(VacancySite.id, VacancySite.structure_id, VacancySite.supercell, VacancySite.site_index)
-            .where(VacancySite.structure_id.in_(probe)))}
-    matched = {r["id"]: stored[(r["structure_id"], r["supercell"], r["site_index"])] for r in rows
-               if (r["structure_id"], r["supercell"], r["site_index"]) in stored}
+    matched = _match_stored(state, member.table, rows, ("structure_id", "supercell", "site_index"), "structure_id",
+                            probe)
     _store(state, member, rows, matched)
 
 
@@ -853,7 +857,6 @@ def _results_importer(parent_column: str, parent_table: str,
 
     def importer(state: _Import, member: Member, rows: list[dict[str, Any]]) -> None:
         parents, runs = state.map(parent_table), state.map("runs")
-        table = member.table
         probe = set()
         for row in rows:
             if parents.existing(row[parent_column]) and runs.existing(row["run_id"]):
@@ -862,17 +865,7 @@ def _results_importer(parent_column: str, parent_table: str,
             row["run_id"] = runs.local(row["run_id"])
             for column, other in (extra or {}).items():
                 row[column] = state.map(other).local(row.get(column))
-        stored = {}
-        if probe:
-            stored = {
-                (p, r): i
-                for i, p, r in state.session.execute(
-                    select(table.c.id, table.c[parent_column], table.c.run_id).where(table.c.run_id.in_(probe))
-                )
-            }
-        matched = {
-            r["id"]: stored[(r[parent_column], r["run_id"])] for r in rows if (r[parent_column], r["run_id"]) in stored
-        }
+        matched = _match_stored(state, member.table, rows, (parent_column, "run_id"), "run_id", probe)
         _store(state, member, rows, matched)
 
     return importer
@@ -934,11 +927,7 @@ def import_archive(path: Path | str, *, engine: Engine | None = None) -> ImportR
     """
     engine = engine or get_engine()
     verified = verify_archive(path)
-    here = database_revision(engine)
-    if here != schema_head():
-        raise ArchiveSchemaError(
-            f"the database is at schema revision {here}, this hopflow has {schema_head()}: run `hopflow init` first"
-        )
+    _newest_revision(engine, "has")
     manifest = verified.manifest
     report = ImportReport(name=verified.path.name, sha256=verified.sha256, schema_revision=verified.revision)
     batch_rows = get_settings().archive_batch_rows
@@ -978,43 +967,36 @@ def _parse_time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
+def _set_column(state: _Import, model: Any, column: str, values: list[tuple[int | None, Any]]) -> None:
+    """Set one column of rows of `model`'s table by id, (id, value) pairs in one executemany."""
+    if not values:
+        return
+    from sqlalchemy import bindparam
+
+    table = model.__table__
+    stmt = update(table).where(table.c.id == bindparam("row_id")).values({column: bindparam("new_value")})
+    state.session.connection().execute(stmt, [{"row_id": row_id, "new_value": value} for row_id, value in values])
+
+
 def _link_sources(state: _Import) -> None:
     """Sources added by this import point at their structures once those are in."""
     structures = state.map("structures")
-    values = [
-        {"sid": source_id, "structure": structures.local(structure_id)}
+    _set_column(state, Source, "structure_id", [
+        (source_id, structures.local(structure_id))
         for source_id, structure_id in state.pending_sources
         if structures.local(structure_id) is not None
-    ]
-    if values:
-        from sqlalchemy import bindparam
-
-        stmt = (
-            update(Source.__table__)
-            .where(Source.__table__.c.id == bindparam("sid"))
-            .values(structure_id=bindparam("structure"))
-        )
-        state.session.connection().execute(stmt, values)
+    ])
     state.pending_sources.clear()
 
 
 def _link_reuse(state: _Import) -> None:
     """An added run that reused a cached result points at that result's run when the archive holds it too."""
     runs = state.map("runs")
-    values = [
-        {"rid": runs.local(run_id), "reused": runs.local(reused)}
+    _set_column(state, Run, "reused_run_id", [
+        (runs.local(run_id), runs.local(reused))
         for run_id, reused in state.pending_reuse
         if runs.local(reused) is not None and runs.ids.get(run_id, (0, False))[1]
-    ]
-    if values:
-        from sqlalchemy import bindparam
-
-        stmt = (
-            update(Run.__table__)
-            .where(Run.__table__.c.id == bindparam("rid"))
-            .values(reused_run_id=bindparam("reused"))
-        )
-        state.session.connection().execute(stmt, values)
+    ])
 
 
 def archive_line(session: Session, run: Run) -> dict[str, Any] | None:

@@ -7,9 +7,9 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any, ClassVar, get_args
 
-from sqlalchemy import JSON, DateTime, Engine, MetaData, Table, create_engine, event, func
+from sqlalchemy import JSON, DateTime, Engine, MetaData, String, Table, create_engine, event, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -31,14 +31,29 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+Str8 = Annotated[str, 8]
+Str16 = Annotated[str, 16]
+Str32 = Annotated[str, 32]
+Str64 = Annotated[str, 64]
+Str128 = Annotated[str, 128]
+Str255 = Annotated[str, 255]
+"""Column annotations of bounded strings: `Mapped[Str32]` is a VARCHAR(32) column (Base.type_annotation_map)."""
+
+
 class Base(DeclarativeBase):
-    """The one declarative base: integer id and creation time on every table."""
+    """The one declarative base: integer id and creation time on every table. Column types follow the annotations:
+    int, float, bool as usual, datetime timezone-aware, dicts and lists JSON, `StrN` VARCHAR(N)."""
 
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        dict[str, Any]: JSON,
+        list[Any]: JSON,
+        datetime: DateTime(timezone=True),
+        **{alias: String(get_args(alias)[1]) for alias in (Str8, Str16, Str32, Str64, Str128, Str255)},
+    }
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
 
 def is_sqlite(engine_or_url: Engine | str) -> bool:

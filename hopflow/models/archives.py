@@ -5,10 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from hopflow.db import Base
+from hopflow.db import Base, Str32, Str64, Str255
 
 
 class Archive(Base):
@@ -16,13 +15,13 @@ class Archive(Base):
 
     __tablename__ = "archives"
 
-    name: Mapped[str] = mapped_column(String(255))
-    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[Str255]
+    sha256: Mapped[Str64] = mapped_column(index=True)
     """SHA-256 of the whole archive file."""
-    format_version: Mapped[int] = mapped_column(Integer)
-    schema_revision: Mapped[str] = mapped_column(String(32))
+    format_version: Mapped[int]
+    schema_revision: Mapped[Str32]
     """The Alembic revision of the exporting database (the archive's tables have its columns)."""
-    hopflow_version: Mapped[str | None] = mapped_column(String(64))
-    exported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    imported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    hopflow_version: Mapped[Str64 | None]
+    exported_at: Mapped[datetime | None]
+    imported_at: Mapped[datetime]
     manifest: Mapped[dict[str, Any]]

@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
+from sqlalchemy import JSON, ForeignKey, Index, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from hopflow.db import Base, Immutable
+from hopflow.db import Base, Immutable, Str16, Str32, Str64, Str128, Str255
 
 
 class RunState:
@@ -29,10 +29,10 @@ class Source(Base):
     __tablename__ = "sources"
     __table_args__ = (UniqueConstraint("kind", "key"),)
 
-    kind: Mapped[str] = mapped_column(String(16))
-    key: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[Str16]
+    key: Mapped[Str128]
     location: Mapped[str] = mapped_column(Text)
-    format: Mapped[str | None] = mapped_column(String(32))
+    format: Mapped[Str32 | None]
     payload: Mapped[str] = mapped_column(Text)
     meta: Mapped[dict[str, Any] | None]
     structure_id: Mapped[int | None] = mapped_column(ForeignKey("structures.id"), index=True)
@@ -43,19 +43,19 @@ class Structure(Immutable, Base):
 
     __tablename__ = "structures"
 
-    formula: Mapped[str] = mapped_column(String(64), index=True)
-    chemsys: Mapped[str] = mapped_column(String(128))
-    spacegroup: Mapped[str] = mapped_column(String(32))
-    spacegroup_number: Mapped[int] = mapped_column(Integer)
-    nsites: Mapped[int] = mapped_column(Integer)
-    density: Mapped[float] = mapped_column(Float)
-    volume: Mapped[float] = mapped_column(Float)
+    formula: Mapped[Str64] = mapped_column(index=True)
+    chemsys: Mapped[Str128]
+    spacegroup: Mapped[Str32]
+    spacegroup_number: Mapped[int]
+    nsites: Mapped[int]
+    density: Mapped[float]
+    volume: Mapped[float]
     oxidation_states: Mapped[dict[str, Any] | None]
-    oxidation_method: Mapped[str | None] = mapped_column(String(32))
-    fingerprint: Mapped[str] = mapped_column(String(128), index=True)
+    oxidation_method: Mapped[Str32 | None]
+    fingerprint: Mapped[Str128] = mapped_column(index=True)
     structure: Mapped[dict[str, Any]]
     run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), index=True)
-    energy_above_hull: Mapped[float | None] = mapped_column(Float)
+    energy_above_hull: Mapped[float | None]
 
 
 class Run(Base):
@@ -68,33 +68,40 @@ class Run(Base):
         Index("ix_runs_lease", "state", "lease_expires_at"),
     )
 
-    stage: Mapped[str] = mapped_column(String(32))
-    input_id: Mapped[int] = mapped_column(Integer)
-    param_hash: Mapped[str] = mapped_column(String(64))
+    stage: Mapped[Str32]
+    input_id: Mapped[int]
+    param_hash: Mapped[Str64]
     parameters: Mapped[dict[str, Any]]
-    state: Mapped[str] = mapped_column(String(16), default=RunState.QUEUED, server_default=RunState.QUEUED)
-    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
-    max_attempts: Mapped[int] = mapped_column(Integer, default=3, server_default=text("3"))
-    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    claimant: Mapped[str | None] = mapped_column(String(255))
-    ranker: Mapped[str | None] = mapped_column(String(64))
-    priority: Mapped[float | None] = mapped_column(Float)
+    state: Mapped[Str16] = mapped_column(default=RunState.QUEUED, server_default=RunState.QUEUED)
+    attempts: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    max_attempts: Mapped[int] = mapped_column(default=3, server_default=text("3"))
+    lease_expires_at: Mapped[datetime | None]
+    claimant: Mapped[Str255 | None]
+    ranker: Mapped[Str64 | None]
+    priority: Mapped[float | None]
     error: Mapped[str | None] = mapped_column(Text)
     history: Mapped[list[Any] | None]
-    cache_key: Mapped[str | None] = mapped_column(String(64), index=True)
+    cache_key: Mapped[Str64 | None] = mapped_column(index=True)
     reused_run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
     versions: Mapped[dict[str, Any] | None]
-    host: Mapped[str | None] = mapped_column(String(255))
-    flow_run_id: Mapped[str | None] = mapped_column(String(64), index=True)
-    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    archive_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    host: Mapped[Str255 | None]
+    flow_run_id: Mapped[Str64 | None] = mapped_column(index=True)
+    claimed_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    archive_id: Mapped[int | None] = mapped_column(index=True)
     """The `archives` row of the import that brought this run in (None: run here)."""
     origin: Mapped[dict[str, Any] | None]
     """For an imported run: its id in the exporting database and the archives it passed through before."""
-    batch_limit: Mapped[int | None] = mapped_column(Integer)
+    batch_limit: Mapped[int | None]
     """Largest batch this run may be claimed in: halved each time a batch it was in crashed (None: the stage's)."""
+
+
+class RunOutput(Immutable):
+    """Mixin for a stage's result tables: rows written once, each by the run that `run_id` names."""
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True, sort_order=-1)
+    """The run that wrote the row (sorted first among the columns, where the migrations put it)."""
 
 
 class StageSetting(Base):
@@ -103,8 +110,8 @@ class StageSetting(Base):
     __tablename__ = "stage_settings"
     __table_args__ = (Index("ix_stage_settings_lookup", "stage", "key", "id"),)
 
-    stage: Mapped[str] = mapped_column(String(32))
-    key: Mapped[str] = mapped_column(String(64))
+    stage: Mapped[Str32]
+    key: Mapped[Str64]
     value: Mapped[Any] = mapped_column(JSON)
     reason: Mapped[str | None] = mapped_column(Text)
 
@@ -118,7 +125,7 @@ class Score(Base):
         Index("ix_scores_order", "stage", "ranker", "score", "item_id"),
     )
 
-    stage: Mapped[str] = mapped_column(String(32))
-    ranker: Mapped[str] = mapped_column(String(64))
-    item_id: Mapped[int] = mapped_column(Integer)
-    score: Mapped[float] = mapped_column(Float)
+    stage: Mapped[Str32]
+    ranker: Mapped[Str64]
+    item_id: Mapped[int]
+    score: Mapped[float]

@@ -5,10 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Float, Integer, LargeBinary, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from hopflow.db import Base, Immutable
+from hopflow.db import Base, Immutable, Str32, Str128
 
 
 class BarrierModelRow(Immutable, Base):
@@ -19,19 +18,19 @@ class BarrierModelRow(Immutable, Base):
 
     __tablename__ = "barrier_models"
 
-    stage: Mapped[str] = mapped_column(String(32), index=True)
-    kind: Mapped[str] = mapped_column(String(32))
-    target: Mapped[str] = mapped_column(String(128))
-    n_train: Mapped[int] = mapped_column(Integer)
-    cv_mae: Mapped[float] = mapped_column(Float)
-    seed: Mapped[int] = mapped_column(Integer)
+    stage: Mapped[Str32] = mapped_column(index=True)
+    kind: Mapped[Str32]
+    target: Mapped[Str128]
+    n_train: Mapped[int]
+    cv_mae: Mapped[float]
+    seed: Mapped[int]
     feature_names: Mapped[list[Any]]
     training_ids: Mapped[list[Any]]
     params: Mapped[dict[str, Any]]
     meta: Mapped[dict[str, Any]]
     """TrainedModel.metadata(): ids, targets, out-of-fold predictions, versions, creation time."""
-    trained_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    blob: Mapped[bytes] = mapped_column(LargeBinary)
+    trained_at: Mapped[datetime]
+    blob: Mapped[bytes]
 
 
 class CalibrationRow(Immutable, Base):
@@ -39,13 +38,13 @@ class CalibrationRow(Immutable, Base):
 
     __tablename__ = "calibrations"
 
-    source: Mapped[str] = mapped_column(String(32))
-    reference: Mapped[str] = mapped_column(String(32))
-    slope: Mapped[float] = mapped_column(Float)
-    intercept: Mapped[float] = mapped_column(Float)
-    n: Mapped[int] = mapped_column(Integer)
-    rmse: Mapped[float] = mapped_column(Float)
-    rmse_before: Mapped[float] = mapped_column(Float)
+    source: Mapped[Str32]
+    reference: Mapped[Str32]
+    slope: Mapped[float]
+    intercept: Mapped[float]
+    n: Mapped[int]
+    rmse: Mapped[float]
+    rmse_before: Mapped[float]
     ids: Mapped[list[Any]]
     """Pathway ids of the (estimate, VASP) pairs the line was fitted to."""
-    fitted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    fitted_at: Mapped[datetime]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Float, ForeignKey, Integer, String
+from sqlalchemy import ForeignKey
 from sqlalchemy.orm import Mapped, mapped_column
 
-from hopflow.db import Base, Immutable
+from hopflow.db import Base, Str16, Str64
+from hopflow.models.core import RunOutput
 
 
 class SyntheticItem(Base):
@@ -13,20 +14,19 @@ class SyntheticItem(Base):
 
     __tablename__ = "synthetic_items"
 
-    cpu_ms: Mapped[float] = mapped_column(Float, default=50.0)
-    sleep_ms: Mapped[float] = mapped_column(Float, default=0.0)
-    failure: Mapped[str] = mapped_column(String(16), default="none")
-    fail_attempts: Mapped[int] = mapped_column(Integer, default=0)
-    fingerprint: Mapped[str | None] = mapped_column(String(64))
-    priority: Mapped[float] = mapped_column(Float, default=0.0)
+    cpu_ms: Mapped[float] = mapped_column(default=50.0)
+    sleep_ms: Mapped[float] = mapped_column(default=0.0)
+    failure: Mapped[Str16] = mapped_column(default="none")
+    fail_attempts: Mapped[int] = mapped_column(default=0)
+    fingerprint: Mapped[Str64 | None]
+    priority: Mapped[float] = mapped_column(default=0.0)
 
 
-class SyntheticResult(Immutable, Base):
+class SyntheticResult(RunOutput, Base):
     """The synthetic stage's result: the value computed and the time it took."""
 
     __tablename__ = "synthetic_results"
 
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
     item_id: Mapped[int] = mapped_column(ForeignKey("synthetic_items.id"), index=True)
-    value: Mapped[float] = mapped_column(Float)
-    elapsed_s: Mapped[float] = mapped_column(Float)
+    value: Mapped[float]
+    elapsed_s: Mapped[float]

@@ -9,8 +9,9 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from hopflow.loop import LEARNING_RANKERS, model_ranker_scores
-from hopflow.models import Estimate, Run
+from hopflow.models import Estimate, Pathway, Run
 from hopflow.registry import Ranker, Stage, input_column
+from hopflow.stages.common import result_stage
 from hopflow.stages.features import ImageParams
 from hopflow.stages.pathways import pathway_producer
 
@@ -61,7 +62,5 @@ def barrier_store(table: Any) -> Any:
 def barrier_stage(name: str, model: Any, **fields: Any) -> Stage:
     """A barrier stage: pathways in, one `model` row (a BarrierResult) per pathway out, its flow `flows/<name>.py`;
     `fields` give the rest (description, inputs, parameters, rankers, cutoffs, resources ...)."""
-    return Stage(name=name, input_table="pathways", output_table=model.__tablename__, output_model=model,
-                 store=barrier_store(model), input_columns=input_column("pathway_id"),
-                 fingerprint=lambda c: c.fingerprint, producer=pathway_producer,
-                 entrypoint=f"flows/{name}.py:{name}", **fields)
+    return result_stage(name, Pathway, model, store=barrier_store(model), input_columns=input_column("pathway_id"),
+                        producer=pathway_producer, **fields)

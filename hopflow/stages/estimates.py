@@ -15,7 +15,7 @@ from hopflow.models import Estimate, Features, Pathway, Run, Vacancy, VacancySit
 from hopflow.registry import Cutoff, Ranker, register
 from hopflow.settings import Settings, get_settings
 from hopflow.stages.barriers import EngineParams, barrier_stage, learning_rankers
-from hopflow.stages.common import BY_ID
+from hopflow.stages.common import BY_ID, item_query
 from hopflow.stages.features import ImageParams, pathway_load
 from hopflow.stages.vacancies import VacancyParams
 
@@ -69,8 +69,8 @@ def _inputs() -> Any:
     predictors = (select(Features.pathway_id, func.min(Features.overlap_cation_max_change).label("overlap"),
                          func.min(Features.ewald_energy_change).label("ewald"))
                   .group_by(Features.pathway_id).subquery())
-    return (select(Pathway.id.label("item_id"), Pathway.length, Pathway.structure_id, Pathway.fingerprint,
-                   Pathway.dimensionality, predictors.c.overlap, predictors.c.ewald)
+    return (item_query(Pathway, Pathway.length, Pathway.structure_id, Pathway.fingerprint, Pathway.dimensionality,
+                       predictors.c.overlap, predictors.c.ewald)
             .join(predictors, predictors.c.pathway_id == Pathway.id))
 
 

@@ -6,13 +6,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Self
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from hopflow.models import Features, Pathway, Run, Structure
-from hopflow.registry import Ranker, Stage, StageParams, input_column, register
+from hopflow.models import Features, Pathway, Run
+from hopflow.registry import Ranker, StageParams, input_column, register
 from hopflow.settings import Settings
-from hopflow.stages.common import BY_ID
+from hopflow.stages.common import BY_ID, item_query, result_stage, rows_with_structure
 from hopflow.stages.pathways import pathway_fields, pathway_producer
 
 FEATURE_COLUMNS = tuple(c.name for c in Features.__table__.columns if c.name not in ("id", "created_at", "run_id",
@@ -48,37 +47,29 @@ class FeaturesParams(ImageParams):
 
 def pathway_load(session: Session, ids: Sequence[int]) -> dict[int, Any]:
     """A pathway's payload: its fields, and its structure."""
-    rows = session.execute(select(Pathway, Structure.structure, Structure.formula)
-                           .join(Structure, Structure.id == Pathway.structure_id)
-                           .where(Pathway.id.in_(list(ids))))
     return {p.id: {"pathway_id": p.id, "structure_id": p.structure_id, "formula": formula, "structure": structure,
-                   "pathway": pathway_fields(p)} for p, structure, formula in rows}
+                   "pathway": pathway_fields(p)}
+            for p, structure, formula in rows_with_structure(session, Pathway, ids)}
 
 
 def _inputs() -> Any:
-    return select(Pathway.id.label("item_id"), Pathway.length, Pathway.rank, Pathway.ion, Pathway.structure_id,
-                  Pathway.fingerprint)
+    return item_query(Pathway, Pathway.length, Pathway.rank, Pathway.ion, Pathway.structure_id, Pathway.fingerprint)
 
 
 def _store(session: Session, run: Run, result: Any) -> None:
     session.add(Features(run_id=run.id, pathway_id=run.input_id, **asdict(result)))
 
 
-FEATURES = register(Stage(
-    name="features",
+FEATURES = register(result_stage(
+    "features", Pathway, Features,
     description="Barrier predictors per pathway: radii overlap and Ewald energy along the IDPP path, geometry.",
-    input_table="pathways",
-    output_table="features",
-    output_model=Features,
     input_columns=input_column("pathway_id"),
     inputs=_inputs,
     params=FeaturesParams,
     load=pathway_load,
     store=_store,
-    fingerprint=lambda c: c.fingerprint,
     rankers=(BY_ID, Ranker("shortest", "shortest hop first", expression=lambda c: c.length)),
     default_ranker="id",
-    entrypoint="flows/features.py:features",
     producer=pathway_producer,
     resources="local",
     min_chunk_items=2,  # ~4 core-s per pathway

@@ -13,7 +13,7 @@ from hopflow.models.barriers import trusted
 from hopflow.registry import Cutoff, Ranker, register
 from hopflow.settings import Settings
 from hopflow.stages.barriers import EngineParams, barrier_stage, learning_rankers
-from hopflow.stages.common import BY_ID
+from hopflow.stages.common import BY_ID, item_query
 from hopflow.stages.features import ImageParams, pathway_load
 
 MAX_ESTIMATE = 1.0
@@ -35,8 +35,7 @@ class NebParams(EngineParams):
 def _inputs() -> Any:
     best = (select(Estimate.pathway_id, func.min(Estimate.barrier).label("estimate"))
             .where(trusted(Estimate)).group_by(Estimate.pathway_id).subquery())
-    return (select(Pathway.id.label("item_id"), Pathway.length, Pathway.structure_id, Pathway.fingerprint,
-                   best.c.estimate)
+    return (item_query(Pathway, Pathway.length, Pathway.structure_id, Pathway.fingerprint, best.c.estimate)
             .join(best, best.c.pathway_id == Pathway.id))
 
 

@@ -6,14 +6,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Self
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from hopflow.fingerprints import pathway_fingerprint
 from hopflow.models import Pathway, Run, Structure
-from hopflow.registry import Ranker, Stage, StageParams, input_column, register
+from hopflow.registry import Ranker, StageParams, input_column, register
 from hopflow.settings import Settings
-from hopflow.stages.common import BY_ID
+from hopflow.stages.common import BY_ID, item_query, result_stage, rows_by_id
 
 PATHWAY_FIELDS = ("ion", "rank", "length", "start_index", "end_index", "end_image", "start_frac", "end_frac",
                   "start_cart", "end_cart", "start_label", "end_label", "multiplicity", "dimensionality",
@@ -63,13 +62,12 @@ def lattice_parameters(structure: dict[str, Any]) -> tuple[float, ...]:
 
 
 def _inputs() -> Any:
-    return select(Structure.id.label("item_id"), Structure.nsites, Structure.formula, Structure.fingerprint)
+    return item_query(Structure, Structure.nsites, Structure.formula, Structure.fingerprint)
 
 
 def _load(session: Session, ids: Sequence[int]) -> dict[int, Any]:
-    rows = session.scalars(select(Structure).where(Structure.id.in_(list(ids))))
     return {s.id: {"structure_id": s.id, "formula": s.formula, "structure": s.structure,
-                   "oxidation_states": s.oxidation_states} for s in rows}
+                   "oxidation_states": s.oxidation_states} for s in rows_by_id(session, Structure, ids)}
 
 
 def _store(session: Session, run: Run, result: Any) -> None:
@@ -81,21 +79,16 @@ def _store(session: Session, run: Run, result: Any) -> None:
         session.add(Pathway(run_id=run.id, structure_id=run.input_id, fingerprint=print_, **record))
 
 
-PATHWAYS = register(Stage(
-    name="pathways",
+PATHWAYS = register(result_stage(
+    "pathways", Structure, Pathway,
     description="Symmetry-distinct hops of the migrating ion per structure, shortest first.",
-    input_table="structures",
-    output_table="pathways",
-    output_model=Pathway,
     input_columns=input_column("structure_id"),
     inputs=_inputs,
     params=PathwaysParams,
     load=_load,
     store=_store,
-    fingerprint=lambda c: c.fingerprint,
     rankers=(BY_ID, Ranker("smallest", "fewest sites first", expression=lambda c: c.nsites)),
     default_ranker="id",
-    entrypoint="flows/pathways.py:pathways",
     producer=structure_producer,
     resources="local",
     min_chunk_items=8,  # ~0.5 core-s per structure: a Dask task per item would cost more than the item

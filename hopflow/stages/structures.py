@@ -6,13 +6,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from hopflow.models import Run, Source, Structure
 from hopflow.registry import Stage, StageParams, register
 from hopflow.settings import Settings
-from hopflow.stages.common import BY_ID
+from hopflow.stages.common import BY_ID, item_query, rows_by_id
 
 
 @dataclass(frozen=True)
@@ -29,13 +28,12 @@ class ImportParams(StageParams):
 
 
 def _inputs() -> Any:
-    return select(Source.id.label("item_id"), Source.kind, Source.key)
+    return item_query(Source, Source.kind, Source.key)
 
 
 def _load(session: Session, ids: Sequence[int]) -> dict[int, Any]:
-    rows = session.scalars(select(Source).where(Source.id.in_(list(ids))))
     return {s.id: {"kind": s.kind, "key": s.key, "location": s.location, "payload": s.payload,
-                   "format": s.format, "meta": s.meta or {}} for s in rows}
+                   "format": s.format, "meta": s.meta or {}} for s in rows_by_id(session, Source, ids)}
 
 
 def _link(session: Session, run: Run, structure_id: int | None) -> None:

@@ -11,9 +11,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from hopflow.models import Run, RunState, SyntheticItem, SyntheticResult
-from hopflow.registry import Ranker, Stage, StageParams, input_column, register
+from hopflow.registry import Ranker, StageParams, input_column, register
 from hopflow.settings import Settings
-from hopflow.stages.common import BY_ID
+from hopflow.stages.common import BY_ID, item_query, result_stage, rows_by_id
 
 
 @dataclass(frozen=True)
@@ -29,36 +29,31 @@ class SyntheticParams(StageParams):
 
 
 def _inputs() -> Any:
-    return select(SyntheticItem.id.label("item_id"), SyntheticItem.priority, SyntheticItem.fingerprint)
+    return item_query(SyntheticItem, SyntheticItem.priority, SyntheticItem.fingerprint)
 
 
 def _load(session: Session, ids: Sequence[int]) -> dict[int, Any]:
-    rows = session.scalars(select(SyntheticItem).where(SyntheticItem.id.in_(list(ids))))
     attempts = dict(session.execute(select(Run.input_id, Run.attempts).where(
         Run.stage == "synthetic", Run.input_id.in_(list(ids)), Run.state.in_(RunState.LIVE))).all())
     return {r.id: {"item_id": r.id, "cpu_ms": r.cpu_ms, "sleep_ms": r.sleep_ms, "failure": r.failure,
-                   "fail_attempts": r.fail_attempts, "attempt": attempts.get(r.id, 1)} for r in rows}
+                   "fail_attempts": r.fail_attempts, "attempt": attempts.get(r.id, 1)}
+            for r in rows_by_id(session, SyntheticItem, ids)}
 
 
 def _store(session: Session, run: Run, result: Any) -> None:
     session.add(SyntheticResult(run_id=run.id, item_id=run.input_id, value=result.value, elapsed_s=result.elapsed_s))
 
 
-SYNTHETIC = register(Stage(
-    name="synthetic",
+SYNTHETIC = register(result_stage(
+    "synthetic", SyntheticItem, SyntheticResult,
     description="TEST MACHINERY: burns CPU or sleeps per item and fails on request; exercises queue and orchestration.",
-    input_table="synthetic_items",
-    output_table="synthetic_results",
-    output_model=SyntheticResult,
     input_columns=input_column("item_id"),
     inputs=_inputs,
     params=SyntheticParams,
     load=_load,
     store=_store,
-    fingerprint=lambda c: c.fingerprint,
     rankers=(BY_ID, Ranker("priority", "lowest priority value first", expression=lambda c: c.priority)),
     default_ranker="priority",
-    entrypoint="flows/synthetic.py:synthetic",
     resources="local",
     batch_size=20,
     retry_limit=3,

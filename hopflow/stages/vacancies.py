@@ -7,14 +7,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from hopflow.engines import canonical_model, model_version
-from hopflow.models import Run, Structure, Vacancy, VacancySite
-from hopflow.registry import Ranker, Stage, StageParams, register
+from hopflow.models import Run, Vacancy, VacancySite
+from hopflow.registry import Ranker, StageParams, register
 from hopflow.settings import Optimizer, Settings
-from hopflow.stages.common import BY_ID
+from hopflow.stages.common import BY_ID, item_query, result_stage, rows_with_structure
 from hopflow.stages.pathways import structure_producer
 
 VACANCY_REVISION = "1"
@@ -61,17 +60,14 @@ def vacancy_site_producer(session: Session, site_id: int) -> Run | None:
 
 
 def _inputs() -> Any:
-    return select(VacancySite.id.label("item_id"), VacancySite.structure_id, VacancySite.nsites,
-                  VacancySite.fingerprint)
+    return item_query(VacancySite, VacancySite.structure_id, VacancySite.nsites, VacancySite.fingerprint)
 
 
 def _load(session: Session, ids: Sequence[int]) -> dict[int, Any]:
-    rows = session.execute(select(VacancySite, Structure.structure, Structure.formula)
-                           .join(Structure, Structure.id == VacancySite.structure_id)
-                           .where(VacancySite.id.in_(list(ids))))
     return {site.id: {"site_id": site.id, "structure_id": site.structure_id, "formula": formula,
                       "structure": structure, "supercell": site.supercell, "site_index": site.site_index,
-                      "site_label": site.site_label} for site, structure, formula in rows}
+                      "site_label": site.site_label}
+            for site, structure, formula in rows_with_structure(session, VacancySite, ids)}
 
 
 def _site_columns(session: Session, run: Run) -> dict[str, Any]:
@@ -84,22 +80,17 @@ def _store(session: Session, run: Run, result: Any) -> None:
     session.add(Vacancy(run_id=run.id, **_site_columns(session, run), **values))
 
 
-VACANCIES = register(Stage(
-    name="vacancies",
+VACANCIES = register(result_stage(
+    "vacancies", VacancySite, Vacancy,
     description="Relaxed vacancy supercells per symmetry-distinct ion site (bulk relaxed first), shared by every "
                 "pathway they end, under one model and relaxation settings.",
-    input_table="vacancy_sites",
-    output_table="vacancies",
-    output_model=Vacancy,
     input_columns=_site_columns,
     inputs=_inputs,
     params=VacancyParams,
     load=_load,
     store=_store,
-    fingerprint=lambda c: c.fingerprint,
     rankers=(BY_ID, Ranker("smallest", "fewest supercell atoms first", expression=lambda c: c.nsites)),
     default_ranker="id",
-    entrypoint="flows/vacancies.py:vacancies",
     producer=vacancy_site_producer,
     resources="local",
     batch_size=10,

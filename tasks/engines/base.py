@@ -7,13 +7,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pymatgen.core import Structure
 
-from hopflow.engines import VacancyMode
+from hopflow.engines import ENGINE_IDENTITIES, VacancyMode
 from hopflow.errors import InputError
 
 PathFlag = Literal["ok", "intermediate-minimum", "vacancy-moved", "unconverged"]
@@ -224,6 +224,23 @@ def checked_fields(energies: Sequence[float], converged: bool, tolerance: float)
             "reverse_barrier": check.reverse_barrier, "flag": check.flag, "flag_reason": check.reason}
 
 
+def result_fields(prepared: PreparedInputs, workdir: Path, energies: tuple[float, ...], converged: bool,
+                  tolerance: float) -> dict[str, Any]:
+    """The BarrierResult fields every engine's parse fills alike: what `prepare` recorded, the energies and what
+    `check_profile` decides about them."""
+    return {
+        "engine": prepared.engine,
+        "engine_version": prepared.engine_version,
+        "energies": energies,
+        "relative_energies": relative(energies),
+        **checked_fields(energies, converged, tolerance),
+        "converged": converged,
+        "moving_index": prepared.moving_index,
+        "settings": prepared.settings,
+        "workdir": str(workdir),
+    }
+
+
 def compute_barrier(
     engine_name: str,
     images: Images,
@@ -245,6 +262,38 @@ def compute_barrier(
 
 
 # --- helpers shared by the engines ---------------------------------------------------------------------------------
+
+
+class EngineBase:
+    """What every engine class shares: its version from `hopflow.engines` and the record `prepare` leaves."""
+
+    name: ClassVar[str]
+    settings: BaseModel
+
+    @property
+    def version(self) -> str:
+        """Engine revision plus the versions of the codes that change its numbers (hopflow.engines)."""
+        return ENGINE_IDENTITIES[self.name].version(self.settings)
+
+    def record_prepared(self, workdir: Path, structures: Sequence[Structure], moving: int,
+                        **fields: Any) -> PreparedInputs:
+        """Write `PREPARED_FILE` for these images under the engine's settings (`fields`: what the engine adds)."""
+        prepared = PreparedInputs(
+            engine=self.name,
+            engine_version=self.version,
+            settings=self.settings.model_dump(mode="json"),
+            n_images=len(structures) - 2,
+            moving_index=moving,
+            **fields,
+        )
+        write_model(workdir / PREPARED_FILE, prepared)
+        return prepared
+
+
+def hop_images(images: Images) -> tuple[list[Structure], int]:
+    """The image structures and the index of their one moving ion (InputError unless they form one hop)."""
+    structures = image_structures(images)
+    return structures, find_moving_index(structures)
 
 
 def image_structures(images: Images) -> list[Structure]:

@@ -12,7 +12,6 @@ from pydantic import BaseModel, ConfigDict
 from pymatgen.core import Structure
 
 from hopflow.engines import (
-    ENGINE_IDENTITIES,
     Device,
     MlipIdppSettings,
     MlipNebSettings,
@@ -24,21 +23,20 @@ from hopflow.engines import (
 )
 from hopflow.errors import EngineError
 from hopflow.tasks.engines.base import (
-    PREPARED_FILE,
     RUN_FILE,
     BarrierResult,
+    EngineBase,
     Images,
     PreparedInputs,
     Stopwatch,
     Timings,
-    checked_fields,
     find_moving_index,
-    image_structures,
+    hop_images,
     reaction_coordinate,
     read_prepared,
     read_structures,
     register,
-    relative,
+    result_fields,
     write_model,
     write_structures,
 )
@@ -106,35 +104,23 @@ def _optimizer(name: Optimizer, target: Any, logfile: Path) -> Any:
     return cls(target, logfile=str(logfile))
 
 
-class _MlipEngine:
-    """What the MLIP engines share: version, prepare, parse and the optional endpoint relaxation."""
+class _MlipEngine(EngineBase):
+    """What the MLIP engines share: prepare, parse and the optional endpoint relaxation."""
 
     name: ClassVar[str]
     settings_type: ClassVar[type[MlipSettings]]
     settings: MlipSettings
 
-    @property
-    def version(self) -> str:
-        """Engine revision and the potential's package version and weights (hopflow.engines)."""
-        return ENGINE_IDENTITIES[self.name].version(self.settings)
-
     def prepare(self, images: Images, workdir: Path) -> PreparedInputs:
         """Check the images (one moving ion) and store them in `workdir`."""
         workdir = Path(workdir)
-        structures = image_structures(images)
-        moving = find_moving_index(structures)
+        structures, moving = hop_images(images)
         workdir.mkdir(parents=True, exist_ok=True)
         write_structures(workdir / INPUT_IMAGES_FILE, structures)
-        prepared = PreparedInputs(
-            engine=self.name,
-            engine_version=self.version,
-            settings=self.settings.model_dump(mode="json"),
-            n_images=len(structures) - 2,
-            moving_index=moving,
+        return self.record_prepared(
+            workdir, structures, moving,
             versions=model_versions(self.settings.model) | versions_of("pymatgen-analysis-diffusion"),
         )
-        write_model(workdir / PREPARED_FILE, prepared)
-        return prepared
 
     def parse(self, workdir: Path) -> BarrierResult:
         """The stored energies and forces as a result, classified by `check_profile` (a barrier only when `ok`)."""
@@ -147,21 +133,13 @@ class _MlipEngine:
         settings = self.settings_type.model_validate(prepared.settings)
         structures = read_structures(workdir / FINAL_IMAGES_FILE)
         return BarrierResult(
-            engine=prepared.engine,
-            engine_version=prepared.engine_version,
-            energies=record.energies,
-            relative_energies=relative(record.energies),
+            **result_fields(prepared, workdir, record.energies, record.converged, settings.intermediate_minimum_tol),
             reaction_coordinate=reaction_coordinate(structures),
-            **checked_fields(record.energies, record.converged, settings.intermediate_minimum_tol),
             model=settings.model,
-            converged=record.converged,
             max_forces=record.max_forces,
             n_images=len(structures) - 2,
-            moving_index=prepared.moving_index,
             steps=record.steps,
             timings=Timings(run_s=record.run_s),
-            settings=prepared.settings,
-            workdir=str(workdir),
             versions=prepared.versions | {"device": record.device},
         )
 
@@ -174,6 +152,19 @@ class _MlipEngine:
                                       optimizer=s.endpoint_optimizer, logfile=log) for img in (images[0], images[-1]))
         return start.structure, end.structure, start.converged and end.converged
 
+    def run(self, workdir: Path) -> None:
+        """Compute the band on the settings' device from the stored images (`_compute`); the record to `RUN_FILE`."""
+        workdir = Path(workdir)
+        clock = Stopwatch.started()
+        device = pick_device(self.settings.device)
+        images = read_structures(workdir / INPUT_IMAGES_FILE)
+        outcome = self._compute(workdir, device, images)
+        write_model(workdir / RUN_FILE, MlipRunRecord(**outcome, device=device, run_s=clock.seconds()))
+
+    def _compute(self, workdir: Path, device: Device, images: list[Structure]) -> dict[str, Any]:
+        """The MlipRunRecord fields of this engine's calculation (energies, forces, convergence, steps)."""
+        raise NotImplementedError
+
 
 @register
 @dataclass(frozen=True)
@@ -184,14 +175,10 @@ class MlipIdppEngine(_MlipEngine):
     settings_type: ClassVar[type[MlipSettings]] = MlipIdppSettings
     settings: MlipIdppSettings = field(default_factory=MlipIdppSettings)
 
-    def run(self, workdir: Path) -> None:
+    def _compute(self, workdir: Path, device: Device, images: list[Structure]) -> dict[str, Any]:
         """The energy of every image not carrying a known one (after the optional endpoint relaxation and
         re-interpolation, which drop known energies)."""
-        workdir = Path(workdir)
-        clock = Stopwatch.started()
         s = self.settings
-        device = pick_device(s.device)
-        images = read_structures(workdir / INPUT_IMAGES_FILE)
         start, end, endpoints_ok = self._endpoints(device, images, workdir / OPTIMIZER_LOG)
         if s.relax_endpoints:
             images = idpp_path(start, end, len(images) - 2)
@@ -201,15 +188,8 @@ class MlipIdppEngine(_MlipEngine):
         todo = [i for i, energy in enumerate(known) if energy is None]
         computed = dict(zip(todo, (e for e, _ in single_points([images[i] for i in todo], s.model, device)),
                             strict=True))
-        record = MlipRunRecord(
-            energies=tuple(computed[i] if energy is None else energy for i, energy in enumerate(known)),
-            max_forces=(None,) * len(images),
-            converged=endpoints_ok,
-            endpoints_converged=endpoints_ok,
-            device=device,
-            run_s=clock.seconds(),
-        )
-        write_model(workdir / RUN_FILE, record)
+        return {"energies": tuple(computed[i] if energy is None else energy for i, energy in enumerate(known)),
+                "max_forces": (None,) * len(images), "converged": endpoints_ok, "endpoints_converged": endpoints_ok}
 
 
 @register
@@ -221,15 +201,11 @@ class MlipNebEngine(_MlipEngine):
     settings_type: ClassVar[type[MlipSettings]] = MlipNebSettings
     settings: MlipNebSettings = field(default_factory=MlipNebSettings)
 
-    def run(self, workdir: Path) -> None:
+    def _compute(self, workdir: Path, device: Device, images: list[Structure]) -> dict[str, Any]:
         """Optionally relax the endpoints, (re-)interpolate with IDPP when needed, and optimise the band."""
         from ase.mep import NEB
 
-        workdir = Path(workdir)
-        clock = Stopwatch.started()
         s = self.settings
-        device = pick_device(s.device)
-        images = read_structures(workdir / INPUT_IMAGES_FILE)
         nimages = s.nimages or len(images) - 2
         log = workdir / OPTIMIZER_LOG
         start, end, endpoints_ok = self._endpoints(device, images, log)
@@ -246,13 +222,5 @@ class MlipNebEngine(_MlipEngine):
         projected = np.asarray(neb.get_forces()).reshape(nimages, -1, 3)
         forces = (max_force(band[0].get_forces()), *(max_force(f) for f in projected), max_force(band[-1].get_forces()))
         write_structures(workdir / FINAL_IMAGES_FILE, [to_structure(a) for a in band])
-        record = MlipRunRecord(
-            energies=energies,
-            max_forces=forces,
-            converged=band_ok and endpoints_ok,
-            steps=int(opt.nsteps),
-            endpoints_converged=endpoints_ok,
-            device=device,
-            run_s=clock.seconds(),
-        )
-        write_model(workdir / RUN_FILE, record)
+        return {"energies": energies, "max_forces": forces, "converged": band_ok and endpoints_ok,
+                "steps": int(opt.nsteps), "endpoints_converged": endpoints_ok}

@@ -24,12 +24,11 @@ from pymatgen.io.vasp.inputs import Incar, Kpoints, Poscar, Potcar, PotcarSingle
 from pymatgen.io.vasp.sets import CINEBSet, NEBSet
 
 from hopflow.engines import (
-    ENGINE_IDENTITIES,
-    VaspNebSettings,
-    versions_of,
+    VASP_EXECUTION_FIELDS as EXECUTION_FIELDS,
 )
 from hopflow.engines import (
-    VASP_EXECUTION_FIELDS as EXECUTION_FIELDS,
+    VaspNebSettings,
+    versions_of,
 )
 from hopflow.errors import EngineError, InputError
 from hopflow.tasks.engines.base import (
@@ -37,16 +36,15 @@ from hopflow.tasks.engines.base import (
     RUN_FILE,
     BarrierResult,
     Correction,
+    EngineBase,
     Images,
     PreparedInputs,
     Stopwatch,
     Timings,
-    checked_fields,
-    find_moving_index,
-    image_structures,
+    hop_images,
     read_prepared,
     register,
-    relative,
+    result_fields,
     write_model,
 )
 
@@ -241,23 +239,17 @@ def compress_outputs(workdir: Path) -> None:
 
 @register
 @dataclass(frozen=True)
-class VaspNebEngine:
+class VaspNebEngine(EngineBase):
     """`vasp-neb`: VASP CI-NEB through custodian; continues from the previous CONTCARs when re-run in place."""
 
     name: ClassVar[str] = "vasp-neb"
     settings_type: ClassVar[type[BaseModel]] = VaspNebSettings
     settings: VaspNebSettings = field(default_factory=VaspNebSettings)
 
-    @property
-    def version(self) -> str:
-        """Engine revision with pymatgen (input sets) and custodian versions (hopflow.engines)."""
-        return ENGINE_IDENTITIES[self.name].version(self.settings)
-
     def prepare(self, images: Images, workdir: Path) -> PreparedInputs:
         """Write INCAR/KPOINTS/POTCAR, image folders 00..N+1 and endpoint folders; or resume from CONTCARs."""
         workdir = Path(workdir)
-        structures = image_structures(images)
-        moving = find_moving_index(structures)
+        structures, moving = hop_images(images)
         s = self.settings
         charge = vacancy_charge(images, structures[0], moving) if s.vacancy_mode == "charged" else 0
         existing = image_dirs(workdir) if workdir.is_dir() else []
@@ -268,19 +260,8 @@ class VaspNebEngine:
         else:
             self._write_inputs(structures, workdir, charge)
             continued = False
-        prepared = PreparedInputs(
-            engine=self.name,
-            engine_version=self.version,
-            settings=s.model_dump(mode="json"),
-            n_images=len(structures) - 2,
-            moving_index=moving,
-            vacancy_mode=s.vacancy_mode,
-            charge=charge,
-            continued=continued,
-            versions=versions_of(*PACKAGES),
-        )
-        write_model(workdir / PREPARED_FILE, prepared)
-        return prepared
+        return self.record_prepared(workdir, structures, moving, vacancy_mode=s.vacancy_mode, charge=charge,
+                                    continued=continued, versions=versions_of(*PACKAGES))
 
     def _check_same_calculation(self, workdir: Path, natoms: int) -> None:
         """Refuse to resume a directory that holds another pathway or other physics settings."""
@@ -407,31 +388,22 @@ class VaspNebEngine:
         except (ValueError, IndexError, KeyError, FileNotFoundError) as exc:
             raise EngineError(f"cannot parse the NEB in {workdir}: {exc}") from exc
         energies = tuple(float(e) for e in neb.energies)
-        rel = relative(energies)
         converged = all(outcar_converged(d) for d in folders[1:-1])
         terminal = [ends[0] if relaxation_dirs else folders[0], ends[1] if relaxation_dirs else folders[-1]]
         force_dirs = [terminal[0], *folders[1:-1], terminal[1]]
         middle = find_output(folders[1], "OUTCAR") if len(folders) > 2 else None
         banner = vasp_version(middle)
         result = BarrierResult(
-            engine=prepared.engine,
-            engine_version=prepared.engine_version,
-            energies=energies,
-            relative_energies=rel,
+            **result_fields(prepared, workdir, energies, converged, self.settings.intermediate_minimum_tol),
             reaction_coordinate=tuple(float(r) for r in neb.r),
-            **checked_fields(energies, converged, self.settings.intermediate_minimum_tol),
-            converged=converged,
             max_forces=tuple(outcar_max_force(find_output(d, "OUTCAR")) for d in force_dirs),
             n_images=len(folders) - 2,
-            moving_index=prepared.moving_index,
             steps=outcar_steps(middle),
-            settings=prepared.settings,
             timings=Timings(run_s=record.run_s),
             corrections=record.corrections,
             continued=prepared.continued,
             vacancy_mode=prepared.vacancy_mode,
             charge=prepared.charge,
-            workdir=str(workdir),
             versions=prepared.versions | ({"vasp": banner} if banner else {}),
         )
         if self.settings.compress:
