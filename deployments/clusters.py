@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import dask
 import dask_jobqueue  # noqa: F401  (registers dask-jobqueue's own configuration defaults in dask.config)
@@ -145,6 +145,7 @@ def _parse_profile(name: str, raw: Any) -> ClusterProfile:
     kind = raw.get("cluster")
     if kind not in CLUSTER_CLASSES:
         raise ProfileError(f"{where}: cluster must be one of {sorted(CLUSTER_CLASSES)}, got {kind!r}")
+    kind = cast(ClusterKind, kind)
     section = OPTIONS_SECTION[kind]
     other = next(s for s in OPTIONS_SECTION.values() if s != section)
     if other in raw:

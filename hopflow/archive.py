@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,7 +39,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from hopflow.db import get_engine, session_scope, utcnow
+from hopflow.db import Base, get_engine, session_scope, utcnow
 from hopflow.errors import ArchiveConflictError, ArchiveCorruptError, ArchiveError, ArchiveSchemaError
 from hopflow.fingerprints import pathway_fingerprint
 from hopflow.models import (
@@ -93,7 +93,7 @@ class Member:
     @classmethod
     def runs_of(cls, stage: str) -> Member:
         """The runs of one stage (`runs.<stage>`), at that stage's level."""
-        return cls(f"runs.{stage}", Run.__table__, stage, stage)
+        return cls(f"runs.{stage}", Base.metadata.tables[Run.__tablename__], stage, stage)
 
 
 def _members() -> tuple[Member, ...]:
@@ -224,6 +224,10 @@ def _is_json(column: Any) -> bool:
     return isinstance(column.type, JSON)
 
 
+@overload
+def _utc(value: datetime) -> datetime: ...
+@overload
+def _utc(value: None) -> None: ...
 def _utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
@@ -472,6 +476,7 @@ def _check_member(zf: zipfile.ZipFile, label: str, name: str, entry: Mapping[str
     if info.compress_type != zipfile.ZIP_STORED:
         raise ArchiveCorruptError(f"{label}: member {name} is compressed in the zip; hopflow stores Parquet members")
     try:
+        assert zf.filename is not None, "archives are opened by path"
         with _StoredMember(Path(zf.filename), info) as handle:
             rows = pq.ParquetFile(handle).metadata.num_rows
     except (pa.ArrowException, OSError) as exc:
@@ -632,7 +637,7 @@ def _allocate_ids(session: Session, table: Table, n: int) -> list[int]:
         rows = session.execute(text(f"SELECT nextval(pg_get_serial_sequence('{table.name}', 'id')) "
                                     "FROM generate_series(1, :n)"), {"n": n})
         return [r[0] for r in rows]
-    top = session.execute(text(f"SELECT coalesce(max(id), 0) FROM {table.name}")).scalar()
+    top = session.execute(text(f"SELECT coalesce(max(id), 0) FROM {table.name}")).scalar_one()
     return list(range(top + 1, top + 1 + n))
 
 
@@ -650,6 +655,7 @@ def _insert_rows(state: _Import, table: Table, rows: list[dict[str, Any]]) -> li
     columns = [c.name for c in table.columns]
     values = [tuple(i if c == "id" else row.get(c) for c in columns) for i, row in zip(ids, rows, strict=True)]
     dbapi = state.session.connection().connection.driver_connection
+    assert dbapi is not None, "a live session has its driver connection"
     names = ", ".join(f'"{c}"' for c in columns)
     if state.session.get_bind().dialect.name == "postgresql":
         with dbapi.cursor() as cursor, cursor.copy(f'COPY "{table.name}" ({names}) FROM STDIN') as copy:
@@ -695,7 +701,7 @@ def _import_sources(state: _Import, member: Member, rows: list[dict[str, Any]]) 
         row["structure_id"] = None  # set once the structures are in
     _store(state, member, rows, matched)
     ids = state.map("sources")
-    state.pending_sources += [(ids.local(a), s) for a, s in structure_of.items()
+    state.pending_sources += [(ids.ids[a][0], s) for a, s in structure_of.items()
                               if a not in matched and s is not None]
 
 
@@ -708,9 +714,10 @@ def _origin(row: dict[str, Any]) -> dict[str, Any]:
     before = dict(_json(row.get("origin")) or {})
     via = list(before.get("via", []))
     if row.get("archive_name"):
+        imported_at: datetime | None = row.get("archive_imported_at")
         via.append({"archive": row["archive_name"], "sha256": row.get("archive_sha256"),
-                    "imported_at": _utc(row.get("archive_imported_at")).isoformat()
-                    if row.get("archive_imported_at") else None, "run_id": before.get("run_id")})
+                    "imported_at": _utc(imported_at).isoformat() if imported_at else None,
+                    "run_id": before.get("run_id")})
     origin: dict[str, Any] = {"run_id": row["id"]}
     if row.get("reused_run_id") is not None:
         origin["reused_run_id"] = row["reused_run_id"]
@@ -719,6 +726,7 @@ def _origin(row: dict[str, Any]) -> dict[str, Any]:
 
 def _import_runs(state: _Import, member: Member, rows: list[dict[str, Any]]) -> None:
     stage = member.stage
+    assert stage is not None, "a runs member names its stage"
     inputs = state.map(RUN_INPUTS[stage])
     probe = []
     for row in rows:
@@ -759,12 +767,12 @@ def _import_runs(state: _Import, member: Member, rows: list[dict[str, Any]]) -> 
     runs, probed = state.map("runs"), set(probe)
     for row in rows:
         if (row["input_id"], row["param_hash"]) in probed and runs.ids[row["id"]][1]:
-            state.added_slots[(stage, row["input_id"], row["param_hash"])] = runs.local(row["id"])
+            state.added_slots[(stage, row["input_id"], row["param_hash"])] = runs.ids[row["id"]][0]
 
 
 def _adopt(state: _Import, local_id: int, row: dict[str, Any]) -> None:
     """A run queued (or failed) here that the archive holds done: it takes the archive's result and provenance."""
-    local = state.session.get(Run, local_id)
+    local = state.session.get_one(Run, local_id)
     values = {name: row.get(name) for name in ("state", "cache_key", "versions", "host", "flow_run_id", "claimed_at",
                                                "started_at", "finished_at", "archive_id", "origin", "error")}
     values["origin"] = _json(values["origin"])
@@ -807,7 +815,7 @@ def _import_structures(state: _Import, member: Member, rows: list[dict[str, Any]
                 break
     _store(state, member, rows, matched)
     structures = state.map("structures")
-    state.new_structures.update(structures.local(r["id"]) for r in rows if r["id"] not in matched)
+    state.new_structures.update(structures.ids[r["id"]][0] for r in rows if r["id"] not in matched)
 
 
 def _import_pathways(state: _Import, member: Member, rows: list[dict[str, Any]]) -> None:

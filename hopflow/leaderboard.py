@@ -13,12 +13,12 @@ from sqlalchemy.orm import Session
 
 from hopflow.loop import latest_calibrations
 from hopflow.models import CalibrationRow, Estimate, NebResult, Pathway, Run, Structure, Vacancy, VacancySite
-from hopflow.models.barriers import BarrierColumns, trusted
+from hopflow.models.barriers import BarrierRow, trusted
 from hopflow.percolation import HopBarrier, MaterialBarriers, material_barriers, unestimated
 
 ENGINE_TIERS = ("vasp-neb", "mlip-neb", "mlip-idpp")
 """Most trusted first: a pathway's barrier comes from the first tier with a trusted one, the newest within it."""
-TABLES: tuple[type[BarrierColumns], ...] = (NebResult, Estimate)
+TABLES: tuple[type[BarrierRow], ...] = (NebResult, Estimate)
 
 
 @dataclass(frozen=True)
@@ -256,7 +256,7 @@ def _material(session: Session, formula: str, pathways: Sequence[Pathway], best:
         hops = _hops(pathways, {e.pathway_id: e for e in chosen}, _energies(session, chosen))
         from pymatgen.core import Structure as PmgStructure  # on use: only structures with barriers need it
 
-        stored = session.scalar(select(Structure.structure).where(Structure.id == structure_id))
+        stored = session.execute(select(Structure.structure).where(Structure.id == structure_id)).scalar_one()
         answer = material_barriers(PmgStructure.from_dict(stored), hops, cut_off=cut is not None)
     else:
         answer = unestimated(max(p.dimensionality_cumlengths for p in pathways), cut_off=cut is not None)

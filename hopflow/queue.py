@@ -11,9 +11,9 @@ import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, and_, delete, exists, func, insert, literal, or_, select, true, update
+from sqlalchemy import CursorResult, Engine, and_, delete, exists, func, insert, literal, or_, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -188,6 +188,7 @@ def rank(session: Session, stage: Stage, ranker_name: str | None = None, refresh
     else:
         ids_query = select(items.c.item_id) if refresh else select(items.c.item_id).where(~scored)
         ids = list(session.scalars(ids_query))
+        assert ranker.score is not None, f"ranker {ranker.name} has neither an expression nor a score function"
         scores = ranker.score(session, ids) if ids else {}
         rows = [{"stage": stage.name, "ranker": ranker.name, "item_id": i, "score": float(s)}
                 for i, s in scores.items()]
@@ -338,7 +339,7 @@ def renew(session: Session, run_ids: Iterable[int], lease_seconds: float, *, flo
     stmt = (update(Run).where(Run.id.in_(list(run_ids)), Run.state.in_(RunState.LIVE), *owner)
             .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
             .execution_options(synchronize_session=False))
-    return session.execute(stmt).rowcount or 0
+    return cast(CursorResult[Any], session.execute(stmt)).rowcount or 0
 
 
 def start(session: Session, run_ids: Iterable[int], *, flow_run_id: str | None = None,
@@ -455,7 +456,7 @@ def release(session: Session, run_ids: Iterable[int], *, flow_run_id: str | None
                 flow_run_id=None)
         .execution_options(synchronize_session=False)
     )
-    return session.execute(stmt).rowcount or 0
+    return cast(CursorResult[Any], session.execute(stmt)).rowcount or 0
 
 
 def _spare_attempt(run: Run, batch_size: int) -> str:
@@ -493,6 +494,7 @@ def sweep(session: Session, *, stage: str | None = None, lost_flow_runs: Mapping
             select(Run).where(*scope, Run.state.in_(RunState.LIVE), Run.flow_run_id.in_(list(lost))).with_for_update()
         ).all()
         for run in crashed:
+            assert run.flow_run_id is not None  # selected by it
             reasons.setdefault(run.id, f"flow run {run.flow_run_id} ended {lost[run.flow_run_id]}")
             candidates[run.id] = run
     retry_failed = session.scalars(
@@ -615,7 +617,7 @@ def queue_head(session: Session, stage: Stage, n: int = 20, ranker: str | None =
 
 
 def is_backend_sqlite(session: Session) -> bool:
-    return is_sqlite(session.get_bind())
+    return is_sqlite(session.get_bind().engine)
 
 
 def fingerprints(session: Session, stage: Stage, input_ids: Sequence[int]) -> dict[int, str]:

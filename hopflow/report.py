@@ -20,7 +20,7 @@ from hopflow import queue
 from hopflow.db import utcnow
 from hopflow.leaderboard import MaterialEntry, PathwayEntry, material_leaderboard, pathway_leaderboard
 from hopflow.models import BarrierModelRow, Estimate, Features, NebResult, Pathway, Run, Source, Structure
-from hopflow.models.barriers import BarrierColumns
+from hopflow.models.barriers import BarrierRow
 from hopflow.provenance import versions as current_versions
 
 TEMPLATE = "report.html.j2"
@@ -35,7 +35,7 @@ PREDICTORS: tuple[tuple[str, str], ...] = (
 )
 """Feature columns shown per pathway (definitions and units in docs/features.md)."""
 SHOWN_VERSIONS = ("hopflow", "hopflow_git", "pymatgen", "chgnet", "torch", "prefect")
-TABLES: tuple[type[BarrierColumns], ...] = (NebResult, Estimate)
+TABLES: tuple[type[BarrierRow], ...] = (NebResult, Estimate)
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ def profile_key(table: str, result_id: int) -> str:
     return f"profile-{table}-{result_id}"
 
 
-def _provenance(what: str, run: Run | None, row: BarrierColumns | None = None) -> Provenance:
+def _provenance(what: str, run: Run | None, row: BarrierRow | None = None) -> Provenance:
     if run is None:
         return Provenance(what=what, run_id=row.run_id if row is not None else 0)
     return Provenance(what=what, run_id=run.id, engine=row.engine if row is not None else None,
@@ -196,6 +196,7 @@ def _results(session: Session, runs: Mapping[int, Run]) -> dict[int, list[Result
     out: dict[int, list[ResultView]] = defaultdict(list)
     for table in TABLES:
         for row in session.scalars(select(table).order_by(table.id.desc())):
+            assert isinstance(row, table)  # select() of a union of tables types its rows as their common base
             out[row.pathway_id].append(ResultView(
                 table=table.__tablename__, id=row.id, barrier=row.barrier, forward_barrier=row.forward_barrier,
                 reverse_barrier=row.reverse_barrier, flag=row.flag, flag_reason=row.flag_reason,
@@ -239,6 +240,7 @@ def collect_report(session: Session, database: str = "") -> Report:
     predictors = _predictors(session, [p.id for rows in pathways.values() for p in rows])
     sources: dict[int, list[SourceView]] = defaultdict(list)
     for src in session.scalars(select(Source).where(Source.structure_id.in_(structure_ids)).order_by(Source.id)):
+        assert src.structure_id is not None  # selected by it
         sources[src.structure_id].append(SourceView(src.kind, src.location, src.key))
     views = []
     for m in materials:

@@ -4,7 +4,8 @@
 #
 # Knobs: HOPFLOW_VENV (default .venv), HOPFLOW_BOOTSTRAP_PYTHON (makes a missing venv; default python3.11),
 # HOPFLOW_SERVICES_DIR (default: a fresh /tmp/hopflow-services.XXXXXX per run; services already running there are
-# reused and left running), HOPFLOW_TEST_TIMEOUT (pytest-timeout per test, seconds; default 600).
+# reused and left running), HOPFLOW_TEST_TIMEOUT (pytest-timeout per test, seconds; default 600),
+# HOPFLOW_STATIC_CHECKS (default 1: ruff and mypy run first and their failure fails the command; 0 skips them).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -36,6 +37,16 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]] || ! "$PY" -c 'import importl
 fi
 
 export HOPFLOW_PYTHON=$PY
+
+static_rc=0
+if [[ ${HOPFLOW_STATIC_CHECKS:-1} != 0 ]]; then
+    say "ruff check"
+    "$PY" -m ruff check "$ROOT" || static_rc=1
+    say "mypy (scripts/typecheck.sh)"
+    bash "$ROOT/scripts/typecheck.sh" || static_rc=1
+    ((static_rc == 0)) || say "ERROR: static checks failed (pytest runs all the same; the command fails)"
+fi
+
 stop_services=0
 if [[ -z ${HOPFLOW_SERVICES_DIR:-} ]]; then
     HOPFLOW_SERVICES_DIR=$(mktemp -d /tmp/hopflow-services.XXXXXX)
@@ -64,4 +75,7 @@ set +e
 rc=$?
 set -e
 say "pytest exited with $rc after $((SECONDS - t0))s"
+if ((rc == 0 && static_rc != 0)); then
+    rc=1
+fi
 exit $rc

@@ -70,3 +70,7 @@ class NebResult(BarrierColumns, Base):
     """A VASP CI-NEB barrier of one pathway, with custodian's corrections; barrier NULL when it did not converge."""
 
     __tablename__ = "neb"
+
+
+BarrierRow = Estimate | NebResult
+"""A stored barrier of either table."""

@@ -71,7 +71,7 @@ def _load(session: Session, ids: Sequence[int]) -> dict[int, Any]:
 
 
 def _store(session: Session, run: Run, result: Any) -> None:
-    structure = session.get(Structure, run.input_id)
+    structure = session.get_one(Structure, run.input_id)
     lattice = lattice_parameters(structure.structure)
     for record in map(asdict, result):
         print_ = pathway_fingerprint(structure.fingerprint, lattice, record["ion"], record["start_frac"],

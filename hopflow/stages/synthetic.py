@@ -33,8 +33,8 @@ def _inputs() -> Any:
 
 
 def _load(session: Session, ids: Sequence[int]) -> dict[int, Any]:
-    attempts = dict(session.execute(select(Run.input_id, Run.attempts).where(
-        Run.stage == "synthetic", Run.input_id.in_(list(ids)), Run.state.in_(RunState.LIVE))).all())
+    attempts: dict[int, int] = {item_id: n for item_id, n in session.execute(select(Run.input_id, Run.attempts).where(
+        Run.stage == "synthetic", Run.input_id.in_(list(ids)), Run.state.in_(RunState.LIVE)))}
     return {r.id: {"item_id": r.id, "cpu_ms": r.cpu_ms, "sleep_ms": r.sleep_ms, "failure": r.failure,
                    "fail_attempts": r.fail_attempts, "attempt": attempts.get(r.id, 1)}
             for r in rows_by_id(session, SyntheticItem, ids)}

@@ -382,7 +382,7 @@ class VaspNebEngine(EngineBase):
         )
         folders = image_dirs(workdir)
         ends = [workdir / d for d in ENDPOINT_DIRS]
-        relaxation_dirs = tuple(str(d) for d in ends) if all(find_output(d, "OUTCAR") for d in ends) else None
+        relaxation_dirs = (str(ends[0]), str(ends[1])) if all(find_output(d, "OUTCAR") for d in ends) else None
         try:
             neb = NEBAnalysis.from_dir(str(workdir), relaxation_dirs=relaxation_dirs)
         except (ValueError, IndexError, KeyError, FileNotFoundError) as exc:
