@@ -213,7 +213,8 @@ def run_campaign(engine: Engine, client: Any, config: CampaignConfig, workdir: P
     from hopflow import queue
     from hopflow.db import session_scope
     from hopflow.deployments.bootstrap import POOL_NAME
-    from hopflow.flows.controller import count_live, tick
+    from hopflow.flows.controller import tick
+    from hopflow.flows.submission import count_live
     from hopflow.models import RunState
     from hopflow.registry import get_stage
 

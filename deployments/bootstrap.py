@@ -65,7 +65,7 @@ def ensure_work_pool(client: SyncPrefectClient, name: str = POOL_NAME, concurren
 def bootstrap(client: SyncPrefectClient, *, engine: Engine | None = None, pool: str = POOL_NAME,
               pool_limit: int | None = None) -> BootstrapReport:
     """Work pool and Variables, idempotent: safe to run before every `prefect deploy --all`."""
-    from hopflow.flows.controller import mirror_settings
+    from hopflow.flows.mirror import mirror_settings
 
     created = ensure_work_pool(client, pool, pool_limit)
     with session_scope(engine or get_engine(), write=True) as session:

@@ -6,21 +6,38 @@ from __future__ import annotations
 
 import hashlib
 import html
+import json
 import re
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.actions import ArtifactCreate
+from prefect.context import FlowRunContext
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from hopflow import queue
+from hopflow.db import session_scope
 from hopflow.leaderboard import MaterialEntry, PathwayEntry, material_leaderboard, pathway_leaderboard
-from hopflow.models import Estimate, NebResult
+from hopflow.models import Estimate, NebResult, RunState
+from hopflow.registry import STAGES
 from hopflow.report import data_uri
 from hopflow.settings import get_settings
 from hopflow.stages import BARRIER_COLUMNS
 
+if TYPE_CHECKING:
+    from hopflow.flows.controller import TickReport
+
+PROGRESS_KEY = "hopflow-progress"
+LEADERBOARD_KEY = "hopflow-leaderboard"
+"""Artifact of the per-pathway leaderboard (hopflow.leaderboard.pathway_leaderboard)."""
+MATERIALS_KEY = "hopflow-materials"
+"""Artifact of the per-structure leaderboard (hopflow.leaderboard.material_leaderboard)."""
+LEADERBOARD_SIZE = 20
 OVERVIEW_KEY = "hopflow-overview"
 REPORT_HTML = "report.html"
 OVERVIEW_ROWS = 10
@@ -201,5 +218,54 @@ def publish_overview(client: Any, session: Session, targets: Mapping[str, int], 
     return True
 
 
-__all__ = ["OVERVIEW_KEY", "code", "md", "md_table", "overview_markdown", "publish_overview", "publish_stage_summary",
-           "stage_markdown"]
+
+# ---------------------------------------------------------------- the controller's table artifacts
+
+
+def progress_rows(session: Session, report: TickReport) -> list[dict[str, Any]]:
+    """One row per stage: runs per state (done runs that reused a result also counted as cached), target, live flow
+    runs, submitted this tick."""
+    counts = queue.progress_counts(session)
+    ticks = {s.stage: s for s in report.stages}
+    rows = []
+    for name in sorted(STAGES):
+        stage_tick = ticks.get(name)
+        c = counts.get(name, queue.StageCounts())
+        rows.append({"stage": name, **{state: getattr(c, state) for state in RunState.ALL}, "cached": c.cached,
+                     "target": queue.target(session, STAGES[name]),
+                     "live_flow_runs": stage_tick.live if stage_tick else None,
+                     "submitted": len(stage_tick.submitted) if stage_tick else 0,
+                     "note": (stage_tick.error or "") if stage_tick else ""})
+    return rows
+
+
+def _artifact(client: SyncPrefectClient, key: str, kind: str, data: Any, description: str) -> None:
+    ctx = FlowRunContext.get()
+    flow_run_id = ctx.flow_run.id if ctx and ctx.flow_run else None
+    payload = json.dumps(data, default=str) if kind == "table" else data
+    client.create_artifact(ArtifactCreate(key=key, type=kind, data=payload, description=description,
+                                          flow_run_id=flow_run_id))
+
+
+def publish_artifacts(client: SyncPrefectClient, engine: Engine, report: TickReport) -> None:
+    """Progress per stage and both leaderboards, as Prefect table artifacts (a new version every tick), and the
+    markdown overview with the plots when the leaderboards changed."""
+    with session_scope(engine) as session:
+        progress = progress_rows(session, report)
+        materials = material_leaderboard(session, LEADERBOARD_SIZE)  # once per tick: the tables and the overview
+        board = pathway_leaderboard(session, LEADERBOARD_SIZE)
+        _artifact(client, PROGRESS_KEY, "table", progress, f"hopflow progress per stage. {report.summary}")
+        _artifact(client, MATERIALS_KEY, "table", [asdict(m) for m in materials],
+                  "hopflow materials: percolation barriers E*(3D/2D/1D) per structure, lowest first (eV)")
+        _artifact(client, LEADERBOARD_KEY, "table", [asdict(p) for p in board],
+                  "hopflow leaderboard: lowest trusted barrier per pathway (eV)")
+        targets = {row["stage"]: row["target"] for row in progress}
+        live = {row["stage"]: row["live_flow_runs"] for row in progress}
+        ctx = FlowRunContext.get()
+        publish_overview(client, session, targets, live, ctx.flow_run.id if ctx and ctx.flow_run else None,
+                         boards=(materials, board))
+
+
+__all__ = ["LEADERBOARD_KEY", "LEADERBOARD_SIZE", "MATERIALS_KEY", "OVERVIEW_KEY", "PROGRESS_KEY", "code", "md",
+           "md_table", "overview_markdown", "progress_rows", "publish_artifacts", "publish_overview",
+           "publish_stage_summary", "stage_markdown"]

@@ -80,11 +80,12 @@ def prefect_ui(home: Path, out: Path) -> None:
         env = {**os.environ, "HOPFLOW_HOME": str(home), "PREFECT_API_URL": api, "PYTHONPATH": str(ROOT)}
         env.pop("HOPFLOW_DATABASE_URL", None)
         publish = ("from prefect.client.orchestration import get_client\n"
-                   "from hopflow.flows import controller as ctl\n"
+                   "from hopflow.flows import artifacts, mirror\nfrom hopflow.flows import controller as ctl\n"
                    "from hopflow.flows.artifacts import OVERVIEW_KEY\n"
                    "from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey\n"
                    "with get_client(sync_client=True) as c:\n"
-                   "    ctl.publish_artifacts(c, None, ctl.TickReport((), (), (), {}, ctl.MirrorReport(), 0.0))\n"
+                   "    report = ctl.TickReport((), (), (), {}, mirror.MirrorReport(), 0.0)\n"
+                   "    artifacts.publish_artifacts(c, None, report)\n"
                    "    key = ArtifactFilterKey(any_=[OVERVIEW_KEY])\n"
                    "    (a,) = c.read_artifacts(artifact_filter=ArtifactFilter(key=key))\n"
                    "    print(a.id)\n")

@@ -16,6 +16,7 @@ from sqlalchemy import select, update
 
 from hopflow import queue
 from hopflow.db import session_scope, utcnow
+from hopflow.flows import artifacts, mirror, submission
 from hopflow.flows import controller as ctl
 from hopflow.models import Estimate, Run, RunState, StageSetting
 from hopflow.registry import Cutoff, get_stage
@@ -161,15 +162,15 @@ def test_a_retried_submission_of_one_claim_makes_one_flow_run(engine, prefect_cl
     _, deployment_id = deployment
     add_synthetic_items(engine, 5)
     ids = [c.id for c in queue.claim(SYNTHETIC, 5, engine=engine, refresh=True)]
-    first = ctl.submit_batch(prefect_client, engine, SYNTHETIC, deployment_id, ids)
-    again = ctl.submit_batch(prefect_client, engine, SYNTHETIC, deployment_id, ids)
+    first = submission.submit_batch(prefect_client, engine, SYNTHETIC, deployment_id, ids)
+    again = submission.submit_batch(prefect_client, engine, SYNTHETIC, deployment_id, ids)
     assert first == again
     with session_scope(engine, write=True) as session:
         queue.release(session, ids)
     reclaimed = [c.id for c in queue.claim(SYNTHETIC, 5, engine=engine)]
     assert sorted(reclaimed) == sorted(ids)
     # a new claim is a new batch
-    assert ctl.submit_batch(prefect_client, engine, SYNTHETIC, deployment_id, reclaimed) != first
+    assert submission.submit_batch(prefect_client, engine, SYNTHETIC, deployment_id, reclaimed) != first
     assert len(deployment_flow_runs(prefect_client, deployment_id)) == 2
 
 
@@ -181,7 +182,7 @@ def test_manual_submission_never_duplicates_the_controllers_claims(engine, prefe
     assert controller_tick.claimed == BATCH  # items[:20] belong to the controller's flow run
     chosen = [items[5], items[22], items[23], 999_999]
 
-    report = ctl.submit_items(prefect_client, SYNTHETIC, chosen, engine=engine, deployment=name, batch_size=1)
+    report = submission.submit_items(prefect_client, SYNTHETIC, chosen, engine=engine, deployment=name, batch_size=1)
 
     assert report.skipped == (items[5], 999_999)
     assert len(report.flow_runs) == 2 and report.error is None
@@ -190,7 +191,7 @@ def test_manual_submission_never_duplicates_the_controllers_claims(engine, prefe
     assert {runs[i].ranker for i in report.run_ids} == {"manual"}
     assert runs[next(r for r in runs if runs[r].input_id == items[5])].flow_run_id == controller_tick.submitted[0]
 
-    repeat = ctl.submit_items(prefect_client, SYNTHETIC, chosen, engine=engine, deployment=name)
+    repeat = submission.submit_items(prefect_client, SYNTHETIC, chosen, engine=engine, deployment=name)
     assert (repeat.run_ids, repeat.flow_runs) == ((), ())
     assert len(deployment_flow_runs(prefect_client, deployment_id)) == 3
     _set_target(engine, 2)
@@ -203,41 +204,41 @@ def _variable(client, name: str):
 
 def test_settings_mirror_round_trip(engine, prefect_client, cut_stage):
     with session_scope(engine, write=True) as session:
-        first = ctl.mirror_settings(prefect_client, session)
-    assert first.read_back == () and set(first.pushed) <= {ctl.TARGETS_VARIABLE, ctl.CUTOFFS_VARIABLE}
-    assert _variable(prefect_client, ctl.TARGETS_VARIABLE)[SYNTHETIC] == 0
-    assert _variable(prefect_client, ctl.CUTOFFS_VARIABLE)["synthetic-cut"] == {"max_priority": 10.0}
+        first = mirror.mirror_settings(prefect_client, session)
+    assert first.read_back == () and set(first.pushed) <= {mirror.TARGETS_VARIABLE, mirror.CUTOFFS_VARIABLE}
+    assert _variable(prefect_client, mirror.TARGETS_VARIABLE)[SYNTHETIC] == 0
+    assert _variable(prefect_client, mirror.CUTOFFS_VARIABLE)["synthetic-cut"] == {"max_priority": 10.0}
 
-    targets = {**_variable(prefect_client, ctl.TARGETS_VARIABLE), SYNTHETIC: 4}  # edits in the UI
-    prefect_client.update_variable(VariableUpdate(name=ctl.TARGETS_VARIABLE, value=targets))
-    prefect_client.update_variable(VariableUpdate(name=ctl.CUTOFFS_VARIABLE,
+    targets = {**_variable(prefect_client, mirror.TARGETS_VARIABLE), SYNTHETIC: 4}  # edits in the UI
+    prefect_client.update_variable(VariableUpdate(name=mirror.TARGETS_VARIABLE, value=targets))
+    prefect_client.update_variable(VariableUpdate(name=mirror.CUTOFFS_VARIABLE,
                                                   value={"synthetic-cut": {"max_priority": 25.0}}))
     with session_scope(engine, write=True) as session:
-        read = ctl.mirror_settings(prefect_client, session)
+        read = mirror.mirror_settings(prefect_client, session)
         assert queue.target(session, get_stage(SYNTHETIC)) == 4
         assert queue.cutoff_values(session, cut_stage) == {"max_priority": 25.0}
         reasons = session.scalars(select(StageSetting.reason).where(StageSetting.stage == SYNTHETIC)).all()
-    assert sorted(read.read_back) == sorted([f"{ctl.TARGETS_VARIABLE}: {SYNTHETIC}=4",
-                                             f"{ctl.CUTOFFS_VARIABLE}: synthetic-cut.max_priority=25.0"])
-    assert reasons == [f"edited in the Prefect UI (variable {ctl.TARGETS_VARIABLE})"]
+    assert sorted(read.read_back) == sorted([f"{mirror.TARGETS_VARIABLE}: {SYNTHETIC}=4",
+                                             f"{mirror.CUTOFFS_VARIABLE}: synthetic-cut.max_priority=25.0"])
+    assert reasons == [f"edited in the Prefect UI (variable {mirror.TARGETS_VARIABLE})"]
 
     _set_target(engine, 2)  # `hopflow target synthetic 2`: the database wins over the unchanged Variable
     with session_scope(engine, write=True) as session:
-        pushed = ctl.mirror_settings(prefect_client, session)
-    assert pushed.read_back == () and ctl.TARGETS_VARIABLE in pushed.pushed
-    assert _variable(prefect_client, ctl.TARGETS_VARIABLE)[SYNTHETIC] == 2
+        pushed = mirror.mirror_settings(prefect_client, session)
+    assert pushed.read_back == () and mirror.TARGETS_VARIABLE in pushed.pushed
+    assert _variable(prefect_client, mirror.TARGETS_VARIABLE)[SYNTHETIC] == 2
 
-    bad = {**_variable(prefect_client, ctl.TARGETS_VARIABLE), SYNTHETIC: -1, "synthetic-cut": "x", "nope": 3}
-    prefect_client.update_variable(VariableUpdate(name=ctl.TARGETS_VARIABLE, value=bad))
-    prefect_client.delete_variable_by_name(ctl.CUTOFFS_VARIABLE)
+    bad = {**_variable(prefect_client, mirror.TARGETS_VARIABLE), SYNTHETIC: -1, "synthetic-cut": "x", "nope": 3}
+    prefect_client.update_variable(VariableUpdate(name=mirror.TARGETS_VARIABLE, value=bad))
+    prefect_client.delete_variable_by_name(mirror.CUTOFFS_VARIABLE)
     with session_scope(engine, write=True) as session:
-        rejected = ctl.mirror_settings(prefect_client, session)
+        rejected = mirror.mirror_settings(prefect_client, session)
         assert queue.target(session, get_stage(SYNTHETIC)) == 2
     assert len(rejected.rejected) == 3 and rejected.read_back == ()
     assert any("nope" in line and "unknown stage" in line for line in rejected.rejected)
-    fixed = _variable(prefect_client, ctl.TARGETS_VARIABLE)
+    fixed = _variable(prefect_client, mirror.TARGETS_VARIABLE)
     assert fixed[SYNTHETIC] == 2 and "nope" not in fixed and fixed["synthetic-cut"] == 0
-    assert _variable(prefect_client, ctl.CUTOFFS_VARIABLE)["synthetic-cut"] == {"max_priority": 25.0}  # recreated
+    assert _variable(prefect_client, mirror.CUTOFFS_VARIABLE)["synthetic-cut"] == {"max_priority": 25.0}  # recreated
 
 
 def test_tick_broadens_a_cutoff_that_holds_everything_back(engine, prefect_client, deployment, cut_stage):
@@ -278,7 +279,7 @@ def test_tick_publishes_progress_and_leaderboard(engine, prefect_client, deploym
     _set_target(engine, 1)
     ctl.tick(prefect_client, engine=engine, stages=[SYNTHETIC], deployments={SYNTHETIC: name}, mirror=False)
 
-    progress = {row["stage"]: row for row in json.loads(_latest_artifact(prefect_client, ctl.PROGRESS_KEY).data)}
+    progress = {row["stage"]: row for row in json.loads(_latest_artifact(prefect_client, artifacts.PROGRESS_KEY).data)}
     assert progress[SYNTHETIC] | {"note": ""} == {
         "stage": SYNTHETIC, "target": 1, "live_flow_runs": 0, "queued": 10, "claimed": BATCH, "running": 0,
         "done": 0, "failed": 0, "cached": 0, "submitted": 1, "note": ""}
@@ -287,7 +288,7 @@ def test_tick_publishes_progress_and_leaderboard(engine, prefect_client, deploym
     trusted = {pid: min(b for p, b, f in inserted if p == pid and f == "ok") for pid, _, f in inserted if f == "ok"}
     expected = sorted(trusted, key=trusted.__getitem__) + [m0]
     assert expected == [m1d, a2, m3d, a_sqrt2, m0]
-    board = json.loads(_latest_artifact(prefect_client, ctl.LEADERBOARD_KEY).data)
+    board = json.loads(_latest_artifact(prefect_client, artifacts.LEADERBOARD_KEY).data)
     assert [row["pathway_id"] for row in board] == expected
     assert [row["barrier"] for row in board] == [trusted[pid] for pid in expected[:-1]] + [None]
     assert [row["flag"] for row in board] == ["ok"] * 4 + ["vacancy-moved"]
@@ -296,7 +297,7 @@ def test_tick_publishes_progress_and_leaderboard(engine, prefect_client, deploym
     assert [row["formula"] for row in board] == ["MgF2", "CaF2", "MgF2", "CaF2", "MgF2"]
 
     # per material: CaF2's a/2 hop alone percolates in 3D at 0.30 eV; MgF2 has a hop without a trusted barrier
-    materials = json.loads(_latest_artifact(prefect_client, ctl.MATERIALS_KEY).data)
+    materials = json.loads(_latest_artifact(prefect_client, artifacts.MATERIALS_KEY).data)
     assert [(m["formula"], m["structure_id"]) for m in materials] == [("CaF2", caf2_id), ("MgF2", mgf2_id)]
     caf2_row, mgf2_row = materials
     assert (caf2_row["e_star_3d"], caf2_row["status_3d"], caf2_row["pathways_3d"]) == (0.30, "complete", [a2])
@@ -310,5 +311,5 @@ def test_controller_flow_runs_a_tick_and_links_its_artifact(engine, prefect_clie
     assert state.is_completed()
     report = state.result()
     assert isinstance(report, ctl.TickReport) and report.stages == ()  # no stage has a target in a fresh database
-    artifact = _latest_artifact(prefect_client, ctl.PROGRESS_KEY)
+    artifact = _latest_artifact(prefect_client, artifacts.PROGRESS_KEY)
     assert artifact.flow_run_id == state.state_details.flow_run_id

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from hopflow.cli.barriers import write_profile_plots
 from hopflow.cli.main import app
 from hopflow.db import session_scope
+from hopflow.flows import artifacts, mirror
 from hopflow.flows import controller as ctl
 from hopflow.leaderboard import MaterialEntry, PathwayEntry, material_leaderboard, pathway_leaderboard
 from hopflow.models import Estimate, NebResult, Run, Vacancy, VacancySite
@@ -184,13 +185,13 @@ def _as_json(entries: list) -> list[dict]:
 
 @pytest.mark.prefect
 def test_artifacts_hold_the_cli_rows_in_the_cli_order(engine, board, prefect_client) -> None:  # noqa: F811
-    ctl.publish_artifacts(prefect_client, engine, ctl.TickReport((), (), (), {}, ctl.MirrorReport(), 0.0))
+    artifacts.publish_artifacts(prefect_client, engine, ctl.TickReport((), (), (), {}, mirror.MirrorReport(), 0.0))
     runner = CliRunner()
-    for key, by in ((ctl.MATERIALS_KEY, "structure"), (ctl.LEADERBOARD_KEY, "pathway")):
+    for key, by in ((artifacts.MATERIALS_KEY, "structure"), (artifacts.LEADERBOARD_KEY, "pathway")):
         cli = json.loads(runner.invoke(app, ["leaderboard", "--json", "--by", by]).stdout)
         artifact = latest_artifact(prefect_client, key)
         assert artifact.type == "table"
-        assert json.loads(artifact.data) == cli[:ctl.LEADERBOARD_SIZE] and cli
+        assert json.loads(artifact.data) == cli[:artifacts.LEADERBOARD_SIZE] and cli
 
 
 @pytest.mark.prefect
@@ -203,15 +204,15 @@ def test_overview_artifact_has_the_leaderboards_and_plots_inline(engine, board, 
         expected = overview_markdown(session, {}, {})
     versions = ArtifactFilter(key=ArtifactFilterKey(any_=[OVERVIEW_KEY]))
     before = len(prefect_client.read_artifacts(artifact_filter=versions))
-    ctl.publish_artifacts(prefect_client, engine, ctl.TickReport((), (), (), {}, ctl.MirrorReport(), 0.0))
+    artifacts.publish_artifacts(prefect_client, engine, ctl.TickReport((), (), (), {}, mirror.MirrorReport(), 0.0))
     overview = latest_artifact(prefect_client, OVERVIEW_KEY)
     assert overview.type == "markdown" and overview.data.split("## Materials")[1] == expected.split("## Materials")[1]
     text = overview.data
     assert text.index("CaF2") < text.index("SrF2") < text.index("MgF2")  # the CLI's order
     assert text.count("](data:image/png;base64,") == 4  # the materials plot and the three best profiles
     assert "report.html" in text and "hopflow trace" in text
-    ctl.publish_artifacts(prefect_client, engine, ctl.TickReport((), (), (), {}, ctl.MirrorReport(), 0.0))
+    artifacts.publish_artifacts(prefect_client, engine, ctl.TickReport((), (), (), {}, mirror.MirrorReport(), 0.0))
     assert len(prefect_client.read_artifacts(artifact_filter=versions)) == before + 1  # unchanged: not again
-    progress = json.loads(latest_artifact(prefect_client, ctl.PROGRESS_KEY).data)
+    progress = json.loads(latest_artifact(prefect_client, artifacts.PROGRESS_KEY).data)
     assert {row["stage"]: row["cached"] for row in progress}["estimates"] == 0
     assert list(progress[0])[:7] == ["stage", "queued", "claimed", "running", "done", "failed", "cached"]

@@ -19,6 +19,7 @@ from hopflow.cli import orchestration
 from hopflow.db import session_scope, utcnow
 from hopflow.deployments.bootstrap import POOL_NAME, deploy_all, ensure_work_pool, pause_services
 from hopflow.flows import controller as ctl
+from hopflow.flows import mirror, submission
 from hopflow.models import Run, RunState, StageSetting, SyntheticItem, SyntheticResult
 from hopflow.registry import get_stage
 
@@ -132,7 +133,7 @@ def test_controller_drains_the_synthetic_stage_through_a_real_worker(engine, pre
             (stage_tick,) = report.stages
             assert stage_tick.error is None, stage_tick.error
             ticks.append((target, stage_tick))
-            live_seen.append((target, ctl.count_live(prefect_client, deployment.id)))
+            live_seen.append((target, submission.count_live(prefect_client, deployment.id)))
             if killed is None:
                 with session_scope(engine) as session:
                     slow_runs = set(session.scalars(select(Run.id).where(Run.stage == SYNTHETIC,
@@ -238,7 +239,7 @@ def test_bootstrap_tick_and_maintenance_commands(engine, cli, prefect_client, tm
     result = cli("bootstrap")
     assert result.exit_code == 0, result.output
     assert prefect_client.read_work_pool(POOL_NAME).type == "process"
-    assert prefect_client.read_variable_by_name(ctl.TARGETS_VARIABLE).value[SYNTHETIC] == 0
+    assert prefect_client.read_variable_by_name(mirror.TARGETS_VARIABLE).value[SYNTHETIC] == 0
     tick = cli("tick", "--no-publish")
     assert tick.exit_code == 0 and "no stage has a target" in tick.output
     add_synthetic_items(engine, 4)
@@ -288,7 +289,7 @@ def test_controller_drains_twenty_structures_through_the_pathways_stage(engine, 
             (stage_tick,) = report.stages
             assert stage_tick.error is None, stage_tick.error
             assert len(stage_tick.submitted) <= max(0, 3 - stage_tick.live)
-            live_seen.append(ctl.count_live(prefect_client, deployment.id))
+            live_seen.append(submission.count_live(prefect_client, deployment.id))
             time.sleep(TICK_INTERVAL_S)
     finally:
         stop_process_group(worker)

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hopflow.cli.main import app
+from hopflow.flows import artifacts, mirror
 from hopflow.flows import controller as ctl
 from hopflow.settings import get_settings
 
@@ -43,6 +44,7 @@ def test_cut_down_screen_gives_flagged_believable_rows(monkeypatch, prefect_clie
     assert all(row["barrier"] >= SMALLEST_BELIEVABLE for row in trusted)
     assert all(row["barrier"] is None for row in pathways if row["flag"] != "ok")
 
-    ctl.publish_artifacts(prefect_client, None, ctl.TickReport((), (), (), {}, ctl.MirrorReport(), 0.0))
-    assert json.loads(latest_artifact(prefect_client, ctl.LEADERBOARD_KEY).data) == pathways[:ctl.LEADERBOARD_SIZE]
-    assert json.loads(latest_artifact(prefect_client, ctl.MATERIALS_KEY).data) == materials[:ctl.LEADERBOARD_SIZE]
+    artifacts.publish_artifacts(prefect_client, None, ctl.TickReport((), (), (), {}, mirror.MirrorReport(), 0.0))
+    size = artifacts.LEADERBOARD_SIZE
+    assert json.loads(latest_artifact(prefect_client, artifacts.LEADERBOARD_KEY).data) == pathways[:size]
+    assert json.loads(latest_artifact(prefect_client, artifacts.MATERIALS_KEY).data) == materials[:size]

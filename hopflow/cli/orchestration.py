@@ -61,7 +61,7 @@ def submit(
     deployment: Annotated[str | None, typer.Option(help="`flow/deployment` (default: the stage's).")] = None,
 ) -> None:
     """Run a stage on chosen input items now, through the queue (items already claimed or done are skipped)."""
-    from hopflow.flows.controller import submit_items
+    from hopflow.flows.submission import submit_items
 
     _stage_or_exit(stage)
     with _prefect() as client:
@@ -82,7 +82,7 @@ def sweep(
     prefect: Annotated[bool, typer.Option(help="Also requeue work of flow runs Prefect reports as over.")] = True,
 ) -> None:
     """Requeue lost work now (expired leases, crashed or failed flow runs, retryable failures)."""
-    from hopflow.flows.controller import sweep_lost
+    from hopflow.flows.submission import sweep_lost
 
     if stage:
         _stage_or_exit(stage)
