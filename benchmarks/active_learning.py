@@ -11,7 +11,7 @@ ranker of a model retrained on every barrier computed so far. Random order is th
 
 The fixture holds, per pathway of the bundled structures (tasks.structures sanitize -> tasks.pathways.find_pathways
 under default settings), the numeric predictors of tasks.features.featurize and the pathway's multiplicity.
-Regenerate it (about 5 minutes on 2 cores) whenever those definitions change; tests/test_learning.py checks one row
+Regenerate it (about 5 minutes on 2 cores) whenever those definitions change; tests/test_surrogate.py checks one row
 against a fresh featurization.
 """
 
@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 from pymatgen.core import Structure
 
-from hopflow.learning import (
+from hopflow.settings import get_settings
+from hopflow.surrogate import (
     ModelParams,
     diverse_order,
     k_centre_cost,
@@ -39,7 +40,6 @@ from hopflow.learning import (
     train,
     uncertain_scores,
 )
-from hopflow.settings import get_settings
 from hopflow.tasks.features import featurize
 from hopflow.tasks.pathways import PathwayRecord, find_pathways
 from hopflow.tasks.structures import bundled_inputs, parse_input, sanitize

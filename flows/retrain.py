@@ -6,7 +6,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from hopflow.loop import CycleReport, retrain_cycle
+from hopflow.retraining import CycleReport, retrain_cycle
 
 ARTIFACT_KEY = "hopflow-retrain"
 

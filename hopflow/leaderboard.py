@@ -11,10 +11,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from hopflow.loop import latest_calibrations
 from hopflow.models import CalibrationRow, Estimate, NebResult, Pathway, Run, Structure, Vacancy, VacancySite
 from hopflow.models.barriers import BarrierRow, trusted
 from hopflow.percolation import HopBarrier, MaterialBarriers, material_barriers, unestimated
+from hopflow.retraining import latest_calibrations
 
 ENGINE_TIERS = ("vasp-neb", "mlip-neb", "mlip-idpp")
 """Most trusted first: a pathway's barrier comes from the first tier with a trusted one, the newest within it."""

@@ -262,8 +262,8 @@ def model_images(session: Session, models: Sequence[ModelView], directory: Path)
     plot from the model's stored out-of-fold predictions, the curve from the current training set; none when too few
     barriers remain for it)."""
     from hopflow.errors import InsufficientDataError
-    from hopflow.learning import learning_curve, learning_curve_plot, parity_plot
-    from hopflow.loop import training_set
+    from hopflow.retraining import training_set
+    from hopflow.surrogate import learning_curve, learning_curve_plot, parity_plot
 
     out: dict[str, bytes] = {}
     for model in models:

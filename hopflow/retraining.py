@@ -1,5 +1,6 @@
-"""The learning loop on the database, Prefect-free: training sets from finished barriers, stored models, the model
-rankers' score functions, the ML-potential-to-VASP calibration, and one retrain cycle (models, calibration, scores)."""
+"""Retraining on the database, Prefect-free: training sets from finished barriers, stored models, the model rankers'
+score functions, the ML-potential-to-VASP calibration, and one retrain cycle (the machine learning itself is
+hopflow.surrogate)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ from hopflow.models.barriers import trusted
 from hopflow.registry import ScoreFunction
 
 if TYPE_CHECKING:
-    from hopflow.learning import TrainedModel
+    from hopflow.surrogate import TrainedModel
 
 LOOP_STAGES = ("estimates", "neb")
 """Stages whose queues the learning rankers order (both take pathways as inputs)."""
 LEARNING_RANKERS = ("predicted", "uncertain", "mixed", "diverse")
-"""Ranker names the loop provides (hopflow.learning.RANKERS, repeated here so the stage registry imports no sklearn)."""
+"""Ranker names the loop provides (hopflow.surrogate.RANKERS, repeated so that the stage registry imports no
+sklearn)."""
 ESTIMATE_FEATURE = "estimate"
 """Extra feature of the neb model: the pathway's best trusted estimate (eV). The estimates queue's items have
 none yet, so the estimates model is trained without it."""
@@ -107,7 +109,7 @@ def stage_feature_names(stage: str) -> tuple[str, ...]:
 
 
 def _matrix(session: Session, ids: Sequence[int], names: Sequence[str]) -> np.ndarray:
-    from hopflow.learning import feature_matrix
+    from hopflow.surrogate import feature_matrix
 
     features = feature_rows(session, ids)
     estimates = best_estimates(session, ids) if ESTIMATE_FEATURE in names else {}
@@ -139,7 +141,7 @@ def retrain(session: Session, seed: int = 0, stage: str = "neb") -> BarrierModel
     Raises hopflow.errors.InsufficientDataError (nothing stored) when there is too little to learn from; result
     rows are only read.
     """
-    from hopflow.learning import train
+    from hopflow.surrogate import train
 
     data = training_set(session, stage)
     trained = train(data.ids, data.X, data.y, data.feature_names, seed=seed,
@@ -164,7 +166,7 @@ def latest_model(session: Session, stage: str = "neb") -> StoredModel | None:
     if row_id is None:
         return None
     if row_id not in _CACHE:
-        from hopflow.learning import TrainedModel
+        from hopflow.surrogate import TrainedModel
 
         row = session.get(BarrierModelRow, row_id)
         assert row is not None
@@ -185,7 +187,7 @@ def model_ranker_scores(ranker_name: str, stage: str) -> ScoreFunction:
     stage_feature_names(stage)
 
     def score(session: Session, ids: Sequence[int]) -> Mapping[int, float]:
-        from hopflow.learning import ranker_scores
+        from hopflow.surrogate import ranker_scores
 
         ids = list(ids)
         if not ids:
@@ -221,7 +223,7 @@ def calibration_pairs(session: Session) -> dict[str, tuple[list[int], list[float
 
 def fit_calibrations(session: Session) -> tuple[list[CalibrationRow], dict[str, str]]:
     """Fit and store a calibration per estimate engine with enough pairs; returns (rows, {engine: why skipped})."""
-    from hopflow.learning import fit_calibration
+    from hopflow.surrogate import fit_calibration
 
     rows, skipped = [], {}
     for engine, (ids, x, y) in sorted(calibration_pairs(session).items()):
@@ -291,7 +293,7 @@ class CycleReport:
 
 def _plots(stage: str, row: BarrierModelRow, data: TrainingSet, directory: Path,
            seed: int) -> tuple[Path, Path, tuple[tuple[int, float], ...]]:
-    from hopflow.learning import learning_curve, learning_curve_plot, parity_plot
+    from hopflow.surrogate import learning_curve, learning_curve_plot, parity_plot
 
     meta = row.meta
     parity = parity_plot(meta["targets"], meta["cv_mean"], meta["cv_std"],

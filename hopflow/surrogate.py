@@ -1,5 +1,6 @@
-"""The learning loop's machine learning, Prefect- and database-free: barrier models with an uncertainty, rankers
-built on them (lower score = claimed first), the ML-potential-to-VASP calibration, and their plots."""
+"""The barrier surrogate, Prefect- and database-free: barrier models with an uncertainty, rankers built on them
+(lower score = claimed first), the ML-potential-to-VASP calibration, and their plots (the retraining loop that feeds
+them from the database is hopflow.retraining)."""
 
 from __future__ import annotations
 

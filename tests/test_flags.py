@@ -17,10 +17,10 @@ from hopflow import queue
 from hopflow.db import get_engine, init_db, session_scope
 from hopflow.flows.batch import import_raw_inputs, run_batch
 from hopflow.leaderboard import material_leaderboard, pathway_leaderboard
-from hopflow.loop import best_estimates, calibration_pairs, estimates_by_engine, fit_calibrations, training_set
 from hopflow.models import CalibrationRow, Estimate, NebResult, Pathway, Run
 from hopflow.models.barriers import UNCHECKED_FLAG
 from hopflow.registry import get_stage
+from hopflow.retraining import best_estimates, calibration_pairs, estimates_by_engine, fit_calibrations, training_set
 from hopflow.settings import get_settings
 from hopflow.stages import engine_parameters
 from hopflow.tasks.engines.base import BarrierResult, check_profile, checked_fields

@@ -16,16 +16,6 @@ from hopflow import queue
 from hopflow.cli.main import app
 from hopflow.db import init_db, session_scope
 from hopflow.errors import InsufficientDataError
-from hopflow.learning import feature_matrix
-from hopflow.loop import (
-    ESTIMATE_FEATURE,
-    FEATURE_NAMES,
-    latest_calibrations,
-    latest_model,
-    retrain,
-    retrain_cycle,
-    training_set,
-)
 from hopflow.models import (
     BarrierModelRow,
     CalibrationRow,
@@ -38,6 +28,16 @@ from hopflow.models import (
     Structure,
 )
 from hopflow.registry import get_stage
+from hopflow.retraining import (
+    ESTIMATE_FEATURE,
+    FEATURE_NAMES,
+    latest_calibrations,
+    latest_model,
+    retrain,
+    retrain_cycle,
+    training_set,
+)
+from hopflow.surrogate import feature_matrix
 
 N_PATHWAYS = 48
 N_NEB = 12
@@ -148,7 +148,7 @@ def test_retrain_stores_models_with_provenance_ranks_live_and_changes_no_result(
     ids = build_database()
     _enqueue("estimates", "neb")
     queued = set(ids["all"])
-    # No model yet: the model rankers fall back to `diverse` (documented in hopflow.loop.model_ranker_scores).
+    # No model yet: the model rankers fall back to `diverse` (documented in hopflow.retraining.model_ranker_scores).
     assert set(scores("estimates", "predicted")) == queued
     assert scores("estimates", "predicted") == scores("estimates", "diverse")
     before = snapshot()

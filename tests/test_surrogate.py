@@ -14,7 +14,7 @@ from crystals import CAF2_A
 from matplotlib.image import imread
 
 from hopflow.errors import InsufficientDataError
-from hopflow.learning import (
+from hopflow.surrogate import (
     MIN_TRAINING_SIZE,
     BarrierModel,
     Calibration,

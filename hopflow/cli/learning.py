@@ -9,7 +9,7 @@ import typer
 
 from hopflow.cli.render import console, emit_json, table
 from hopflow.db import init_db
-from hopflow.loop import retrain_cycle
+from hopflow.retraining import retrain_cycle
 from hopflow.validation import SEED_MAX, bounded_int
 
 

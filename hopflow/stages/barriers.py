@@ -8,9 +8,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from hopflow.loop import LEARNING_RANKERS, model_ranker_scores
 from hopflow.models import Estimate, Pathway, Run
 from hopflow.registry import Ranker, Stage, input_column
+from hopflow.retraining import LEARNING_RANKERS, model_ranker_scores
 from hopflow.stages.common import result_stage
 from hopflow.stages.features import ImageParams
 from hopflow.stages.pathways import pathway_producer
@@ -37,7 +37,7 @@ class EngineParams(ImageParams):
 
 
 def learning_rankers(stage: str) -> tuple[Ranker, ...]:
-    """The learning loop's rankers on a barrier stage (scores from hopflow.loop, refreshed after each retrain)."""
+    """The learning loop's rankers on a barrier stage (scores from hopflow.retraining, refreshed after each retrain)."""
     return tuple(Ranker(name, LEARNING_DESCRIPTIONS[name], score=model_ranker_scores(name, stage))
                  for name in LEARNING_RANKERS)
 
