@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import inspect
 import os
+import signal
 import socket
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -14,9 +16,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import dask
-import dask_jobqueue  # noqa: F401  (registers dask-jobqueue's own configuration defaults in dask.config)
 import yaml
-from dask_jobqueue.slurm import SLURMJob
 from distributed import LocalCluster
 from distributed.deploy.adaptive import Adaptive
 
@@ -26,6 +26,23 @@ from hopflow.settings import Settings, get_settings
 if TYPE_CHECKING:
     from prefect_dask import DaskTaskRunner
 
+
+
+def _import_dask_jobqueue() -> Any:
+    """dask-jobqueue's SLURM module (importing the package registers its configuration defaults in dask.config),
+    imported keeping the SIGINT handler: the package imports its `runner` module, which replaces the handler with
+    `sys.exit()`, so that a Ctrl-C would raise SystemExit(None), bypass every KeyboardInterrupt handler and end the
+    command with exit code 0."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None
+    import dask_jobqueue.slurm
+
+    if before is not None and signal.getsignal(signal.SIGINT) is not before:
+        signal.signal(signal.SIGINT, before)
+    return dask_jobqueue.slurm
+
+
+SLURMJob = _import_dask_jobqueue().SLURMJob
 DEFAULT_PROFILES_PATH = Path(__file__).with_name("clusters.yaml")
 ClusterKind = Literal["local", "slurm"]
 CLUSTER_CLASSES: Mapping[str, str] = MappingProxyType(

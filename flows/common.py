@@ -38,6 +38,8 @@ def stage_task_runner(stage_name: str) -> TaskRunner[Any]:
     return task_runner(profile_for(stage_name))
 
 
+_TEMPORARY_SERVERS: list[Any] = []
+"""The temporary Prefect server this process started (share_temporary_server), to stop last."""
 _BATCH_CLUSTERS: dict[str, str] = {}
 """Profile name -> scheduler address of the Dask cluster a batch-mode command shares among its stage flows."""
 
@@ -79,6 +81,9 @@ def batch_clusters(stage_names: Sequence[str]) -> Iterator[dict[str, str]]:
                 client.wait_for_workers(len(cluster.workers))
             _BATCH_CLUSTERS[profile] = cluster.scheduler_address
         yield {profile: _BATCH_CLUSTERS[profile] for profile, _ in started}
+    except KeyboardInterrupt:
+        started.clear()  # Ctrl-C: the command ends at once; a graceful close would wait for items still running
+        raise
     finally:
         for profile, cluster in reversed(started):
             _BATCH_CLUSTERS.pop(profile, None)
@@ -105,11 +110,41 @@ def share_temporary_server() -> str | None:
 
     if os.environ.get("PREFECT_API_URL") or get_current_settings().api.url:
         return None
-    from prefect.server.api.server import SubprocessASGIServer
-
     # offline, the server's analytics service logs an ERROR per attempt to phone home
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    server = SubprocessASGIServer()  # one per process; it stops itself at exit
+    server = _temporary_server_class()()  # one per process; it stops itself at exit
     server.start(timeout=TEMPORARY_SERVER_TIMEOUT_S)
+    _TEMPORARY_SERVERS.append(server)
     os.environ["PREFECT_API_URL"] = server.api_url
     return server.api_url
+
+
+def _temporary_server_class() -> type[Any]:
+    """Prefect's temporary server, started in a session of its own: a Ctrl-C to the command's process group stops the
+    command's flows (which give their claims back and report to the server) but not the server, which the command
+    stops last, at exit. Prefect's `_run_uvicorn_command` (prefect==3.8.8, pinned) with `start_new_session`."""
+    import subprocess
+    import sys
+
+    import prefect
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    class TemporaryServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            server_env = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+            return subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--log-level", "error", "--lifespan", "on"],
+                env={**os.environ, **server_env, **get_current_settings().to_environment_variables(exclude_unset=True)},
+                start_new_session=True)
+
+    return TemporaryServer
+
+
+def stop_temporary_server() -> None:
+    """Stop the temporary Prefect server this process started, if any (at the very end of an interrupted command: the
+    flows report their end to it first)."""
+    while _TEMPORARY_SERVERS:
+        _TEMPORARY_SERVERS.pop().stop()

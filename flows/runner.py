@@ -3,9 +3,12 @@ over the flow's Dask task runner, and hand each result or error back to the queu
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import socket
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,25 +96,94 @@ def current_flow_run_id() -> str | None:
     return str(ctx.flow_run.id) if ctx and ctx.flow_run else None
 
 
+class OpenClaims:
+    """The runs a flow run still owes a result, given back to the queue once (`release`) from any thread."""
+
+    def __init__(self, run_ids: Sequence[int], flow_run_id: str | None) -> None:
+        self._ids = set(run_ids)
+        self._lock = threading.Lock()
+        self._flow_run_id = flow_run_id
+
+    def __bool__(self) -> bool:
+        with self._lock:
+            return bool(self._ids)
+
+    def keep_only(self, run_ids: Iterable[int]) -> None:
+        with self._lock:
+            self._ids.intersection_update(run_ids)
+
+    def discard(self, run_id: int) -> None:
+        with self._lock:
+            self._ids.discard(run_id)
+
+    def release(self) -> int:
+        """Requeue every run still open (their attempt not counted); later calls find none."""
+        with self._lock:
+            ids, self._ids = self._ids, set()
+        if not ids:
+            return 0
+        with session_scope(write=True) as session:
+            return queue.release(session, ids, flow_run_id=self._flow_run_id)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 @contextmanager
-def release_on_termination(run_ids: Sequence[int]) -> Iterator[set[int]]:
+def _released_on_signal(claims: OpenClaims) -> Iterator[None]:
+    """Release the claims from a thread woken by the signal itself (`signal.set_wakeup_fd`): the interpreter writes
+    every signal's number to the wakeup socket at C level, so the release does not depend on the exception a Python
+    handler raises in the interrupted frame, which is lost when it lands in a callback whose errors are ignored (seen
+    during start-up imports). A wakeup fd set before (an event loop's) still receives every byte."""
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    try:
+        previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    except ValueError:  # not the main thread of the main interpreter
+        reader.close()
+        writer.close()
+        yield
+        return
+
+    def watch() -> None:
+        while data := reader.recv(64):
+            if previous_fd != -1:
+                with contextlib.suppress(OSError):
+                    os.write(previous_fd, data)
+            if any(signum in STOP_SIGNALS for signum in data):
+                claims.release()
+
+    watcher = threading.Thread(target=watch, name="hopflow-claim-releaser", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        writer.close()  # the watcher reads end-of-file and ends
+        watcher.join(timeout=5)
+        reader.close()
+
+
+@contextmanager
+def release_on_termination(run_ids: Sequence[int]) -> Iterator[OpenClaims]:
     """Give unfinished claims back at once when the flow is stopped (SIGTERM, Prefect cancellation, Ctrl-C)."""
-    open_ids: set[int] = set(run_ids)
+    claims = OpenClaims(run_ids, current_flow_run_id())
     previous = None
+    in_main_thread = threading.current_thread() is threading.main_thread()
     # Inside a flow run Prefect's own SIGTERM bridge raises TerminationSignal, which reaches `finally` below, and must
     # stay installed: the child acknowledges a cancel from the worker only while it is, and reports Cancelled, not
-    # Crashed. Only where SIGTERM would kill the process outright is a handler of ours needed.
-    if threading.current_thread() is threading.main_thread() and not callable(signal.getsignal(signal.SIGTERM)):
+    # Crashed. Only where SIGTERM would kill the process outright is a handler of ours needed (a Python-level handler
+    # is also what makes the interpreter write the signal to the wakeup fd).
+    if in_main_thread and not callable(signal.getsignal(signal.SIGTERM)):
         def _terminate(signum: int, _frame: Any) -> None:
             raise KeyboardInterrupt(f"signal {signum}")
 
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        yield open_ids
+        with _released_on_signal(claims) if in_main_thread else contextlib.nullcontext():
+            yield claims
     finally:
-        if open_ids:
-            with session_scope(write=True) as session:
-                queue.release(session, open_ids, flow_run_id=current_flow_run_id())
+        claims.release()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
@@ -131,7 +203,7 @@ def run_stage(stage_name: str, run_ids: Sequence[int] | None, process: Task[...,
     with release_on_termination(ids) as open_ids:
         with session_scope(write=True) as session:
             runs = queue.start(session, ids, flow_run_id=current_flow_run_id())
-            open_ids.intersection_update(r.id for r in runs)
+            open_ids.keep_only(r.id for r in runs)
             prints = queue.fingerprints(session, stage, [r.input_id for r in runs])
             todo = []
             for run in runs:

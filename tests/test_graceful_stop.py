@@ -1,9 +1,10 @@
-"""Graceful stop: SIGTERM to a running stage flow, or its cancellation in Prefect, gives its claims back to the queue
-at once (not at lease expiry)."""
+"""Graceful stop: SIGTERM to a running stage flow, its cancellation in Prefect, or Ctrl-C to a batch command gives its
+claims back to the queue at once (not at lease expiry)."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from prefect.client.schemas.objects import StateType
 from prefect.states import Cancelling
@@ -22,6 +24,7 @@ from hopflow.db import init_db, make_engine, session_scope, utcnow
 from hopflow.models import Run, RunState, SyntheticItem
 
 from prefect_helpers import (
+    add_synthetic_items,
     delete_waiting_runs,
     deploy_stage,
     start_worker,
@@ -165,4 +168,82 @@ def test_prefect_cancellation_releases_claims_at_once(prefect_client, tmp_path) 
         delete_waiting_runs(prefect_client, deployment.id)
     again = queue.claim("synthetic", ITEMS, engine=engine, claimant="after-cancel")
     assert sorted(c.id for c in again) == sorted(run_ids)
+    engine.dispose()
+
+
+def test_claims_go_back_even_when_the_signal_handlers_exception_is_lost(engine, monkeypatch) -> None:
+    """The release must not depend on the handler's exception reaching the stage's frame: here the Python handler
+    swallows SIGTERM (as when it lands in a callback whose errors are ignored), and the claims still go back."""
+    from hopflow.flows.runner import release_on_termination
+
+    add_synthetic_items(engine, ITEMS)
+    claimed = queue.claim("synthetic", ITEMS, engine=engine, refresh=True, claimant="lost-exception-test")
+    run_ids = [c.id for c in claimed]
+    with session_scope(engine, write=True) as session:
+        queue.start(session, run_ids)
+    swallowed: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: swallowed.append(signum))
+    try:
+        with release_on_termination(run_ids) as open_claims:
+            open_claims.discard(run_ids[0])  # finished before the stop: not released
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.monotonic() + 10.0
+            while any(r.state != RunState.QUEUED for r in _states(engine, run_ids[1:])):
+                assert time.monotonic() < deadline, [(r.id, r.state) for r in _states(engine, run_ids)]
+                time.sleep(0.05)
+            assert swallowed == [signal.SIGTERM]  # no exception came: the releaser thread gave the claims back
+            assert not open_claims
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    runs = _states(engine, run_ids)
+    assert runs[0].state == RunState.RUNNING and runs[0].attempts == 1
+    assert all(r.state == RunState.QUEUED and r.attempts == 0 and r.claimant is None for r in runs[1:])
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_batch_mode_gives_claims_back_stops_the_temporary_server_last_and_fails(tmp_path) -> None:
+    """`hopflow run` with its own temporary Prefect server, stopped by Ctrl-C to its whole process group: exit code
+    130 within 10 s (items still sleeping in worker threads do not hold it), every claim back in the queue, and the
+    temporary server, which the Ctrl-C did not reach, stopped by the command at the end."""
+    url = f"sqlite:///{tmp_path / 'ctrl-c.sqlite'}"
+    engine = init_db(make_engine(url))
+    with session_scope(engine, write=True) as session:
+        session.add_all(SyntheticItem(cpu_ms=0.0, sleep_ms=120_000.0, priority=i) for i in range(ITEMS))
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}  # batch mode: its own server
+    env.update({"HOPFLOW_DATABASE_URL": url, "HOPFLOW_HOME": str(tmp_path / "home"),
+                "HOPFLOW_PROFILE_SYNTHETIC": "local-threads", "PYTHONPATH": str(ROOT)})
+    log = tmp_path / "run.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("hopflow")), "run", "synthetic"], cwd=ROOT,
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            with session_scope(engine) as session:
+                states = list(session.scalars(select(Run.state)))
+            if len(states) == ITEMS and set(states) == {RunState.RUNNING}:
+                break
+            assert proc.poll() is None, f"the command ended first ({proc.returncode}):\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"items never all running: {states}\n{log.read_text()[-4000:]}"
+            time.sleep(POLL_S)
+        time.sleep(SETTLE_S)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        interrupted_at = time.monotonic()
+        code = proc.wait(timeout=60)
+        took = time.monotonic() - interrupted_at
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output = log.read_text()
+    assert code == 130, output[-4000:]
+    assert took < 10.0, f"{took:.1f} s from Ctrl-C to exit"
+    assert "interrupted: unfinished claims went back to the queue" in output
+    with session_scope(engine) as session:
+        runs = session.scalars(select(Run)).all()
+        assert [(r.state, r.attempts, r.claimant) for r in runs] == [(RunState.QUEUED, 0, None)] * ITEMS
+    servers = re.findall(r"Stopping temporary server on (http://\S+)", output)
+    assert len(servers) == 1, output[-4000:]
+    with pytest.raises(httpx.ConnectError):  # stopped by the command, not left behind
+        httpx.get(f"{servers[0]}/health", timeout=5)
     engine.dispose()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
-from typing import Annotated, Any
+import sys
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.markup import escape
@@ -25,6 +27,8 @@ logging.getLogger("distributed").setLevel(logging.WARNING)  # Dask's lifecycle c
 
 USAGE_EXIT = 2
 """Exit code of a refused input or configuration (typer's own for usage errors)."""
+INTERRUPTED = 130
+"""Exit code of a command stopped by Ctrl-C or SIGINT (128 + the signal's number, as a shell reports it)."""
 FAILURE_EXIT = 1
 
 
@@ -75,12 +79,27 @@ def without_secrets(text: str) -> str:
     return text
 
 
+def exit_at_once(code: int) -> NoReturn:
+    """End the process now, after stopping the temporary Prefect server and flushing logs and output: items still
+    running in worker threads (which Python cannot stop) must not hold an interrupted command open."""
+    from hopflow.flows.common import stop_temporary_server
+
+    stop_temporary_server()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 class HopflowGroup(TyperGroup):
     """The command group: known errors end a command with one line on stderr and an exit code, not a traceback."""
 
     def invoke(self, ctx: Any) -> Any:  # click's Context, which typer vendors privately
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            err_console.print("[red]interrupted[/red]: unfinished claims went back to the queue", soft_wrap=True)
+            exit_at_once(INTERRUPTED)
         except Exception as exc:
             known = failure_message(exc)
             if known is None:
