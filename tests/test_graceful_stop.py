@@ -214,8 +214,10 @@ def test_ctrl_c_in_batch_mode_gives_claims_back_stops_the_temporary_server_last_
                 "HOPFLOW_PROFILE_SYNTHETIC": "local-threads", "PYTHONPATH": str(ROOT)})
     log = tmp_path / "run.log"
     with log.open("wb") as out:
+        # as from a terminal: SIGINT at its default (a shell starts background jobs, CI's too, with it ignored)
         proc = subprocess.Popen([str(Path(sys.executable).with_name("hopflow")), "run", "synthetic"], cwd=ROOT,
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + WAIT_S
         while True:
