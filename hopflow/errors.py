@@ -125,7 +125,9 @@ def is_lost_worker(exc: BaseException) -> bool:
     distributed = sys.modules.get("distributed")
     if distributed is None:
         return False
-    types = tuple(t for name in LOST_WORKER_ERRORS if isinstance(t := getattr(distributed, name, None), type))
+    modules = (distributed, sys.modules.get("distributed.comm"))  # CommClosedError is not exported at the top
+    types = tuple(t for name in LOST_WORKER_ERRORS for module in modules
+                  if isinstance(t := getattr(module, name, None), type))
     return bool(types) and isinstance(exc, types)
 
 
