@@ -15,12 +15,13 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture
 from prefect.tasks import Task
 from sqlalchemy.orm import Session
 
 from hopflow import queue
 from hopflow.db import session_scope
-from hopflow.errors import InputError, is_retryable
+from hopflow.errors import InputError, WorkerLostError, is_lost_worker, is_retryable
 from hopflow.models import Run
 from hopflow.registry import StageParams, get_stage
 from hopflow.settings import get_settings
@@ -67,6 +68,33 @@ def run_chunk(process: Task[..., Any], items: list[Any], parameters: StageParams
         except Exception as exc:  # noqa: BLE001  (recorded against the item by the flow)
             outcomes.append(ItemOutcome(error=exc))
     return outcomes
+
+
+ChunkFuture = PrefectFuture[list[ItemOutcome]]
+
+
+def settled(chunk: list[Run], future: ChunkFuture, submit: Callable[[list[Run]], ChunkFuture],
+            depth: int) -> Iterator[tuple[Run, ItemOutcome]]:
+    """Each run of a chunk with its outcome, in rank order. A chunk that fails as a whole (its future raised: its
+    worker died, say, killed by one of its items) is bisected: both halves are submitted again, and so on down to
+    single runs (at most `depth` times), so only the run that brings its chunk down records the failure, and its
+    companions complete with their one attempt."""
+    try:
+        outcomes = future.result()
+    except Exception as exc:  # noqa: BLE001  (recorded against the runs, the lone one when bisected down to it)
+        if len(chunk) > 1 and depth > 0:
+            halves = [chunk[:len(chunk) // 2], chunk[len(chunk) // 2:]]
+            futures = [submit(half) for half in halves]  # both at once: they run side by side
+            for half, half_future in zip(halves, futures, strict=True):
+                yield from settled(half, half_future, submit, depth - 1)
+            return
+        error: BaseException = exc
+        if is_lost_worker(exc):
+            alone = "alone" if len(chunk) == 1 else f"with {len(chunk) - 1} others"
+            error = WorkerLostError(f"lost worker: the Dask worker process running this item {alone} died "
+                                    f"({type(exc).__name__}: {exc})")
+        outcomes = [ItemOutcome(error=error)] * len(chunk)
+    yield from zip(chunk, outcomes, strict=True)
 
 
 def chunked(runs: Sequence[Run], max_chunks: int) -> list[list[Run]]:
@@ -222,15 +250,16 @@ def run_stage(stage_name: str, run_ids: Sequence[int] | None, process: Task[...,
             open_ids.discard(run.id)
         chunks = [chunk for group in by_parameters(todo) for chunk in
                   chunked(group, min(get_settings().max_chunks, -(-len(group) // stage.min_chunk_items)))]
-        futures = [run_chunk.with_options(name=f"{process.name}-chunk").submit(
-            process, [payloads[r.input_id] for r in chunk], stage.params.from_mapping(chunk[0].parameters))
-            for chunk in chunks]
+        chunk_task = run_chunk.with_options(name=f"{process.name}-chunk")
+
+        def submit(chunk: list[Run]) -> ChunkFuture:
+            return chunk_task.submit(process, [payloads[r.input_id] for r in chunk],
+                                     stage.params.from_mapping(chunk[0].parameters))
+
+        futures = [submit(chunk) for chunk in chunks]
+        depth = get_settings().chunk_bisect_depth
         for chunk, future in zip(chunks, futures, strict=True):
-            try:
-                outcomes = future.result()
-            except Exception as exc:  # noqa: BLE001  (a lost worker fails its chunk; sweep retries the items)
-                outcomes = [ItemOutcome(error=exc)] * len(chunk)
-            for run, outcome in zip(chunk, outcomes, strict=True):
+            for run, outcome in settled(chunk, future, submit, depth):
                 _record_outcome(run, outcome, postprocess, report)
                 open_ids.discard(run.id)
     logger.info(report.summary)

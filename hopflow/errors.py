@@ -60,6 +60,11 @@ class SyntheticFailure(EngineError):
     engine failure, so it is retried like one."""
 
 
+class WorkerLostError(EngineError):
+    """The Dask worker process running an item died (an item alone in its chunk, so the item likely killed it: a
+    segfault, the OOM killer, an os._exit): retried like an engine failure, the message names the Dask error."""
+
+
 class ServiceError(HopflowError, RuntimeError):
     """An outside service failed (network, server, authentication): a retry may pass."""
 
@@ -115,11 +120,14 @@ NEVER_RETRIED: tuple[type[BaseException], ...] = (
 item fails the same way on every attempt."""
 
 
-def _lost_worker(exc: BaseException) -> bool:
+def is_lost_worker(exc: BaseException) -> bool:
+    """Whether `exc` is distributed's error for a worker that died or dropped its connection (LOST_WORKER_ERRORS)."""
     distributed = sys.modules.get("distributed")
     if distributed is None:
         return False
-    types = tuple(t for name in LOST_WORKER_ERRORS if isinstance(t := getattr(distributed, name, None), type))
+    modules = (distributed, sys.modules.get("distributed.comm"))  # CommClosedError is not exported at the top
+    types = tuple(t for name in LOST_WORKER_ERRORS for module in modules
+                  if isinstance(t := getattr(module, name, None), type))
     return bool(types) and isinstance(exc, types)
 
 
@@ -129,6 +137,6 @@ def is_retryable(exc: BaseException) -> bool:
     input and programming errors (NEVER_RETRIED). Yes: whatever else a crash raises."""
     if isinstance(exc, NEVER_RETRIED_HOPFLOW):
         return False
-    if isinstance(exc, RETRIED) or _lost_worker(exc):
+    if isinstance(exc, RETRIED) or is_lost_worker(exc):
         return True
     return not isinstance(exc, NEVER_RETRIED)

@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     max_chunks: int = Field(
         default=16, ge=1, le=INT64_MAX, description="Most Dask tasks one stage flow run splits its items into "
         "(fewer, larger tasks amortise Prefect's per-task cost; more balance uneven items).")
+    chunk_bisect_depth: int = Field(
+        default=16, ge=0, le=64, description="Poison isolation inside a flow run: how many times a chunk of items "
+        "that failed as a whole (its Dask worker died, e.g. killed by one of its items) is split in two and its halves "
+        "run again, so that only the item that crashes records the failure. 16 reaches single items in any chunk of "
+        "up to 65,536; 0 fails the whole chunk at once. Each split costs two task submissions (~0.1 s each).")
     dask_workers: int = Field(default=2, ge=1, le=INT64_MAX, description="Worker processes of the local Dask cluster.")
     cluster_profiles: Path | None = Field(
         default=None, description="Dask cluster profile file; None uses deployments/clusters.yaml shipped with hopflow."

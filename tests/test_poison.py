@@ -1,6 +1,7 @@
 """Poison isolation in the queue: with HOPFLOW_ISOLATE_CRASHED_BATCHES a crashed batch's runs come back without
 an attempt counted and in smaller batches (without it they spend the attempt); claims never handed to a flow run come
-back free; leases renew."""
+back free; leases renew. Inside a flow run: a chunk whose Dask worker an item kills is bisected until the item fails
+alone."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from hopflow.db import session_scope
 from hopflow.models import Run, RunState, SyntheticItem
 from hopflow.registry import get_stage
 from hopflow.settings import get_settings
+
+from prefect_helpers import prefect_api_url
 
 SYN = "synthetic"
 
@@ -118,3 +121,27 @@ def test_claims_never_started_by_a_flow_run_come_back_free_and_leases_renew(engi
         runs = {r.id: r for r in s.scalars(select(Run))}
     assert runs[claimed[0]].state == RunState.CLAIMED
     assert all(runs[i].attempts == 0 and runs[i].batch_limit is None for i in claimed[1:])
+
+
+def test_an_item_that_kills_its_dask_worker_fails_alone_and_its_chunk_companions_complete(engine, monkeypatch) -> None:
+    """Eight items in one chunk on worker processes (the `local` profile), the sixth kills its worker process on
+    every attempt: the chunk is split in halves down to that item, which alone records a lost worker."""
+    prefect_api_url()
+    monkeypatch.setenv("HOPFLOW_PROFILE_SYNTHETIC", "local")  # processes: the item kills a worker, not this process
+    monkeypatch.setenv("HOPFLOW_MAX_CHUNKS", "1")  # the flow run submits one chunk of all eight
+    get_settings.cache_clear()
+    kinds = ["none"] * 8
+    kinds[5] = "exit"
+    _add(engine, kinds, fail_attempts=99)
+    from hopflow.flows.common import stage_task_runner
+    from hopflow.flows.synthetic import synthetic
+
+    report = synthetic.with_options(task_runner=stage_task_runner(SYN))(run_ids=None)
+    with session_scope(engine) as s:
+        runs = {r.input_id: r for r in s.scalars(select(Run))}
+        crasher = runs.pop(6)
+        assert {(r.state, r.attempts, len(r.history or [])) for r in runs.values()} == {(RunState.DONE, 1, 0)}
+        assert crasher.state in (RunState.FAILED, RunState.QUEUED) and crasher.attempts == 1
+        assert "lost worker" in (crasher.error or "") and "KilledWorker" in (crasher.error or ""), crasher.error
+        assert [h["kind"] for h in crasher.history] == [queue.ERROR_RETRYABLE]
+    assert list(report.failed) == [crasher.id] and len(report.done) == 7, report.summary
