@@ -1,5 +1,6 @@
-"""SLURM faults: the Dask worker job of a stage flow is cancelled with `scancel` mid-batch; the flow records the lost
-chunk against its items, sweep requeues them, and a later flow run completes them, each result written once."""
+"""SLURM faults: the Dask worker job of a stage flow is cancelled with `scancel` mid-batch. The flow runs the lost
+chunk again, split in halves, on a fresh job and completes it (chunk bisection); with bisection off it records the loss
+against the chunk's items, sweep requeues them and a later flow run completes them. Each result is written once."""
 
 from __future__ import annotations
 
@@ -71,8 +72,12 @@ def _chunk_running(client: SyncPrefectClient, flow_run_id: str) -> bool:
 @pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.prefect
-def test_scancel_of_the_worker_job_requeues_the_batch_and_a_later_run_completes_it(
-        sqlite_engine, slurm_overrides, prefect_client):
+@pytest.mark.parametrize("bisect", [True, False], ids=["bisect", "no-bisect"])
+def test_scancel_of_the_worker_job_loses_no_item_and_writes_no_result_twice(
+        sqlite_engine, slurm_overrides, prefect_client, monkeypatch, bisect):
+    if not bisect:
+        monkeypatch.setenv("HOPFLOW_CHUNK_BISECT_DEPTH", "0")
+        get_settings.cache_clear()
     with session_scope(sqlite_engine, write=True) as session:
         session.execute(insert(SyntheticItem), [{"cpu_ms": 0.0, "sleep_ms": SLEEP_MS, "failure": "none",
                                                  "fail_attempts": 0, "priority": float(i)} for i in range(ITEMS)])
@@ -82,8 +87,8 @@ def test_scancel_of_the_worker_job_requeues_the_batch_and_a_later_run_completes_
     flow_on_slurm = synthetic.with_options(task_runner=runner)
     flow_run_ids: list[str] = []
     states: list[Any] = []
-    # A worker that dies while running a task fails that task at once (no rerun on a fresh job inside the same flow
-    # run): the flow records the loss against the chunk's items and the queue retries them later.
+    # A worker that dies while running a task fails that task at once (Dask does not rerun it on a fresh job): what
+    # happens next is the flow's (bisection) or the queue's (a later flow run).
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         thread = threading.Thread(target=lambda: states.append(flow_on_slurm(run_ids=claimed, return_state=True)))
         thread.start()
@@ -109,6 +114,16 @@ def test_scancel_of_the_worker_job_requeues_the_batch_and_a_later_run_completes_
     assert not thread.is_alive(), "the flow run did not finish after its worker job was cancelled"
     assert states and states[0].is_completed(), states
     first = states[0].result()
+    if bisect:  # the halves ran on a fresh job within the same flow run: every item done at its first attempt
+        assert sorted(first.done) == sorted(claimed) and not first.failed
+        with session_scope(sqlite_engine) as session:
+            runs = session.scalars(select(Run).where(Run.id.in_(claimed))).all()
+            per_item = dict(session.execute(select(SyntheticResult.item_id, func.count())
+                                            .group_by(SyntheticResult.item_id)).all())
+            assert {r.state for r in runs} == {RunState.DONE}
+            assert all(r.attempts == 1 and not r.history and r.flow_run_id == flow_run_ids[0] for r in runs)
+            assert per_item == {r.input_id: 1 for r in runs}
+        return
     assert sorted(first.failed) == sorted(claimed) and not first.done
     assert all("KilledWorker" in message for message in first.failed.values()), first.failed
 
