@@ -24,6 +24,7 @@ for _path in (os.path.join(_ROOT, "tests"), _ROOT):
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import json  # noqa: E402
 import random  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
@@ -65,7 +66,8 @@ class ChaosConfig:
     items: int = 1000
     batch_size: int = 20
     target: int = 4
-    lease_seconds: float = 60.0
+    lease_seconds: float = 15.0
+    time_limit_s: float = 10.0  # per item: a hang is killed after this, in its item process
     retry_limit: int = 5
     failure_fraction: float = 0.3
     fail_attempts: int = 1
@@ -115,12 +117,14 @@ class ChaosAudit:
     injected_seen: dict[str, int]
     permanent: int
     permanent_failed_at_limit: int
+    innocent_failed: int
+    """Items that do not raise on every attempt yet ended failed (the acceptance: none)."""
     max_attempts: int
 
     @property
     def clean(self) -> bool:
         return not (self.lost or self.results_twice or self.done_without_one_result or self.failed_with_result
-                    or self.over_retry_limit or self.missing_reasons)
+                    or self.over_retry_limit or self.missing_reasons or self.innocent_failed)
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,7 @@ class ChaosReport:
         a, e, c = self.audit, self.events, self.config
         return [
             f"chaos run: {a.items} synthetic items, batch {c.batch_size}, target {c.target}, "
-            f"lease {c.lease_seconds:g} s, "
+            f"lease {c.lease_seconds:g} s, item time limit {c.time_limit_s:g} s, "
             f"retry limit {a.max_attempts}; {self.seconds:.0f} s wall",
             f"injected item failures: {sum(a.injected.values())} of {a.items} "
             f"({', '.join(f'{k} {v}' for k, v in a.injected.items())}); seen happening: "
@@ -150,7 +154,7 @@ class ChaosReport:
             f"ticks {e.ticks}, of which failed {len(e.tick_errors)}",
             f"flow runs submitted by ticks: {len(e.flow_runs)}; their end states: {self.flow_run_states}",
             f"items that raise on every attempt: {a.permanent}, failed for good at the retry limit: "
-            f"{a.permanent_failed_at_limit}",
+            f"{a.permanent_failed_at_limit}; other items failed for good: {a.innocent_failed}",
             f"end state: {a.by_state}; attempts per run: {dict(sorted(a.attempts.items()))}",
             f"recorded reasons (history entries): {a.reasons}",
             f"items lost: {a.lost}; results written twice: {a.results_twice}; done without exactly one result: "
@@ -198,6 +202,8 @@ def add_items(engine: Engine, config: ChaosConfig, rng: random.Random) -> dict[s
 
 def worker_env(url: str, config: ChaosConfig, home: Path) -> dict[str, str]:
     return {"HOPFLOW_DATABASE_URL": url, "HOPFLOW_HOME": str(home), "HOPFLOW_PROFILE_SYNTHETIC": PROFILE,
+            "HOPFLOW_LEASES": json.dumps({STAGE: config.lease_seconds}),
+            "HOPFLOW_TIME_LIMITS": json.dumps({STAGE: config.time_limit_s}),
             "HOPFLOW_MAX_CHUNKS": str(config.max_chunks), "PREFECT_WORKER_QUERY_SECONDS": "1",
             "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
 
@@ -332,8 +338,11 @@ def terminal_count(engine: Engine) -> tuple[int, int]:
     return int(finished or 0), int(total or 0)
 
 
-HANG_ENDINGS = {"lease expired", "flow run crashed"}
-"""How a hung item's attempt ends: its lease runs out, or an exit item in the same batch kills the flow run first."""
+HANG_ENDINGS = {"time limit", "lease expired", "flow run crashed"}
+"""How a hung item's attempt ends: its item process is killed at the time limit; or, when its flow run is killed
+first, the lease runs out or Prefect reports the flow run crashed."""
+EXIT_ENDINGS = {"item process died", "flow run crashed"}
+"""How an exiting item's attempt ends: its item process dies alone; or its flow run is killed first."""
 
 
 def _reason_kind(entry: dict[str, Any]) -> str:
@@ -346,6 +355,10 @@ def _reason_kind(entry: dict[str, Any]) -> str:
         return "flow run ended " + error.split(" ended ", 1)[-1]
     if "SyntheticFailure" in error:
         return "injected exception"
+    if "TimeLimitError" in error:
+        return "time limit"
+    if "WorkerLostError" in error:
+        return "item process died"
     return f"{entry.get('kind')}: {error[:60]}"
 
 
@@ -381,7 +394,7 @@ def audit(engine: Engine) -> ChaosAudit:
         if (
             (kind == "exception" and "injected exception" in kinds)
             or (kind == "hang" and kinds & HANG_ENDINGS)
-            or (kind == "exit" and "flow run crashed" in kinds)
+            or (kind == "exit" and kinds & EXIT_ENDINGS)
         ):
             seen[kind] += 1
         if len(history) < attempts - 1 or (state == RunState.FAILED and not (error and history)):
@@ -404,6 +417,7 @@ def audit(engine: Engine) -> ChaosAudit:
         permanent_failed_at_limit=sum(
             1 for i, s, attempts, limit, *_ in run_rows if i in permanent and s == RunState.FAILED and attempts == limit
         ),
+        innocent_failed=sum(1 for i, s, *_ in run_rows if i not in permanent and s == RunState.FAILED),
         max_attempts=max((limit for _, _, _, limit, *_ in run_rows), default=0),
     )
 

@@ -4,10 +4,12 @@ over the flow's Dask task runner, and hand each result or error back to the queu
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,8 +22,9 @@ from prefect.tasks import Task
 from sqlalchemy.orm import Session
 
 from hopflow import queue
-from hopflow.db import session_scope
+from hopflow.db import get_engine, is_in_memory, session_scope
 from hopflow.errors import InputError, WorkerLostError, is_lost_worker, is_retryable
+from hopflow.isolation import run_isolated
 from hopflow.models import Run
 from hopflow.registry import StageParams, get_stage
 from hopflow.settings import get_settings
@@ -55,8 +58,10 @@ class ItemOutcome:
 
 
 @task(name="stage-chunk")
-def run_chunk(process: Task[..., Any], items: list[Any], parameters: StageParams) -> list[ItemOutcome]:
-    """Run a stage's unit of work over a chunk of items on one Dask worker.
+def run_chunk(process: Task[..., Any], items: list[Any], parameters: StageParams,
+              time_limit: float | None = None) -> list[ItemOutcome]:
+    """Run a stage's unit of work over a chunk of items on one Dask worker; with a `time_limit`, each item in this
+    worker thread's item process (hopflow.isolation), so a hang or a crash costs that item alone.
 
     Chunks rather than one Prefect task per item: submitting a task costs ~0.1 s of CPU in prefect-dask, more than
     many items take.
@@ -64,7 +69,11 @@ def run_chunk(process: Task[..., Any], items: list[Any], parameters: StageParams
     outcomes = []
     for item in items:
         try:
-            outcomes.append(ItemOutcome(result=process.fn(item, parameters)))
+            if time_limit is None:
+                result = process.fn(item, parameters)
+            else:
+                result = run_isolated(process.fn, item, parameters, time_limit=time_limit)
+            outcomes.append(ItemOutcome(result=result))
         except Exception as exc:  # noqa: BLE001  (recorded against the item by the flow)
             outcomes.append(ItemOutcome(error=exc))
     return outcomes
@@ -130,11 +139,18 @@ class OpenClaims:
     def __init__(self, run_ids: Sequence[int], flow_run_id: str | None) -> None:
         self._ids = set(run_ids)
         self._lock = threading.Lock()
-        self._flow_run_id = flow_run_id
+        self.flow_run_id = flow_run_id
+        self.last_settled = time.monotonic()
+        """When a run last left the open set (monotonic clock): the flow run's progress, for the heartbeat."""
 
     def __bool__(self) -> bool:
         with self._lock:
             return bool(self._ids)
+
+    def snapshot(self) -> list[int]:
+        """The runs open now."""
+        with self._lock:
+            return sorted(self._ids)
 
     def keep_only(self, run_ids: Iterable[int]) -> None:
         with self._lock:
@@ -143,6 +159,7 @@ class OpenClaims:
     def discard(self, run_id: int) -> None:
         with self._lock:
             self._ids.discard(run_id)
+            self.last_settled = time.monotonic()
 
     def release(self) -> int:
         """Requeue every run still open (their attempt not counted); later calls find none."""
@@ -151,7 +168,7 @@ class OpenClaims:
         if not ids:
             return 0
         with session_scope(write=True) as session:
-            return queue.release(session, ids, flow_run_id=self._flow_run_id)
+            return queue.release(session, ids, flow_run_id=self.flow_run_id)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -216,6 +233,43 @@ def release_on_termination(run_ids: Sequence[int]) -> Iterator[OpenClaims]:
             signal.signal(signal.SIGTERM, previous)
 
 
+HEARTBEATS_PER_LEASE = 3
+"""How often a flow run renews its open runs' leases within one lease (a missed beat or two cost nothing)."""
+
+
+@contextmanager
+def renewing_leases(claims: OpenClaims, stage_name: str) -> Iterator[None]:
+    """The flow run's heartbeat: a thread renews the leases of its open runs while it makes progress, so a lease can
+    be short (a dead flow run's work is requeued soon) whatever a batch's length. Only for a stage with a per-item
+    time limit, which bounds every item: the beat stops once no run has settled for a lease plus that limit for each
+    open run (a flow run stuck outside its items), and sweep requeues the work when the lease runs out."""
+    stage = get_stage(stage_name)
+    limit, lease = stage.time_limit, stage.lease
+    if limit is None or is_in_memory(get_engine()):  # one in-memory connection: no second thread may write
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(lease / HEARTBEATS_PER_LEASE):
+            open_runs = claims.snapshot()
+            if not open_runs or time.monotonic() - claims.last_settled > lease + limit * len(open_runs):
+                continue
+            try:
+                with session_scope(write=True) as session:
+                    queue.renew(session, open_runs, lease, flow_run_id=claims.flow_run_id)
+            except Exception as exc:  # noqa: BLE001  (a missed beat is retried at the next; the lease is the bound)
+                logging.getLogger(__name__).warning("lease renewal failed: %s: %s", type(exc).__name__, exc)
+
+    heart = threading.Thread(target=beat, name="hopflow-lease-heartbeat", daemon=True)
+    heart.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        heart.join(timeout=10)
+
+
 def claim_all(stage_name: str, parameters: dict[str, Any] | None = None) -> list[int]:
     """Batch mode: queue, rank and claim every eligible item of a stage."""
     return [c.id for c in queue.claim(stage_name, BATCH_MODE_CLAIM, parameters=parameters, refresh=True)]
@@ -228,7 +282,7 @@ def run_stage(stage_name: str, run_ids: Sequence[int] | None, process: Task[...,
     stage = get_stage(stage_name)
     ids = list(run_ids) if run_ids is not None else claim_all(stage_name, parameters)
     report = StageReport(stage=stage_name)
-    with release_on_termination(ids) as open_ids:
+    with release_on_termination(ids) as open_ids, renewing_leases(open_ids, stage_name):
         with session_scope(write=True) as session:
             runs = queue.start(session, ids, flow_run_id=current_flow_run_id())
             open_ids.keep_only(r.id for r in runs)
@@ -254,7 +308,7 @@ def run_stage(stage_name: str, run_ids: Sequence[int] | None, process: Task[...,
 
         def submit(chunk: list[Run]) -> ChunkFuture:
             return chunk_task.submit(process, [payloads[r.input_id] for r in chunk],
-                                     stage.params.from_mapping(chunk[0].parameters))
+                                     stage.params.from_mapping(chunk[0].parameters), stage.time_limit)
 
         futures = [submit(chunk) for chunk in chunks]
         depth = get_settings().chunk_bisect_depth

@@ -20,7 +20,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterState,
     FlowRunFilterStateType,
 )
-from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.objects import State, StateType
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
@@ -29,7 +29,8 @@ from hopflow.db import get_engine, session_scope
 from hopflow.models import Run, RunState
 from hopflow.registry import get_stage
 
-LIVE_STATES = (StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING)
+WAITING_STATES = (StateType.SCHEDULED, StateType.PENDING)
+LIVE_STATES = (*WAITING_STATES, StateType.RUNNING)
 OVER_STATES = (StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED)
 READ_CHUNK = 200  # flow runs per read (the API's default page size)
 
@@ -59,8 +60,8 @@ def count_live(client: SyncPrefectClient, deployment_id: UUID) -> int:
         deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]), state=_state_filter(LIVE_STATES)))
 
 
-def over_flow_runs(client: SyncPrefectClient, flow_run_ids: Iterable[str]) -> dict[str, str]:
-    """Of the given flow runs, those that are over (completed, failed, cancelled, crashed): id -> state name.
+def flow_run_states(client: SyncPrefectClient, flow_run_ids: Iterable[str]) -> dict[str, State]:
+    """The state of each of the given flow runs the server knows (id -> state).
 
     Flow runs the server does not know are left out: they may belong to another Prefect API (batch mode in an
     ephemeral server), so only their leases may requeue their work.
@@ -71,14 +72,12 @@ def over_flow_runs(client: SyncPrefectClient, flow_run_ids: Iterable[str]) -> di
             ids.append(UUID(str(value)))
         except ValueError:
             continue
-    over: dict[str, str] = {}
+    states: dict[str, State] = {}
     for start in range(0, len(ids), READ_CHUNK):
         chunk = ids[start:start + READ_CHUNK]
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=chunk),
-                                                                   state=_state_filter(OVER_STATES)),
-                                     limit=len(chunk))
-        over.update({str(r.id): (r.state.name or "unknown") if r.state else "unknown" for r in runs})
-    return over
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=chunk)), limit=len(chunk))
+        states.update({str(r.id): r.state for r in runs if r.state is not None})
+    return states
 
 
 def live_flow_run_ids(session: Session) -> list[str]:
@@ -100,15 +99,21 @@ def timed(phases: dict[str, float] | None, name: str) -> Iterator[None]:
 
 def sweep_lost(client: SyncPrefectClient | None, engine: Engine | None = None, stage: str | None = None,
                phases: dict[str, float] | None = None) -> tuple[queue.SweepReport, dict[str, str]]:
-    """Requeue (or fail, past the retry limit) work whose flow run is over or whose lease expired."""
+    """Requeue (or fail, past the retry limit) work whose flow run is over or whose lease expired; claims whose flow
+    run is still waiting to start are held (their leases renewed, `queue.hold_claims`)."""
     engine = engine or get_engine()
     lost: dict[str, str] = {}
+    waiting: list[str] = []
     if client is not None:
         with session_scope(engine) as session:
             owners = live_flow_run_ids(session)
         with timed(phases, "sweep-api"):
-            lost = over_flow_runs(client, owners)
+            states = flow_run_states(client, owners)
+        lost = {run_id: state.name or "unknown" for run_id, state in states.items() if state.type in OVER_STATES}
+        waiting = [run_id for run_id, state in states.items() if state.type in WAITING_STATES]
     with timed(phases, "sweep-db"), session_scope(engine, write=True) as session:
+        if waiting:
+            queue.hold_claims(session, waiting)
         report = queue.sweep(session, stage=stage, lost_flow_runs=lost)
     return report, lost
 

@@ -61,6 +61,12 @@ def is_sqlite(engine_or_url: Engine | str) -> bool:
     return url.startswith("sqlite")
 
 
+def is_in_memory(engine: Engine) -> bool:
+    """Whether the engine is one in-memory SQLite connection (shared by every thread: no second thread may use it
+    while another writes)."""
+    return is_sqlite(engine) and engine.url.database in (None, "", ":memory:")
+
+
 def make_engine(url: str | None = None) -> Engine:
     """An engine for `url` (default: the settings' database URL) with the right options per backend."""
     url = url or get_settings().url

@@ -61,8 +61,14 @@ class SyntheticFailure(EngineError):
 
 
 class WorkerLostError(EngineError):
-    """The Dask worker process running an item died (an item alone in its chunk, so the item likely killed it: a
-    segfault, the OOM killer, an os._exit): retried like an engine failure, the message names the Dask error."""
+    """The process running an item died under it (its isolated item process, or a Dask worker with the item alone in
+    its chunk, so the item likely killed it: a segfault, the OOM killer, an os._exit): retried like an engine failure;
+    the message says how it died."""
+
+
+class TimeLimitError(EngineError):
+    """An item ran past its stage's time limit and the process running it was killed (hopflow.isolation): retried,
+    since a hang may be the machine's (a stalled file system) rather than the input's."""
 
 
 class ServiceError(HopflowError, RuntimeError):

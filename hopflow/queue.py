@@ -342,6 +342,20 @@ def renew(session: Session, run_ids: Iterable[int], lease_seconds: float, *, flo
     return cast(CursorResult[Any], session.execute(stmt)).rowcount or 0
 
 
+def hold_claims(session: Session, flow_run_ids: Iterable[str], *, now: datetime | None = None) -> int:
+    """Renew the leases of claimed runs whose flow run exists but has not started yet (Prefect has it scheduled or
+    pending), within `claim_start_seconds` of their claim: a short lease then bounds running work, not the wait for
+    a worker. Returns how many were renewed."""
+    now = now or utcnow()
+    start_by = now - timedelta(seconds=get_settings().claim_start_seconds)
+    waiting = session.scalars(select(Run).where(
+        Run.state == RunState.CLAIMED, Run.flow_run_id.in_(list(flow_run_ids)), Run.claimed_at > start_by)).all()
+    for run in waiting:
+        run.lease_expires_at = now + timedelta(seconds=get_stage(run.stage).lease)
+    session.flush()
+    return len(waiting)
+
+
 def start(session: Session, run_ids: Iterable[int], *, flow_run_id: str | None = None,
           lease_seconds: float | None = None) -> list[Run]:
     """Mark claimed runs running (with host, versions, flow run); runs no longer claimed, or handed to another flow

@@ -125,6 +125,9 @@ class Stage:
     """Attempts a run gets; None: `HOPFLOW_RETRY_LIMIT`."""
     lease_seconds: float | None = None
     """Lease of a claim before sweep may requeue it; None: `HOPFLOW_LEASE_SECONDS`."""
+    time_limit_seconds: float | None = None
+    """Longest one item may run (in a child process killed when it passes it); None: no limit, items run in the Dask
+    worker itself. `HOPFLOW_TIME_LIMITS` wins."""
     default_target: int = 0
     min_chunk_items: int = 1
     """Fewest items one Dask task of a stage flow carries: each task costs about a core-second of Prefect and Dask
@@ -167,8 +170,17 @@ class Stage:
 
     @property
     def lease(self) -> float:
-        """The stage's lease in seconds, else the setting's."""
-        return self.lease_seconds if self.lease_seconds is not None else get_settings().lease_seconds
+        """The stage's lease in seconds: `HOPFLOW_LEASES`' for it, else its own, else `HOPFLOW_LEASE_SECONDS`."""
+        settings = get_settings()
+        if self.name in settings.leases:
+            return settings.leases[self.name]
+        return self.lease_seconds if self.lease_seconds is not None else settings.lease_seconds
+
+    @property
+    def time_limit(self) -> float | None:
+        """The per-item time limit in seconds (`HOPFLOW_TIME_LIMITS`' for the stage, else its own); None: no limit."""
+        limit = get_settings().time_limits.get(self.name, self.time_limit_seconds)
+        return limit or None
 
     def ranker(self, name: str | None) -> Ranker:
         name = name or self.default_ranker

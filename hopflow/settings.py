@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, NonNegativeFloat, PositiveFloat, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -56,7 +56,20 @@ class Settings(BaseSettings):
         "each halving costs a crashed flow run, and the chaos run (30 always-crashing-on-first-try items in 300) did "
         "not finish in 420 s with it on.")
     lease_seconds: float = Field(
-        default=3600.0, gt=0, description="Default lease of a claimed run before sweep may requeue it.")
+        default=3600.0, gt=0, description="Default lease of a claimed run before sweep may requeue it (a stage's own "
+        "lease wins over it; `leases` over both). A running flow run renews its runs' leases while they run.")
+    leases: dict[str, PositiveFloat] = Field(
+        default_factory=dict, description="Lease in seconds by stage name (JSON, HOPFLOW_LEASES='{\"synthetic\": "
+        "15}'): wins over the stage's own and `lease_seconds`.")
+    time_limits: dict[str, NonNegativeFloat] = Field(
+        default_factory=dict, description="Per-item time limit in seconds by stage name (JSON, HOPFLOW_TIME_LIMITS="
+        "'{\"pathways\": 120}'); wins over the stage's own. With a limit, each item runs in a child process that is "
+        "killed when the item passes it (and restarted when an item kills it); 0 runs the stage's items in the Dask "
+        "worker itself, with no limit, and its flow runs do not renew their leases.")
+    claim_start_seconds: float = Field(
+        default=600.0, gt=0, description="How long the controller keeps renewing the leases of claimed runs whose "
+        "flow run Prefect has not started yet (scheduled, pending, or running but not yet at the runs); after that "
+        "only the lease holds them.")
     retry_limit: int = Field(
         default=3, ge=1, le=INT64_MAX,
         description="Default number of attempts a run gets before it is failed for good.")

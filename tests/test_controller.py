@@ -136,6 +136,24 @@ def test_tick_requeues_work_of_crashed_flow_runs_and_expired_leases(engine, pref
     assert "lease expired" in expired.history[-1]["error"]
 
 
+def test_tick_holds_the_claims_of_flow_runs_that_have_not_started(engine, prefect_client, deployment):
+    """A flow run that waits for a worker (scheduled: this deployment has no work pool) keeps its claims past their
+    lease: the tick renews them, so a short lease bounds running work, not the wait to start."""
+    name, _ = deployment
+    add_synthetic_items(engine, 10)
+    _set_target(engine, 1)
+    (waiting,) = _tick(prefect_client, engine, name).submitted
+    with session_scope(engine, write=True) as session:
+        session.execute(update(Run).where(Run.flow_run_id == waiting)
+                        .values(lease_expires_at=utcnow() - timedelta(minutes=1)))
+    report = ctl.tick(prefect_client, engine=engine, stages=[SYNTHETIC], deployments={SYNTHETIC: name},
+                      mirror=False, publish=False)
+    assert not report.requeued and not report.stages[0].submitted
+    held = [r for r in _runs(engine) if r.flow_run_id == waiting]
+    assert held and all(r.state == RunState.CLAIMED and r.attempts == 1 and not r.history for r in held)
+    assert all(r.lease_expires_at.replace(tzinfo=None) > utcnow().replace(tzinfo=None) for r in held)
+
+
 def test_failed_submission_gives_the_claims_back(engine, prefect_client):
     strict = {"type": "object", "required": ["run_ids"],
               "properties": {"run_ids": {"type": "array", "items": {"type": "string"}}}}

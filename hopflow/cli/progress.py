@@ -30,7 +30,7 @@ from rich.progress import (
 from rich.text import Text
 
 from hopflow import queue
-from hopflow.db import get_engine, is_sqlite, session_scope, utcnow
+from hopflow.db import get_engine, is_in_memory, session_scope, utcnow
 from hopflow.settings import get_settings
 
 LOG_DIR = "logs"
@@ -158,8 +158,7 @@ class StageBars:
 
 def _threads_safe() -> bool:
     """Whether a second thread may read the database while the flow writes (not one in-memory SQLite connection)."""
-    engine = get_engine()
-    return not (is_sqlite(engine) and engine.url.database in (None, "", ":memory:"))
+    return not is_in_memory(get_engine())
 
 
 @contextmanager

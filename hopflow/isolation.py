@@ -1,0 +1,175 @@
+"""Per-item isolation: a stage's items run one at a time in a child process that is killed when an item passes its
+time limit and started again when an item kills it, so a hang or a crash costs that item alone, never its chunk."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+import cloudpickle
+
+from hopflow.errors import EngineError, TimeLimitError, WorkerLostError
+
+PARENT_POLL_S = 1.0
+"""How often a child checks that the process that started it is still there (it exits at once when not)."""
+
+STOP_GRACE_S = 2.0
+"""How long a child asked to stop (its pipe closed) may take before it is killed."""
+
+
+class ItemProcess:
+    """One child process that runs items sent to it, one at a time; killed with its whole process group (an engine's
+    own subprocesses, VASP under custodian, too) when an item passes its time limit, and started again on the next
+    item after it died. One per thread that runs items (Dask worker threads each get their own)."""
+
+    def __init__(self) -> None:
+        self._child: subprocess.Popen[bytes] | None = None
+        self._send: Connection | None = None
+        self._receive: Connection | None = None
+        self.started = 0
+        """How many children this has started (the first one, and one after each kill or death)."""
+
+    def _start(self) -> None:
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        try:
+            self._child = subprocess.Popen(
+                [sys.executable, "-m", "hopflow.isolation", str(to_child_r), str(from_child_w), str(os.getpid())],
+                pass_fds=(to_child_r, from_child_w), env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            os.close(to_child_r)
+            os.close(from_child_w)
+        self._send = Connection(to_child_w, readable=False)
+        self._receive = Connection(from_child_r, writable=False)
+        self.started += 1
+
+    def run(self, fn: Callable[..., Any], args: tuple[Any, ...], time_limit: float) -> Any:
+        """`fn(*args)` in the child: its result, or the exception it raised; TimeLimitError when it runs past
+        `time_limit` seconds (the child is killed), WorkerLostError when the child dies under it."""
+        if self._child is None or self._child.poll() is not None:
+            self._stop()
+            self._start()
+        assert self._send is not None and self._receive is not None and self._child is not None
+        began = time.monotonic()
+        try:
+            self._send.send_bytes(cloudpickle.dumps((fn, args)))
+            ready = self._receive.poll(time_limit)
+        except (BrokenPipeError, EOFError, ConnectionResetError, OSError):
+            ready = True  # the child is gone: the receive below reports how
+        if not ready:
+            self._stop(kill=True)
+            raise TimeLimitError(f"time limit: the item was still running after {time_limit:g} s and its process "
+                                 f"was killed")
+        try:
+            status, payload = cloudpickle.loads(self._receive.recv_bytes())
+        except (EOFError, OSError):
+            code = self._child.wait()
+            self._stop()
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            raise WorkerLostError(f"lost worker: the process running this item alone died ({how}) after "
+                                  f"{time.monotonic() - began:.1f} s") from None
+        if status == "error":
+            raise payload
+        return payload
+
+    def _stop(self, *, kill: bool = False) -> None:
+        """End the child: closing its pipe asks it to exit; a kill (or a child that lingers) ends its process group."""
+        for connection in (self._send, self._receive):
+            if connection is not None:
+                connection.close()
+        self._send = self._receive = None
+        child, self._child = self._child, None
+        if child is None:
+            return
+        if not kill:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(STOP_GRACE_S)
+        if child.poll() is None or kill:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id (None before the first item and after a kill)."""
+        return self._child.pid if self._child is not None else None
+
+    def close(self) -> None:
+        """Stop the child (if any)."""
+        self._stop()
+
+    def __del__(self) -> None:  # a worker thread that ends takes its item process with it
+        with contextlib.suppress(Exception):
+            self._stop()
+
+
+_local = threading.local()
+
+
+def item_process() -> ItemProcess:
+    """This thread's item process (created on first use; its child starts with the first item)."""
+    process = getattr(_local, "process", None)
+    if process is None:
+        process = _local.process = ItemProcess()
+    return process
+
+
+def run_isolated(fn: Callable[..., Any], *args: Any, time_limit: float) -> Any:
+    """`fn(*args)` in this thread's item process, within `time_limit` seconds (see ItemProcess.run)."""
+    return item_process().run(fn, args, time_limit)
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """`exc` if it survives pickling, else an error of the same retry class that names it (an exception whose
+    constructor takes other arguments than it passes to Exception cannot be rebuilt on the other side)."""
+    try:
+        cloudpickle.loads(cloudpickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001
+        from hopflow.errors import is_retryable
+
+        message = f"{type(exc).__name__}: {exc}"
+        return EngineError(message) if is_retryable(exc) else ValueError(message)
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    while True:
+        time.sleep(PARENT_POLL_S)
+        if os.getppid() != parent_pid:
+            os._exit(0)
+
+
+def serve(read_fd: int, write_fd: int, parent_pid: int) -> None:
+    """The child's loop: receive `(fn, args)`, answer `("ok", result)` or `("error", exception)`, until the parent
+    closes the pipe or dies."""
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+    receive, send = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+    while True:
+        try:
+            fn, args = cloudpickle.loads(receive.recv_bytes())
+        except EOFError:
+            return
+        try:
+            answer = cloudpickle.dumps(("ok", fn(*args)))
+        except Exception as exc:  # noqa: BLE001  (every item error goes back to be recorded against the item)
+            exc.__traceback__ = None
+            answer = cloudpickle.dumps(("error", _portable(exc)))
+        except BaseException:
+            traceback.print_exc()
+            raise
+        send.send_bytes(answer)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when the child ends
+    serve(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
