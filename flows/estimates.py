@@ -20,7 +20,7 @@ from hopflow.db import session_scope
 from hopflow.errors import EngineError
 from hopflow.flows.common import stage_run_name, stage_task_runner
 from hopflow.flows.features import pathway_record
-from hopflow.flows.runner import StageReport, claim_all, run_stage
+from hopflow.flows.runner import StageReport, claim_all, holding_claims, run_stage
 from hopflow.flows.vacancies import relax_vacancy_site
 from hopflow.queue import param_hash
 from hopflow.registry import get_stage
@@ -211,7 +211,8 @@ def estimates(run_ids: list[int] | None = None, parameters: dict[str, Any] | Non
     """Estimate barriers of the claimed runs' pathways, or of every eligible pathway when `run_ids` is None."""
     ids = list(run_ids) if run_ids is not None else claim_all("estimates", parameters)
     try:
-        relax_needed_vacancies(ids)
+        with holding_claims(ids, "estimates", release_at_end=False):  # relaxing may outlast the estimates' lease
+            relax_needed_vacancies(ids)
     except Exception as exc:  # noqa: BLE001  (each pathway then fails on its own, with its vacancy's reason)
         get_run_logger().warning(f"relaxing the needed vacancies failed: {type(exc).__name__}: {exc}")
     return run_stage("estimates", ids, estimate_barrier)

@@ -23,8 +23,8 @@ from sqlalchemy.orm import Session
 
 from hopflow import queue
 from hopflow.db import get_engine, is_in_memory, session_scope
-from hopflow.errors import InputError, WorkerLostError, is_lost_worker, is_retryable
-from hopflow.isolation import run_isolated
+from hopflow.errors import InputError, TimeLimitError, WorkerLostError, is_lost_worker, is_retryable
+from hopflow.isolation import item_process, pack, unpack
 from hopflow.models import Run
 from hopflow.registry import StageParams, get_stage
 from hopflow.settings import get_settings
@@ -51,17 +51,26 @@ class StageReport:
 
 @dataclass(frozen=True)
 class ItemOutcome:
-    """One item's result, or the exception it raised (kept per item so one bad item never sinks its chunk)."""
+    """One item's result, or the exception it raised (kept per item so one bad item never sinks its chunk); from an
+    item process, its answer still packed (`unpacked()` opens it in the flow)."""
 
     result: Any = None
     error: BaseException | None = None
+    packed: bytes | None = None
+
+    def unpacked(self) -> ItemOutcome:
+        """The outcome with a packed answer opened: its result, or the error the item raised."""
+        if self.packed is None:
+            return self
+        try:
+            return ItemOutcome(result=unpack(self.packed))
+        except Exception as exc:  # noqa: BLE001  (the item's own error, or an answer that cannot be read)
+            return ItemOutcome(error=exc)
 
 
 @task(name="stage-chunk")
-def run_chunk(process: Task[..., Any], items: list[Any], parameters: StageParams,
-              time_limit: float | None = None) -> list[ItemOutcome]:
-    """Run a stage's unit of work over a chunk of items on one Dask worker; with a `time_limit`, each item in this
-    worker thread's item process (hopflow.isolation), so a hang or a crash costs that item alone.
+def run_chunk(process: Task[..., Any], items: list[Any], parameters: StageParams) -> list[ItemOutcome]:
+    """Run a stage's unit of work over a chunk of items on one Dask worker.
 
     Chunks rather than one Prefect task per item: submitting a task costs ~0.1 s of CPU in prefect-dask, more than
     many items take.
@@ -69,12 +78,23 @@ def run_chunk(process: Task[..., Any], items: list[Any], parameters: StageParams
     outcomes = []
     for item in items:
         try:
-            if time_limit is None:
-                result = process.fn(item, parameters)
-            else:
-                result = run_isolated(process.fn, item, parameters, time_limit=time_limit)
-            outcomes.append(ItemOutcome(result=result))
+            outcomes.append(ItemOutcome(result=process.fn(item, parameters)))
         except Exception as exc:  # noqa: BLE001  (recorded against the item by the flow)
+            outcomes.append(ItemOutcome(error=exc))
+    return outcomes
+
+
+@task(name="stage-chunk-isolated")
+def run_isolated_chunk(calls: list[bytes], time_limit: float) -> list[ItemOutcome]:
+    """Run a chunk of packed item calls (`hopflow.isolation.pack`) one at a time in this worker thread's item
+    process, each within `time_limit` seconds: a hang or a crash costs that item alone. Calls and answers stay
+    packed here, so the worker imports none of the stage's science modules (its item process does, once)."""
+    process = item_process()
+    outcomes = []
+    for call in calls:
+        try:
+            outcomes.append(ItemOutcome(packed=process.run_packed(call, time_limit)))
+        except (TimeLimitError, WorkerLostError) as exc:
             outcomes.append(ItemOutcome(error=exc))
     return outcomes
 
@@ -89,7 +109,7 @@ def settled(chunk: list[Run], future: ChunkFuture, submit: Callable[[list[Run]],
     single runs (at most `depth` times), so only the run that brings its chunk down records the failure, and its
     companions complete with their one attempt."""
     try:
-        outcomes = future.result()
+        outcomes = [outcome.unpacked() for outcome in future.result()]
     except Exception as exc:  # noqa: BLE001  (recorded against the runs, the lone one when bisected down to it)
         if len(chunk) > 1 and depth > 0:
             halves = [chunk[:len(chunk) // 2], chunk[len(chunk) // 2:]]
@@ -210,8 +230,10 @@ def _released_on_signal(claims: OpenClaims) -> Iterator[None]:
 
 
 @contextmanager
-def release_on_termination(run_ids: Sequence[int]) -> Iterator[OpenClaims]:
-    """Give unfinished claims back at once when the flow is stopped (SIGTERM, Prefect cancellation, Ctrl-C)."""
+def release_on_termination(run_ids: Sequence[int], *, release_at_end: bool = True) -> Iterator[OpenClaims]:
+    """Give unfinished claims back at once when the flow is stopped (SIGTERM, Prefect cancellation, Ctrl-C), and
+    when the block ends (unless `release_at_end` is False: a phase before the runs' own work, whose end, or error,
+    keeps them)."""
     claims = OpenClaims(run_ids, current_flow_run_id())
     previous = None
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -224,11 +246,18 @@ def release_on_termination(run_ids: Sequence[int]) -> Iterator[OpenClaims]:
             raise KeyboardInterrupt(f"signal {signum}")
 
         previous = signal.signal(signal.SIGTERM, _terminate)
+    release = release_at_end
     try:
         with _released_on_signal(claims) if in_main_thread else contextlib.nullcontext():
             yield claims
+    except Exception:
+        raise
+    except BaseException:  # a stop (KeyboardInterrupt, SystemExit, Prefect's TerminationSignal): always give back
+        release = True
+        raise
     finally:
-        claims.release()
+        if release:
+            claims.release()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
@@ -270,6 +299,16 @@ def renewing_leases(claims: OpenClaims, stage_name: str) -> Iterator[None]:
         heart.join(timeout=10)
 
 
+@contextmanager
+def holding_claims(run_ids: Sequence[int], stage_name: str, *, release_at_end: bool = True) -> Iterator[OpenClaims]:
+    """The claims of a flow run while it works on them: given back at once on a stop signal, their leases renewed
+    while they progress (`release_on_termination`, `renewing_leases`); what is still open at the end is released
+    (unless `release_at_end` is False)."""
+    with (release_on_termination(run_ids, release_at_end=release_at_end) as claims,
+          renewing_leases(claims, stage_name)):
+        yield claims
+
+
 def claim_all(stage_name: str, parameters: dict[str, Any] | None = None) -> list[int]:
     """Batch mode: queue, rank and claim every eligible item of a stage."""
     return [c.id for c in queue.claim(stage_name, BATCH_MODE_CLAIM, parameters=parameters, refresh=True)]
@@ -282,7 +321,7 @@ def run_stage(stage_name: str, run_ids: Sequence[int] | None, process: Task[...,
     stage = get_stage(stage_name)
     ids = list(run_ids) if run_ids is not None else claim_all(stage_name, parameters)
     report = StageReport(stage=stage_name)
-    with release_on_termination(ids) as open_ids, renewing_leases(open_ids, stage_name):
+    with holding_claims(ids, stage_name) as open_ids:
         with session_scope(write=True) as session:
             runs = queue.start(session, ids, flow_run_id=current_flow_run_id())
             open_ids.keep_only(r.id for r in runs)
@@ -305,10 +344,15 @@ def run_stage(stage_name: str, run_ids: Sequence[int] | None, process: Task[...,
         chunks = [chunk for group in by_parameters(todo) for chunk in
                   chunked(group, min(get_settings().max_chunks, -(-len(group) // stage.min_chunk_items)))]
         chunk_task = run_chunk.with_options(name=f"{process.name}-chunk")
+        isolated_task = run_isolated_chunk.with_options(name=f"{process.name}-chunk")
+        time_limit = stage.time_limit
 
         def submit(chunk: list[Run]) -> ChunkFuture:
-            return chunk_task.submit(process, [payloads[r.input_id] for r in chunk],
-                                     stage.params.from_mapping(chunk[0].parameters), stage.time_limit)
+            params = stage.params.from_mapping(chunk[0].parameters)
+            if time_limit is None:
+                return chunk_task.submit(process, [payloads[r.input_id] for r in chunk], params)
+            calls = [pack(process.fn, payloads[r.input_id], params) for r in chunk]
+            return isolated_task.submit(calls, time_limit)
 
         futures = [submit(chunk) for chunk in chunks]
         depth = get_settings().chunk_bisect_depth

@@ -56,31 +56,34 @@ class ItemProcess:
     def run(self, fn: Callable[..., Any], args: tuple[Any, ...], time_limit: float) -> Any:
         """`fn(*args)` in the child: its result, or the exception it raised; TimeLimitError when it runs past
         `time_limit` seconds (the child is killed), WorkerLostError when the child dies under it."""
+        return unpack(self.run_packed(pack(fn, *args), time_limit))
+
+    def run_packed(self, request: bytes, time_limit: float) -> bytes:
+        """Run a `pack`ed call in the child and return its packed answer (`unpack` gives the result or raises the
+        item's error) without unpickling either here: the caller (a Dask worker) needs none of the item's modules.
+        Raises TimeLimitError or WorkerLostError as `run` does."""
         if self._child is None or self._child.poll() is not None:
             self._stop()
             self._start()
         assert self._send is not None and self._receive is not None and self._child is not None
         began = time.monotonic()
         try:
-            self._send.send_bytes(cloudpickle.dumps((fn, args)))
+            self._send.send_bytes(request)
             ready = self._receive.poll(time_limit)
-        except (BrokenPipeError, EOFError, ConnectionResetError, OSError):
-            ready = True  # the child is gone: the receive below reports how
+        except OSError:  # the child is gone (a broken pipe): the receive below reports how
+            ready = True
         if not ready:
             self._stop(kill=True)
             raise TimeLimitError(f"time limit: the item was still running after {time_limit:g} s and its process "
                                  f"was killed")
         try:
-            status, payload = cloudpickle.loads(self._receive.recv_bytes())
+            return self._receive.recv_bytes()
         except (EOFError, OSError):
             code = self._child.wait()
             self._stop()
             how = f"signal {-code}" if code < 0 else f"exit code {code}"
             raise WorkerLostError(f"lost worker: the process running this item alone died ({how}) after "
                                   f"{time.monotonic() - began:.1f} s") from None
-        if status == "error":
-            raise payload
-        return payload
 
     def _stop(self, *, kill: bool = False) -> None:
         """End the child: closing its pipe asks it to exit; a kill (or a child that lingers) ends its process group."""
@@ -124,9 +127,18 @@ def item_process() -> ItemProcess:
     return process
 
 
-def run_isolated(fn: Callable[..., Any], *args: Any, time_limit: float) -> Any:
-    """`fn(*args)` in this thread's item process, within `time_limit` seconds (see ItemProcess.run)."""
-    return item_process().run(fn, args, time_limit)
+def pack(fn: Callable[..., Any], *args: Any) -> bytes:
+    """A call `fn(*args)` as the bytes an item process runs (cloudpickle: a function defined in a test or a notebook
+    travels by value)."""
+    return cloudpickle.dumps((fn, args))
+
+
+def unpack(answer: bytes) -> Any:
+    """An item process's answer: the call's result, or its exception raised here."""
+    status, payload = cloudpickle.loads(answer)
+    if status == "error":
+        raise payload
+    return payload
 
 
 def _portable(exc: BaseException) -> BaseException:

@@ -115,4 +115,5 @@ ESTIMATES = register(barrier_stage(
     batch_size=10,
     retry_limit=2,
     lease_seconds=3600,
+    time_limit_seconds=1800,
 ))

@@ -55,4 +55,5 @@ NEB = register(barrier_stage(
     batch_size=1,
     retry_limit=3,
     lease_seconds=NEB_LEASE_SECONDS,
+    time_limit_seconds=None,  # custodian watches VASP (FrozenJobErrorHandler); the SLURM walltime bounds it
 ))

@@ -95,4 +95,5 @@ PATHWAYS = register(result_stage(
     batch_size=20,
     retry_limit=2,
     lease_seconds=1800,
+    time_limit_seconds=600,
 ))

@@ -84,4 +84,5 @@ IMPORT = register(Stage(
     batch_size=50,
     retry_limit=2,
     lease_seconds=600,
+    time_limit_seconds=120,
 ))

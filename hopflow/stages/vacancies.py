@@ -96,4 +96,5 @@ VACANCIES = register(result_stage(
     batch_size=10,
     retry_limit=2,
     lease_seconds=3600,
+    time_limit_seconds=1800,
 ))
