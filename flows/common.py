@@ -53,8 +53,9 @@ def stage_module(stage_name: str) -> str:
 def batch_clusters(stage_names: Sequence[str]) -> Iterator[dict[str, str]]:
     """Batch mode: one Dask cluster per local profile for the whole command instead of one per stage flow run.
 
-    Its workers import the stages' modules when they start (`preload`), so the libraries and, once the first task
-    asked for it, the ML potential are loaded once per worker for the command, not once per stage. Flows started
+    Its workers import the stages' modules when they start (`preload`), or, for stages whose items run in item
+    processes (a time limit), have one item process per thread import them, so the libraries and, once the first
+    task asked for it, the ML potential are loaded once per worker for the command, not once per stage. Flows started
     with `batch_flow` inside the block connect to it. SLURM profiles keep a cluster per flow run (their adaptive
     jobs follow each flow's work), and so do local profiles with `adapt`. Yields profile -> scheduler address of
     the clusters it started.
@@ -64,21 +65,24 @@ def batch_clusters(stage_names: Sequence[str]) -> Iterator[dict[str, str]]:
     from hopflow.deployments.clusters import get_profile, task_runner_kwargs
 
     share_temporary_server()  # first: the workers inherit its address
-    by_profile: dict[str, set[str]] = {}
+    by_profile: dict[str, tuple[set[str], set[str]]] = {}  # profile -> (worker modules, item-process modules)
     for name in stage_names:
-        by_profile.setdefault(profile_for(name), set()).add(stage_module(name))
+        isolated = get_stage(name).time_limit is not None
+        by_profile.setdefault(profile_for(name), (set(), set()))[isolated].add(stage_module(name))
     started: list[tuple[str, Any]] = []
     try:
-        for profile, modules in by_profile.items():
+        for profile, (in_workers, in_item_processes) in by_profile.items():
             runner = task_runner_kwargs(profile)
             if profile in _BATCH_CLUSTERS or get_profile(profile).cluster != "local" or runner["adapt_kwargs"]:
                 continue  # adaptive local profiles scale with each flow's work: they keep a cluster per flow run
             kwargs = dict(runner["cluster_kwargs"])
-            kwargs["preload"] = [*(kwargs.get("preload") or []), *sorted(modules)]
+            kwargs["preload"] = [*(kwargs.get("preload") or []), *sorted(in_workers)]
             cluster = LocalCluster(**kwargs)
             started.append((profile, cluster))
             with Client(cluster) as client:
                 client.wait_for_workers(len(cluster.workers))
+                if in_item_processes:  # items of stages with a time limit run in item processes: they import
+                    client.run(_warm_item_processes, sorted(in_item_processes))
             _BATCH_CLUSTERS[profile] = cluster.scheduler_address
         yield {profile: _BATCH_CLUSTERS[profile] for profile, _ in started}
     except KeyboardInterrupt:
@@ -88,6 +92,13 @@ def batch_clusters(stage_names: Sequence[str]) -> Iterator[dict[str, str]]:
         for profile, cluster in reversed(started):
             _BATCH_CLUSTERS.pop(profile, None)
             cluster.close()
+
+
+def _warm_item_processes(modules: list[str], dask_worker: Any) -> int:
+    """On a Dask worker: one idle item process per thread, importing `modules` (returns at once)."""
+    from hopflow.isolation import warm_item_processes
+
+    return warm_item_processes(modules, dask_worker.state.nthreads)
 
 
 def batch_flow(stage_name: str, flow_fn: Any) -> Any:

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from hopflow import queue
 from hopflow.db import get_engine, is_in_memory, session_scope
 from hopflow.errors import InputError, TimeLimitError, WorkerLostError, is_lost_worker, is_retryable
-from hopflow.isolation import item_process, pack, unpack
+from hopflow.isolation import borrowed_item_process, pack, unpack
 from hopflow.models import Run
 from hopflow.registry import StageParams, get_stage
 from hopflow.settings import get_settings
@@ -89,13 +89,13 @@ def run_isolated_chunk(calls: list[bytes], time_limit: float) -> list[ItemOutcom
     """Run a chunk of packed item calls (`hopflow.isolation.pack`) one at a time in this worker thread's item
     process, each within `time_limit` seconds: a hang or a crash costs that item alone. Calls and answers stay
     packed here, so the worker imports none of the stage's science modules (its item process does, once)."""
-    process = item_process()
     outcomes = []
-    for call in calls:
-        try:
-            outcomes.append(ItemOutcome(packed=process.run_packed(call, time_limit)))
-        except (TimeLimitError, WorkerLostError) as exc:
-            outcomes.append(ItemOutcome(error=exc))
+    with borrowed_item_process() as process:
+        for call in calls:
+            try:
+                outcomes.append(ItemOutcome(packed=process.run_packed(call, time_limit)))
+            except (TimeLimitError, WorkerLostError) as exc:
+                outcomes.append(ItemOutcome(error=exc))
     return outcomes
 
 

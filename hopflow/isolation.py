@@ -4,6 +4,7 @@ time limit and started again when an item kills it, so a hang or a crash costs t
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import signal
 import subprocess
@@ -11,7 +12,8 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -25,23 +27,29 @@ PARENT_POLL_S = 1.0
 STOP_GRACE_S = 2.0
 """How long a child asked to stop (its pipe closed) may take before it is killed."""
 
+WARM_LIMIT_S = 300.0
+"""Longest a warm-up import may take before the item process is started afresh for its first item."""
+
 
 class ItemProcess:
     """One child process that runs items sent to it, one at a time; killed with its whole process group (an engine's
     own subprocesses, VASP under custodian, too) when an item passes its time limit, and started again on the next
-    item after it died. One per thread that runs items (Dask worker threads each get their own)."""
+    item after it died. A process keeps idle ones for its threads (`borrowed_item_process`)."""
 
     def __init__(self) -> None:
         self._child: subprocess.Popen[bytes] | None = None
         self._send: Connection | None = None
         self._receive: Connection | None = None
+        self._warming = False
+        self._environment: dict[str, str] = {}
         self.started = 0
         """How many children this has started (the first one, and one after each kill or death)."""
 
     def _start(self) -> None:
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        env = _child_environment()
+        self._environment = env
         try:
             self._child = subprocess.Popen(
                 [sys.executable, "-m", "hopflow.isolation", str(to_child_r), str(from_child_w), str(os.getpid())],
@@ -58,13 +66,33 @@ class ItemProcess:
         `time_limit` seconds (the child is killed), WorkerLostError when the child dies under it."""
         return unpack(self.run_packed(pack(fn, *args), time_limit))
 
+    def _ready(self) -> None:
+        """A live child started in this process's current environment (settings are read from it): a child that
+        died, or one started before the environment changed, is replaced."""
+        if self._child is None or self._child.poll() is not None or self._environment != _child_environment():
+            self._stop()
+            self._start()
+
+    def warm(self, modules: Sequence[str]) -> None:
+        """Start the child and have it import `modules` without waiting for it (the next run waits for the import
+        first, up to WARM_LIMIT_S): a command's item processes load their libraries while it starts up."""
+        self._ready()
+        assert self._send is not None
+        self._send.send_bytes(pack(_import_all, list(modules)))
+        self._warming = True
+
     def run_packed(self, request: bytes, time_limit: float) -> bytes:
         """Run a `pack`ed call in the child and return its packed answer (`unpack` gives the result or raises the
         item's error) without unpickling either here: the caller (a Dask worker) needs none of the item's modules.
         Raises TimeLimitError or WorkerLostError as `run` does."""
-        if self._child is None or self._child.poll() is not None:
-            self._stop()
-            self._start()
+        if self._warming:
+            self._warming = False
+            if self._receive is None or not self._receive.poll(WARM_LIMIT_S):
+                self._stop(kill=True)  # a warm-up that hangs: the item gets a fresh child
+            else:
+                with contextlib.suppress(EOFError, OSError):
+                    self._receive.recv_bytes()  # the warm-up's answer; a failed import shows again in the item
+        self._ready()
         assert self._send is not None and self._receive is not None and self._child is not None
         began = time.monotonic()
         try:
@@ -111,20 +139,47 @@ class ItemProcess:
         """Stop the child (if any)."""
         self._stop()
 
-    def __del__(self) -> None:  # a worker thread that ends takes its item process with it
+    def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self._stop()
 
 
-_local = threading.local()
+_idle: list[ItemProcess] = []
+_idle_lock = threading.Lock()
 
 
-def item_process() -> ItemProcess:
-    """This thread's item process (created on first use; its child starts with the first item)."""
-    process = getattr(_local, "process", None)
-    if process is None:
-        process = _local.process = ItemProcess()
-    return process
+@contextmanager
+def borrowed_item_process() -> Iterator[ItemProcess]:
+    """An idle item process of this process (a new one when none is idle), given back after the block: as many live
+    as threads run items at once, and each outlives its chunk, so a stage's libraries are imported once per worker."""
+    with _idle_lock:
+        process = _idle.pop() if _idle else ItemProcess()
+    try:
+        yield process
+    finally:
+        with _idle_lock:
+            _idle.append(process)
+
+
+def warm_item_processes(modules: Sequence[str], count: int) -> int:
+    """Make `count` idle item processes of this process import `modules` (without waiting); returns how many are
+    idle. For a Dask worker, `count` is its number of threads."""
+    with _idle_lock:
+        while len(_idle) < count:
+            _idle.append(ItemProcess())
+        for process in _idle[:count]:
+            process.warm(modules)
+        return len(_idle)
+
+
+def _child_environment() -> dict[str, str]:
+    """The environment an item process gets: this process's, with its module search path."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+
+
+def _import_all(modules: list[str]) -> None:
+    for module in modules:
+        importlib.import_module(module)
 
 
 def pack(fn: Callable[..., Any], *args: Any) -> bytes:

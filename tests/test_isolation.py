@@ -73,6 +73,22 @@ def test_an_item_process_returns_results_and_the_items_own_errors(item_process) 
     assert item_process.started == 1  # one child served all three
 
 
+def environment_variable(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+def test_an_item_process_warms_up_and_follows_the_environment(item_process, monkeypatch) -> None:
+    """A warm-up import runs while the caller goes on; a child started before the environment changed (settings are
+    read from it) is replaced before the next item."""
+    item_process.warm(["json", "hopflow.errors"])
+    monkeypatch.setenv("HOPFLOW_TEST_ISOLATION_MARK", "first")
+    assert item_process.run(environment_variable, ("HOPFLOW_TEST_ISOLATION_MARK",), time_limit=60) == "first"
+    assert item_process.started == 2  # the warm child predates the variable
+    monkeypatch.setenv("HOPFLOW_TEST_ISOLATION_MARK", "second")
+    assert item_process.run(environment_variable, ("HOPFLOW_TEST_ISOLATION_MARK",), time_limit=60) == "second"
+    assert item_process.run(double, (1,), time_limit=60) == 2 and item_process.started == 3
+
+
 def test_a_hang_is_killed_at_the_time_limit_with_its_subprocesses(item_process, tmp_path) -> None:
     pid_file = tmp_path / "grandchild.pid"
     began = time.monotonic()
