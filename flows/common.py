@@ -94,11 +94,14 @@ def batch_clusters(stage_names: Sequence[str]) -> Iterator[dict[str, str]]:
             cluster.close()
 
 
-def _warm_item_processes(modules: list[str], dask_worker: Any) -> int:
-    """On a Dask worker: one idle item process per thread, importing `modules` (returns at once)."""
+async def _warm_item_processes(modules: list[str], dask_worker: Any) -> int:
+    """On a Dask worker: one idle item process per thread, having imported `modules` (waited for in a thread, so
+    the worker's event loop goes on)."""
+    import asyncio
+
     from hopflow.isolation import warm_item_processes
 
-    return warm_item_processes(modules, dask_worker.state.nthreads)
+    return await asyncio.to_thread(warm_item_processes, modules, dask_worker.state.nthreads)
 
 
 def batch_flow(stage_name: str, flow_fn: Any) -> Any:

@@ -27,6 +27,10 @@ PARENT_POLL_S = 1.0
 STOP_GRACE_S = 2.0
 """How long a child asked to stop (its pipe closed) may take before it is killed."""
 
+FOLLOWED_VARIABLES = ("HOPFLOW_", "MP_API_KEY", "PMG_")
+"""Prefixes of the variables an item process is replaced for when they change: hopflow's settings and pymatgen's
+(libraries set others of their own on import, such as KMP_INIT_AT_FORK, which must not cost a fresh child)."""
+
 WARM_LIMIT_S = 300.0
 """Longest a warm-up import may take before the item process is started afresh for its first item."""
 
@@ -48,8 +52,8 @@ class ItemProcess:
     def _start(self) -> None:
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
-        env = _child_environment()
-        self._environment = env
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._environment = _followed_environment()
         try:
             self._child = subprocess.Popen(
                 [sys.executable, "-m", "hopflow.isolation", str(to_child_r), str(from_child_w), str(os.getpid())],
@@ -67,31 +71,37 @@ class ItemProcess:
         return unpack(self.run_packed(pack(fn, *args), time_limit))
 
     def _ready(self) -> None:
-        """A live child started in this process's current environment (settings are read from it): a child that
-        died, or one started before the environment changed, is replaced."""
-        if self._child is None or self._child.poll() is not None or self._environment != _child_environment():
+        """A live child started under this process's current settings environment: a child that died, or one
+        started before a variable of FOLLOWED_VARIABLES changed (a test's, a command's), is replaced."""
+        if self._child is None or self._child.poll() is not None or self._environment != _followed_environment():
             self._stop()
             self._start()
 
     def warm(self, modules: Sequence[str]) -> None:
-        """Start the child and have it import `modules` without waiting for it (the next run waits for the import
-        first, up to WARM_LIMIT_S): a command's item processes load their libraries while it starts up."""
+        """Start the child and have it import `modules` without waiting for it (`warmed` or the next run waits):
+        a command's item processes load their libraries while it starts up."""
         self._ready()
         assert self._send is not None
         self._send.send_bytes(pack(_import_all, list(modules)))
         self._warming = True
 
+    def warmed(self) -> None:
+        """Wait for a warm-up under way (up to WARM_LIMIT_S; one that hangs costs its child, and the next item gets a
+        fresh one; a failed import shows again in the item)."""
+        if not self._warming:
+            return
+        self._warming = False
+        if self._receive is None or not self._receive.poll(WARM_LIMIT_S):
+            self._stop(kill=True)
+            return
+        with contextlib.suppress(EOFError, OSError):
+            self._receive.recv_bytes()
+
     def run_packed(self, request: bytes, time_limit: float) -> bytes:
         """Run a `pack`ed call in the child and return its packed answer (`unpack` gives the result or raises the
         item's error) without unpickling either here: the caller (a Dask worker) needs none of the item's modules.
         Raises TimeLimitError or WorkerLostError as `run` does."""
-        if self._warming:
-            self._warming = False
-            if self._receive is None or not self._receive.poll(WARM_LIMIT_S):
-                self._stop(kill=True)  # a warm-up that hangs: the item gets a fresh child
-            else:
-                with contextlib.suppress(EOFError, OSError):
-                    self._receive.recv_bytes()  # the warm-up's answer; a failed import shows again in the item
+        self.warmed()
         self._ready()
         assert self._send is not None and self._receive is not None and self._child is not None
         began = time.monotonic()
@@ -162,19 +172,22 @@ def borrowed_item_process() -> Iterator[ItemProcess]:
 
 
 def warm_item_processes(modules: Sequence[str], count: int) -> int:
-    """Make `count` idle item processes of this process import `modules` (without waiting); returns how many are
-    idle. For a Dask worker, `count` is its number of threads."""
+    """Make `count` idle item processes of this process import `modules`, side by side, and wait until they have;
+    returns how many are idle. For a Dask worker, `count` is its number of threads."""
     with _idle_lock:
         while len(_idle) < count:
             _idle.append(ItemProcess())
-        for process in _idle[:count]:
+        warming = _idle[:count]
+        for process in warming:
             process.warm(modules)
+        for process in warming:
+            process.warmed()
         return len(_idle)
 
 
-def _child_environment() -> dict[str, str]:
-    """The environment an item process gets: this process's, with its module search path."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+def _followed_environment() -> dict[str, str]:
+    """The variables of this process's environment that a child must share (FOLLOWED_VARIABLES)."""
+    return {name: value for name, value in os.environ.items() if name.startswith(FOLLOWED_VARIABLES)}
 
 
 def _import_all(modules: list[str]) -> None:
