@@ -53,9 +53,9 @@ def stage_module(stage_name: str) -> str:
 def batch_clusters(stage_names: Sequence[str]) -> Iterator[dict[str, str]]:
     """Batch mode: one Dask cluster per local profile for the whole command instead of one per stage flow run.
 
-    Its workers import the stages' modules when they start (`preload`), or, for stages whose items run in item
-    processes (a time limit), have one item process per thread import them, so the libraries and, once the first
-    task asked for it, the ML potential are loaded once per worker for the command, not once per stage. Flows started
+    Its workers import the stages' modules when they start (`preload`), and so does one item process per worker
+    thread for stages whose items run in item processes (a time limit), so the libraries and, once the first task
+    asked for it, the ML potential are loaded once per worker for the command, not once per stage. Flows started
     with `batch_flow` inside the block connect to it. SLURM profiles keep a cluster per flow run (their adaptive
     jobs follow each flow's work), and so do local profiles with `adapt`. Yields profile -> scheduler address of
     the clusters it started.
@@ -65,18 +65,21 @@ def batch_clusters(stage_names: Sequence[str]) -> Iterator[dict[str, str]]:
     from hopflow.deployments.clusters import get_profile, task_runner_kwargs
 
     share_temporary_server()  # first: the workers inherit its address
-    by_profile: dict[str, tuple[set[str], set[str]]] = {}  # profile -> (worker modules, item-process modules)
+    by_profile: dict[str, tuple[set[str], set[str]]] = {}  # profile -> (stage modules, of stages with item processes)
     for name in stage_names:
-        isolated = get_stage(name).time_limit is not None
-        by_profile.setdefault(profile_for(name), (set(), set()))[isolated].add(stage_module(name))
+        modules, isolated = by_profile.setdefault(profile_for(name), (set(), set()))
+        modules.add(stage_module(name))
+        if get_stage(name).time_limit is not None:
+            isolated.add(stage_module(name))
     started: list[tuple[str, Any]] = []
     try:
-        for profile, (in_workers, in_item_processes) in by_profile.items():
+        for profile, (modules, in_item_processes) in by_profile.items():
             runner = task_runner_kwargs(profile)
             if profile in _BATCH_CLUSTERS or get_profile(profile).cluster != "local" or runner["adapt_kwargs"]:
                 continue  # adaptive local profiles scale with each flow's work: they keep a cluster per flow run
             kwargs = dict(runner["cluster_kwargs"])
-            kwargs["preload"] = [*(kwargs.get("preload") or []), *sorted(in_workers)]
+            # the workers import the flow modules even for item processes: Prefect's task context carries the flow
+            kwargs["preload"] = [*(kwargs.get("preload") or []), *sorted(modules)]
             cluster = LocalCluster(**kwargs)
             started.append((profile, cluster))
             with Client(cluster) as client:
