@@ -86,9 +86,9 @@ def run_chunk(process: Task[..., Any], items: list[Any], parameters: StageParams
 
 @task(name="stage-chunk-isolated")
 def run_isolated_chunk(calls: list[bytes], time_limit: float) -> list[ItemOutcome]:
-    """Run a chunk of packed item calls (`hopflow.isolation.pack`) one at a time in this worker thread's item
-    process, each within `time_limit` seconds: a hang or a crash costs that item alone. Calls and answers stay
-    packed here, so the worker imports none of the stage's science modules (its item process does, once)."""
+    """Run a chunk of packed item calls (`hopflow.isolation.pack`) one at a time in an item process of this worker,
+    each within `time_limit` seconds: a hang or a crash costs that item alone. Calls and answers stay packed here
+    (the worker never unpickles an item or a result; the flow opens the answers)."""
     outcomes = []
     with borrowed_item_process() as process:
         for call in calls:

@@ -350,8 +350,14 @@ def hold_claims(session: Session, flow_run_ids: Iterable[str], *, now: datetime 
     start_by = now - timedelta(seconds=get_settings().claim_start_seconds)
     waiting = session.scalars(select(Run).where(
         Run.state == RunState.CLAIMED, Run.flow_run_id.in_(list(flow_run_ids)), Run.claimed_at > start_by)).all()
+    leases: dict[str, float] = {}
     for run in waiting:
-        run.lease_expires_at = now + timedelta(seconds=get_stage(run.stage).lease)
+        if run.stage not in leases:  # a stage this process does not know keeps the default lease
+            try:
+                leases[run.stage] = get_stage(run.stage).lease
+            except KeyError:
+                leases[run.stage] = get_settings().lease_seconds
+        run.lease_expires_at = now + timedelta(seconds=leases[run.stage])
     session.flush()
     return len(waiting)
 
