@@ -208,7 +208,9 @@ def test_ctrl_c_in_batch_mode_gives_claims_back_stops_the_temporary_server_last_
     url = f"sqlite:///{tmp_path / 'ctrl-c.sqlite'}"
     engine = init_db(make_engine(url))
     with session_scope(engine, write=True) as session:
-        session.add_all(SyntheticItem(cpu_ms=0.0, sleep_ms=120_000.0, priority=i) for i in range(ITEMS))
+        # items that hang on their first attempt (a sleep of an hour): none can finish before the Ctrl-C
+        session.add_all(SyntheticItem(cpu_ms=0.0, sleep_ms=0.0, failure="hang", fail_attempts=1, priority=i)
+                        for i in range(ITEMS))
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}  # batch mode: its own server
     env.update({"HOPFLOW_DATABASE_URL": url, "HOPFLOW_HOME": str(tmp_path / "home"),
                 "HOPFLOW_PROFILE_SYNTHETIC": "local-threads", "PYTHONPATH": str(ROOT)})

@@ -39,6 +39,7 @@ from prefect_helpers import (
 SYNTHETIC = "synthetic"
 ITEMS = 40
 BATCH = 10
+FLOW_RUN_START_S = 180.0
 SLOW_SLEEP_MS = 4000.0  # the first batch sleeps up to 4 s per item: a wide window to kill its flow run mid-run
 TICK_INTERVAL_S = 1.0
 DRAIN_TIMEOUT_S = 150.0
@@ -96,7 +97,9 @@ def _kill_flow_run_of(engine, run_ids: set[int]) -> tuple[str, set[int]]:
             return owners[0][0]
         return None
 
-    flow_run_id = wait_for(running_owner, timeout=60, interval=0.1, what="the slow batch to start running")
+    # a flow-run process took 63 s to start in one CI run (three at once on a loaded 2-core machine)
+    flow_run_id = wait_for(running_owner, timeout=FLOW_RUN_START_S, interval=0.1,
+                           what="the slow batch to start running")
     pids = wait_for(lambda: flow_run_pids(flow_run_id), timeout=10, what="the flow-run process")
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
