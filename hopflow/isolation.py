@@ -20,6 +20,7 @@ from typing import Any
 import cloudpickle
 
 from hopflow.errors import EngineError, TimeLimitError, WorkerLostError
+from hopflow.settings import get_settings
 
 PARENT_POLL_S = 1.0
 """How often a child checks that the process that started it is still there (it exits at once when not)."""
@@ -52,7 +53,7 @@ class ItemProcess:
     def _start(self) -> None:
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), **allocator_environment()}
         self._environment = _followed_environment()
         try:
             self._child = subprocess.Popen(
@@ -188,6 +189,13 @@ def warm_item_processes(modules: Sequence[str], count: int) -> int:
 def _followed_environment() -> dict[str, str]:
     """The variables of this process's environment that a child must share (FOLLOWED_VARIABLES)."""
     return {name: value for name, value in os.environ.items() if name.startswith(FOLLOWED_VARIABLES)}
+
+
+def allocator_environment() -> dict[str, str]:
+    """The GLIBC_TUNABLES an item process starts with (`Settings.item_glibc_tunables`), unless this process's
+    environment names its own."""
+    tunables = get_settings().item_glibc_tunables
+    return {"GLIBC_TUNABLES": tunables} if tunables and "GLIBC_TUNABLES" not in os.environ else {}
 
 
 def _import_all(modules: list[str]) -> None:
