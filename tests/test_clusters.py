@@ -169,6 +169,7 @@ def test_local_profile_starts_a_loopback_cluster_that_computes() -> None:
     assert sum(squares) == 285
     assert len(probes) == 2
     assert os.getpid() not in {p.pid for p in probes.values()}  # worker processes, not threads
+    assert not any(p.dask_profiler for p in probes.values())  # the nannies passed QUIET_DASK_CONFIG on
 
 
 def _job_name(job_id: str) -> str:
@@ -188,6 +189,7 @@ def test_slurm_profile_runs_a_dask_worker_inside_a_slurm_job(slurm_test_override
         assert _job_name(probe.slurm_job_id) == "hopflow-small"
     assert probe.pid != os.getpid()
     assert probe.omp_num_threads == "1"  # the profile's job-script-prologue ran
+    assert not probe.dask_profiler  # and the quiet Dask settings exported after it
 
 
 @pytest.mark.slurm
