@@ -32,10 +32,22 @@ def profile_for(stage_name: str) -> str:
 
 
 def stage_task_runner(stage_name: str) -> TaskRunner[Any]:
-    """A DaskTaskRunner built from the stage's cluster profile (deployments/clusters.yaml)."""
-    from hopflow.deployments.clusters import task_runner
+    """A DaskTaskRunner built from the stage's cluster profile (deployments/clusters.yaml). The workers of a local
+    cluster import the stage's flow module as they start, before the flow run starts its runs."""
+    from hopflow.deployments.clusters import get_profile, task_runner_kwargs
 
-    return task_runner(profile_for(stage_name))
+    profile = profile_for(stage_name)
+    kwargs = task_runner_kwargs(profile)
+    if get_profile(profile).cluster == "local":
+        kwargs["cluster_kwargs"] = preloading(kwargs["cluster_kwargs"], [stage_module(stage_name)])
+    return DaskTaskRunner(**kwargs)
+
+
+def preloading(cluster_kwargs: dict[str, Any], modules: Sequence[str]) -> dict[str, Any]:
+    """LocalCluster arguments whose workers import `modules` when they start. A worker imports a flow's module for its
+    first task anyway, even one whose items run in item processes (Prefect's task context carries the flow): it is
+    cluster start-up, not the first items' work."""
+    return {**cluster_kwargs, "preload": [*(cluster_kwargs.get("preload") or []), *modules]}
 
 
 _TEMPORARY_SERVERS: list[Any] = []
@@ -77,10 +89,7 @@ def batch_clusters(stage_names: Sequence[str]) -> Iterator[dict[str, str]]:
             runner = task_runner_kwargs(profile)
             if profile in _BATCH_CLUSTERS or get_profile(profile).cluster != "local" or runner["adapt_kwargs"]:
                 continue  # adaptive local profiles scale with each flow's work: they keep a cluster per flow run
-            kwargs = dict(runner["cluster_kwargs"])
-            # the workers import the flow modules even for item processes: Prefect's task context carries the flow
-            kwargs["preload"] = [*(kwargs.get("preload") or []), *sorted(modules)]
-            cluster = LocalCluster(**kwargs)
+            cluster = LocalCluster(**preloading(runner["cluster_kwargs"], sorted(modules)))
             started.append((profile, cluster))
             with Client(cluster) as client:
                 client.wait_for_workers(len(cluster.workers))

@@ -19,6 +19,7 @@ from prefect import get_run_logger, task
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 from prefect.tasks import Task
+from prefect_dask import DaskTaskRunner
 from sqlalchemy.orm import Session
 
 from hopflow import queue
@@ -309,6 +310,15 @@ def holding_claims(run_ids: Sequence[int], stage_name: str, *, release_at_end: b
         yield claims
 
 
+def start_cluster() -> None:
+    """Start (or connect to) the flow's Dask cluster now, before its runs are marked running: prefect-dask starts it
+    on the first submit otherwise, and the runs' start times (and the first chunks) would include its start-up."""
+    context = FlowRunContext.get()
+    runner = context.task_runner if context is not None else None
+    if isinstance(runner, DaskTaskRunner):
+        runner.client  # noqa: B018  (the property starts the cluster)
+
+
 def claim_all(stage_name: str, parameters: dict[str, Any] | None = None) -> list[int]:
     """Batch mode: queue, rank and claim every eligible item of a stage."""
     return [c.id for c in queue.claim(stage_name, BATCH_MODE_CLAIM, parameters=parameters, refresh=True)]
@@ -322,6 +332,8 @@ def run_stage(stage_name: str, run_ids: Sequence[int] | None, process: Task[...,
     ids = list(run_ids) if run_ids is not None else claim_all(stage_name, parameters)
     report = StageReport(stage=stage_name)
     with holding_claims(ids, stage_name) as open_ids:
+        if ids:
+            start_cluster()
         with session_scope(write=True) as session:
             runs = queue.start(session, ids, flow_run_id=current_flow_run_id())
             open_ids.keep_only(r.id for r in runs)
@@ -357,8 +369,9 @@ def run_stage(stage_name: str, run_ids: Sequence[int] | None, process: Task[...,
         futures = [submit(chunk) for chunk in chunks]
         depth = get_settings().chunk_bisect_depth
         for chunk, future in zip(chunks, futures, strict=True):
-            for run, outcome in settled(chunk, future, submit, depth):
-                _record_outcome(run, outcome, postprocess, report)
+            outcomes = list(settled(chunk, future, submit, depth))
+            _record_chunk(outcomes, postprocess, report)
+            for run, _ in outcomes:
                 open_ids.discard(run.id)
     logger.info(report.summary)
     _publish_summary(report)
@@ -375,6 +388,44 @@ def _publish_summary(report: StageReport) -> None:
         get_run_logger().warning("stage summary artifact not published: %s: %s", type(exc).__name__, exc)
 
 
+def _record_chunk(outcomes: list[tuple[Run, ItemOutcome]], postprocess: Postprocess | None,
+                  report: StageReport) -> None:
+    """Record a chunk's outcomes in one transaction, each result in a savepoint of its own: one that cannot be stored
+    fails its item alone. A transaction that fails as a whole (a lost connection) is done again item by item."""
+    done: list[int] = []
+    failed: dict[int, str] = {}
+    try:
+        with session_scope(write=True) as session:
+            live = queue.live_runs(session, [run.id for run, _ in outcomes])
+            for run, outcome in outcomes:
+                owned = live.get(run.id)
+                if owned is None:
+                    continue
+                error = outcome.error
+                if error is None:
+                    try:
+                        with session.begin_nested():
+                            result = (postprocess(session, owned, outcome.result) if postprocess is not None
+                                      else outcome.result)
+                            queue.complete_run(session, owned, result)
+                        done.append(run.id)
+                        continue
+                    except Exception as exc:  # noqa: BLE001  (recorded against the item, the chunk goes on)
+                        error = exc
+                failed[run.id] = _failure_message(error)
+                queue.fail_run(session, owned, failed[run.id], retryable=is_retryable(error))
+    except Exception:  # noqa: BLE001
+        for run, outcome in outcomes:
+            _record_outcome(run, outcome, postprocess, report)
+        return
+    report.done.extend(done)
+    report.failed.update(failed)
+
+
+def _failure_message(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if not isinstance(exc, InputError) else str(exc)
+
+
 def _record_outcome(run: Run, outcome: ItemOutcome, postprocess: Postprocess | None, report: StageReport) -> None:
     if outcome.error is not None:
         _record_failure(run, outcome.error, report)
@@ -389,7 +440,7 @@ def _record_outcome(run: Run, outcome: ItemOutcome, postprocess: Postprocess | N
 
 
 def _record_failure(run: Run, exc: BaseException, report: StageReport) -> None:
-    message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, InputError) else str(exc)
+    message = _failure_message(exc)
     with session_scope(write=True) as session:
         if queue.fail(session, run.id, message, retryable=is_retryable(exc)):
             report.failed[run.id] = message

@@ -421,11 +421,23 @@ def copy_result(session: Session, stage: Stage, run: Run, old: Run) -> None:
         session.add(model(run_id=run.id, **{name: getattr(row, name) for name in columns} | links))
 
 
+def live_runs(session: Session, run_ids: Sequence[int]) -> dict[int, Run]:
+    """The runs among `run_ids` still live, locked for the caller's transaction (one query for many `_owned`)."""
+    stmt = select(Run).where(Run.id.in_(list(run_ids)), Run.state.in_(RunState.LIVE)).with_for_update()
+    return {run.id: run for run in session.scalars(stmt)}
+
+
 def complete(session: Session, run_id: int, result: Any, *, reused_from: Run | None = None) -> bool:
     """Write the stage's result rows and mark the run done, in the caller's transaction. False if no longer ours."""
     run = _owned(session, run_id)
     if run is None:
         return False
+    complete_run(session, run, result, reused_from=reused_from)
+    return True
+
+
+def complete_run(session: Session, run: Run, result: Any, *, reused_from: Run | None = None) -> None:
+    """`complete` for a live run of this session (`live_runs`)."""
     stage = get_stage(run.stage)
     if reused_from is not None:
         copy_result(session, stage, run, reused_from)
@@ -434,7 +446,6 @@ def complete(session: Session, run_id: int, result: Any, *, reused_from: Run | N
         stage.store(session, run, result)
         _finish(run, RunState.DONE, error=None)
     session.flush()
-    return True
 
 
 def complete_many(session: Session, results: Mapping[int, Any]) -> list[int]:
@@ -454,13 +465,18 @@ def fail(session: Session, run_id: int, error: str, *, retryable: bool = True) -
     run = _owned(session, run_id)
     if run is None:
         return False
+    fail_run(session, run, error, retryable=retryable)
+    return True
+
+
+def fail_run(session: Session, run: Run, error: str, *, retryable: bool = True) -> None:
+    """`fail` for a live run of this session (`live_runs`)."""
     kind = ERROR_RETRYABLE if retryable else ERROR_INPUT
     history = list(run.history or [])
     history.append({"attempt": run.attempts, "at": utcnow().isoformat(), "error": error, "kind": kind})
     _finish(run, RunState.FAILED, error=error, history=history,
             max_attempts=run.max_attempts if retryable else run.attempts)
     session.flush()
-    return True
 
 
 def release(session: Session, run_ids: Iterable[int], *, flow_run_id: str | None = None) -> int:

@@ -89,6 +89,33 @@ def test_an_item_process_warms_up_and_follows_the_environment(item_process, monk
     assert item_process.run(double, (1,), time_limit=60) == 2 and item_process.started == 3
 
 
+def page_faults_of_a_second_allocation(megabytes: int) -> int:
+    """Minor page faults of a zeroed buffer allocated after one of the same size was freed (a bytearray: plain malloc;
+    numpy asks for huge pages, torch on a CPU does not)."""
+    import resource
+
+    first = bytearray(megabytes * 2**20)
+    del first
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    second = bytearray(megabytes * 2**20)
+    del second
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_an_item_process_keeps_the_memory_it_freed(item_process, monkeypatch) -> None:
+    """With the default HOPFLOW_ITEM_GLIBC_TUNABLES a freed 200 MB block is reused without faulting its pages in again
+    (glibc's own default maps it afresh: one fault per 4 KiB page)."""
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert get_settings().item_glibc_tunables  # the default
+    kept = item_process.run(page_faults_of_a_second_allocation, (200,), time_limit=60)
+    monkeypatch.setenv("HOPFLOW_ITEM_GLIBC_TUNABLES", "")
+    get_settings.cache_clear()
+    refaulted = item_process.run(page_faults_of_a_second_allocation, (200,), time_limit=60)
+    get_settings.cache_clear()
+    assert item_process.started == 2  # the setting changed: a fresh child
+    assert kept < 1_000 < 25_000 < refaulted  # 200 MiB is 51,200 pages
+
+
 def test_a_hang_is_killed_at_the_time_limit_with_its_subprocesses(item_process, tmp_path) -> None:
     pid_file = tmp_path / "grandchild.pid"
     began = time.monotonic()
@@ -174,6 +201,34 @@ def test_in_a_stage_a_hang_and_a_crash_cost_their_own_item_only(engine, stage_en
     assert hang.state == RunState.FAILED and hang.attempts == 1 and "TimeLimitError" in (hang.error or "")
     assert crash.state == RunState.FAILED and crash.attempts == 1 and "WorkerLostError" in (crash.error or "")
     assert [h["kind"] for h in hang.history + crash.history] == [queue.ERROR_RETRYABLE] * 2
+
+
+def test_a_result_that_cannot_be_stored_fails_its_item_alone(engine, stage_env, monkeypatch) -> None:
+    """A chunk's outcomes are recorded in one transaction, each in a savepoint: the item whose result rows cannot be
+    stored fails with its reason and leaves no row; its five companions are done."""
+    import dataclasses
+
+    from hopflow.models import SyntheticResult
+    from hopflow.registry import STAGES, get_stage
+
+    stage = get_stage(SYN)
+
+    def picky_store(session, run, result) -> None:
+        stage.store(session, run, result)  # the rows are written, then the store refuses
+        if run.input_id == 3:
+            raise ValueError("result of item 3 cannot be stored")
+
+    monkeypatch.setitem(STAGES, SYN, dataclasses.replace(stage, store=picky_store))
+    stage_env(HOPFLOW_TIME_LIMITS='{"synthetic": 0}')
+    _add(engine, ["none"] * 6)
+    _run_synthetic()
+    with session_scope(engine) as s:
+        runs = {r.input_id: r for r in s.scalars(select(Run))}
+        stored = sorted(s.scalars(select(Run.input_id).join(SyntheticResult, SyntheticResult.run_id == Run.id)))
+    refused = runs.pop(3)
+    assert refused.state == RunState.FAILED and refused.error == "ValueError: result of item 3 cannot be stored"
+    assert {r.state for r in runs.values()} == {RunState.DONE}
+    assert stored == [1, 2, 4, 5, 6]
 
 
 @pytest.mark.parametrize("time_limit", ["30", "0"], ids=["renewed", "no-limit-no-renewal"])
