@@ -10,9 +10,11 @@ included), start-up excluded: the pool's start is its two processes importing th
 `hopflow screen` starts once for all its stages (the temporary Prefect server, the shared local Dask cluster whose
 two workers import the stage modules).
 Both sides read their inputs from and write their results to the database through the same queue functions (timed on
-both sides; the pool's claim, a query, is not), so what the ratio measures is Prefect's flow and task runs and Dask
+both sides; the pool's claim, a query, is not), and both find the vacancy sites of the estimates' pathways in their
+estimates stage (the flow does, in its own process), so what the ratio measures is Prefect's flow and task runs and Dask
 against a plain pool; the number of items each stage computed is asserted equal in every round and on both sides.
-Worker processes on both sides run torch and BLAS with one thread (what Dask's nanny sets for its workers).
+Worker processes on both sides run torch and BLAS with one thread (what Dask's nanny sets for its workers), and the
+pool's processes start with the allocator settings of hopflow's item processes (`HOPFLOW_ITEM_GLIBC_TUNABLES`).
 """
 
 from __future__ import annotations
@@ -178,6 +180,14 @@ def pool_stage(pool: ProcessPoolExecutor, stage_name: str) -> tuple[float, int]:
     return measured(load_map_store)
 
 
+def pool_estimates(pool: ProcessPoolExecutor) -> tuple[float, int]:
+    """The pool's estimates stage as the estimates flow does it: the vacancy sites its pathways need found first (in
+    this process, as the flow does in its own), then the map."""
+    search_cpu, _ = measured(store_vacancy_sites)
+    cpu, done = pool_stage(pool, "estimates")
+    return search_cpu + cpu, done
+
+
 def hopflow_stage(stage_name: str) -> tuple[float, int]:
     """CPU seconds of `hopflow run STAGE`'s batch mode (one flow run, the stage's local Dask profile); items done."""
     from hopflow.flows.batch import run_batch
@@ -186,38 +196,43 @@ def hopflow_stage(stage_name: str) -> tuple[float, int]:
     return cpu, len(report.done)
 
 
-def child(side: str, home: str, structures: Sequence[str] | None) -> dict[str, Any]:
+def child(side: str, home: str, structures: Sequence[str] | None, stages: Sequence[str] = STAGES) -> dict[str, Any]:
     os.environ.update(SINGLE_THREAD_ENV)
     _setup(home, structures)
     out: dict[str, Any] = {"side": side, "stages": {}}
     if side == "pool":
         import multiprocessing
 
+        from hopflow.isolation import allocator_environment
+
+        os.environ.update(allocator_environment())  # the pool's processes start as hopflow's item processes do
         startup, pool = measured(lambda: ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"),
                                                              initializer=_single_thread))
         startup += measured(lambda: _wait_for_both(pool))[0]
-        run: Callable[[str], tuple[float, int]] = lambda s: pool_stage(pool, s)  # noqa: E731
+        run: Callable[[str], tuple[float, int]] = (  # noqa: E731
+            lambda s: pool_estimates(pool) if s == "estimates" else pool_stage(pool, s))
     else:
         import importlib
 
         from hopflow.flows.common import batch_clusters, stage_module
 
-        clusters = batch_clusters(STAGES)  # as `hopflow screen`: one cluster for the command, modules preloaded
+        clusters = batch_clusters(stages)  # as `hopflow screen`: one cluster for the command, modules preloaded
 
         def start() -> None:
             clusters.__enter__()
-            for stage in STAGES:  # the flow modules, as the pool's processes import the task modules
+            for stage in stages:  # the flow modules, as the pool's processes import the task modules
                 importlib.import_module(stage_module(stage))
 
         startup, _ = measured(start)
         run = hopflow_stage
     out["startup_cpu_s"] = startup
-    for stage in STAGES:
+    from hopflow.flows.estimates import _vacancy_symmetry
+
+    for stage in stages:
         if stage == "vacancies":
             out["vacancy_sites"] = store_vacancy_sites()
-            from hopflow.flows.estimates import _vacancy_symmetry
-
-            _vacancy_symmetry.cache_clear()  # the estimates flow must find the vacancy sites itself, as in screen
+        if stage == "estimates":
+            _vacancy_symmetry.cache_clear()  # both sides find the vacancy sites again, as the estimates flow does
         cpu, n = run(stage)
         out["stages"][stage] = {"cpu_s": cpu, "items": n}
     if side == "hopflow":
@@ -244,11 +259,11 @@ class Figures:
     items: dict[str, set[tuple[int, ...]]]
 
 
-def _run_child(side: str, structures: Sequence[str] | None) -> dict[str, Any]:
+def _run_child(side: str, structures: Sequence[str] | None, stages: Sequence[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"hopflow-cheap-{side}-") as home:
         args = [sys.executable, "-m", "benchmarks.cheap_path", "--child", side, "--home", home]
-        if structures:
-            args += ["--structures", *structures]
+        args += ["--structures", *structures] if structures else ["--all"]
+        args += ["--stages", *stages]
         env = os.environ | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONWARNINGS": "ignore"}
         proc = subprocess.run(args, capture_output=True, text=True, env=env,
                               cwd=Path(__file__).resolve().parent.parent, check=False)
@@ -269,28 +284,33 @@ def main() -> None:
     parser.add_argument("--structures", nargs="*", default=None, help="Bundled entries by name (default: "
                         + " ".join(DEFAULT_STRUCTURES) + ").")
     parser.add_argument("--all", action="store_true", help="The whole bundled set.")
+    parser.add_argument("--stages", nargs="*", choices=STAGES, default=list(STAGES),
+                        help="The first stages of the path (default: all four), e.g. --all --stages pathways features.")
     parser.add_argument("--child", choices=("pool", "hopflow"), help=argparse.SUPPRESS)
     parser.add_argument("--home", help=argparse.SUPPRESS)
     args = parser.parse_args()
     structures = None if args.all else (args.structures or list(DEFAULT_STRUCTURES))
+    stages = [s for s in STAGES if s in args.stages]
+    if stages != list(STAGES[:len(stages)]):
+        parser.error(f"--stages takes the first stages of the path in order, not {args.stages}")
     if args.child:
-        print(json.dumps(child(args.child, args.home, structures)))
+        print(json.dumps(child(args.child, args.home, structures, stages)))
         return
 
-    cpu: dict[str, dict[str, list[float]]] = {side: {s: [] for s in (*STAGES, "total")} for side in ("pool", "hopflow")}
+    cpu: dict[str, dict[str, list[float]]] = {side: {s: [] for s in (*stages, "total")} for side in ("pool", "hopflow")}
     counts: set[tuple[int, ...]] = set()
     npaths = 0
     for r in range(args.rounds):
         for side in ("pool", "hopflow"):
-            out = _run_child(side, structures)
+            out = _run_child(side, structures, stages)
             npaths = out["pathways"]
-            items = tuple(out["stages"][s]["items"] for s in STAGES) + (out["pathways"], out["estimates_ok"])
+            items = tuple(out["stages"][s]["items"] for s in stages) + (out["pathways"], out["estimates_ok"])
             counts.add(items)
-            for s in STAGES:
+            for s in stages:
                 cpu[side][s].append(out["stages"][s]["cpu_s"] / npaths)
-            cpu[side]["total"].append(sum(out["stages"][s]["cpu_s"] for s in STAGES) / npaths)
+            cpu[side]["total"].append(sum(out["stages"][s]["cpu_s"] for s in stages) / npaths)
             print(f"round {r + 1} {side:7}: " + ", ".join(f"{s} {out['stages'][s]['cpu_s']:.1f} s "
-                  f"({out['stages'][s]['items']} items)" for s in STAGES)
+                  f"({out['stages'][s]['items']} items)" for s in stages)
                   + f"; start-up {out['startup_cpu_s']:.1f} s; {npaths} pathways, {out['estimates_ok']} ok",
                   flush=True)
     assert len(counts) == 1, f"the rounds computed different numbers of items: {sorted(counts)}"
@@ -299,10 +319,13 @@ def main() -> None:
     print(f"\ncheap path, core-seconds per pathway ({npaths} pathways of {label}; {args.rounds} interleaved rounds; "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}); median [min-max]")
     print(f"  {'stage':10} {'pool':>22} {'hopflow':>22} {'hopflow/pool':>13}")
-    for s in (*STAGES, "total"):
+    for s in (*stages, "total"):
         ratio = statistics.median(cpu["hopflow"][s]) / max(statistics.median(cpu["pool"][s]), 1e-9)
         print(f"  {s:10} {_spread(cpu['pool'][s]):>22} {_spread(cpu['hopflow'][s]):>22} {ratio:12.2f}x")
     total = statistics.median(cpu["hopflow"]["total"])
+    if len(stages) < len(STAGES):
+        print(f"  (the first {len(stages)} stages only: no moonshot figure)")
+        return
     print(f"  moonshot: {MOONSHOT_CORE_S:.0f} core-s per pathway; hopflow's total is {total:.1f} "
           f"({total / MOONSHOT_CORE_S:.2f}x the goal)")
 
