@@ -19,6 +19,7 @@ import dask
 import yaml
 from distributed import LocalCluster
 from distributed.deploy.adaptive import Adaptive
+from distributed.deploy.cluster import Cluster
 
 from hopflow.errors import ProfileError
 from hopflow.settings import Settings, get_settings
@@ -46,7 +47,7 @@ SLURMJob = _import_dask_jobqueue().SLURMJob
 DEFAULT_PROFILES_PATH = Path(__file__).with_name("clusters.yaml")
 ClusterKind = Literal["local", "slurm"]
 CLUSTER_CLASSES: Mapping[str, str] = MappingProxyType(
-    {"local": "distributed.LocalCluster", "slurm": "dask_jobqueue.SLURMCluster"}
+    {"local": "hopflow.deployments.clusters.NannyLocalCluster", "slurm": "dask_jobqueue.SLURMCluster"}
 )
 PROFILE_KEYS = frozenset({"description", "cluster", "local", "jobqueue", "adapt"})
 OPTIONS_SECTION: Mapping[str, str] = MappingProxyType({"local": "local", "slurm": "jobqueue"})
@@ -89,6 +90,22 @@ whose workers wait on their item processes used 0.93 core-s per 20 s with Dask's
 that the items' processes lose on a node whose cores they fill. Local clusters get it from this process's config
 (nannies pass it to their workers); SLURM jobs as DASK_* variables in their job script (`_environment_overrides`)."""
 dask.config.set(dict(QUIET_DASK_CONFIG))
+
+
+class NannyLocalCluster(LocalCluster):
+    """A LocalCluster whose worker processes are left to their nannies when they die.
+
+    A nanny restarts its worker process when it dies; distributed's SpecCluster also closes the nanny for good when
+    its worker is still missing `distributed.deploy.lost-worker-timeout` (15 s) after a loss, which a worker caught
+    mid-restart in a crash loop (an item that kills its worker: Dask retries the chunk, hopflow bisects it) is. With
+    both nannies closed the cluster had no workers left and the flow run waited on its chunk for ever. Worker
+    threads (`processes: false`) have no nanny and keep Dask's behaviour."""
+
+    def _update_worker_status(self, op: str, msg: Any) -> None:
+        if op == "remove" and self.processes:
+            Cluster._update_worker_status(self, op, msg)  # the bookkeeping without SpecCluster's delayed close
+            return
+        super()._update_worker_status(op, msg)
 
 
 @dataclass(frozen=True)

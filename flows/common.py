@@ -72,9 +72,9 @@ def batch_clusters(stage_names: Sequence[str]) -> Iterator[dict[str, str]]:
     jobs follow each flow's work), and so do local profiles with `adapt`. Yields profile -> scheduler address of
     the clusters it started.
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    from hopflow.deployments.clusters import get_profile, task_runner_kwargs
+    from hopflow.deployments.clusters import NannyLocalCluster, get_profile, task_runner_kwargs
 
     share_temporary_server()  # first: the workers inherit its address
     by_profile: dict[str, tuple[set[str], set[str]]] = {}  # profile -> (stage modules, of stages with item processes)
@@ -89,7 +89,7 @@ def batch_clusters(stage_names: Sequence[str]) -> Iterator[dict[str, str]]:
             runner = task_runner_kwargs(profile)
             if profile in _BATCH_CLUSTERS or get_profile(profile).cluster != "local" or runner["adapt_kwargs"]:
                 continue  # adaptive local profiles scale with each flow's work: they keep a cluster per flow run
-            cluster = LocalCluster(**preloading(runner["cluster_kwargs"], sorted(modules)))
+            cluster = NannyLocalCluster(**preloading(runner["cluster_kwargs"], sorted(modules)))
             started.append((profile, cluster))
             with Client(cluster) as client:
                 client.wait_for_workers(len(cluster.workers))

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 
+import dask
 import pytest
 from sqlalchemy import insert, select
 
@@ -125,7 +126,9 @@ def test_claims_never_started_by_a_flow_run_come_back_free_and_leases_renew(engi
 
 def test_an_item_that_kills_its_dask_worker_fails_alone_and_its_chunk_companions_complete(engine, monkeypatch) -> None:
     """Eight items in one chunk on worker processes (the `local` profile), the sixth kills its worker process on
-    every attempt: the chunk is split in halves down to that item, which alone records a lost worker."""
+    every attempt: the chunk is split in halves down to that item, which alone records a lost worker. Lost workers
+    are left to their nannies (`NannyLocalCluster`) even with a lost-worker timeout of 0 s, at which a plain
+    LocalCluster closed every nanny caught restarting its worker and the flow run waited for ever."""
     prefect_api_url()
     monkeypatch.setenv("HOPFLOW_PROFILE_SYNTHETIC", "local")  # processes: the item kills a worker, not this process
     monkeypatch.setenv("HOPFLOW_MAX_CHUNKS", "1")  # the flow run submits one chunk of all eight
@@ -136,7 +139,8 @@ def test_an_item_that_kills_its_dask_worker_fails_alone_and_its_chunk_companions
     from hopflow.flows.common import stage_task_runner
     from hopflow.flows.synthetic import synthetic
 
-    report = synthetic.with_options(task_runner=stage_task_runner(SYN))(run_ids=None)
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "0s"}):
+        report = synthetic.with_options(task_runner=stage_task_runner(SYN))(run_ids=None)
     with session_scope(engine) as s:
         runs = {r.input_id: r for r in s.scalars(select(Run))}
         crasher = runs.pop(6)
