@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from queue import Empty, SimpleQueue
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -101,30 +102,48 @@ def run_isolated_chunk(calls: list[bytes], time_limit: float) -> list[ItemOutcom
 
 
 ChunkFuture = PrefectFuture[list[ItemOutcome]]
+SETTLE_POLL_S = 1.0
+"""How often the flow's wait for its next finished chunk wakes (a stop signal is handled at once regardless)."""
 
 
-def settled(chunk: list[Run], future: ChunkFuture, submit: Callable[[list[Run]], ChunkFuture],
-            depth: int) -> Iterator[tuple[Run, ItemOutcome]]:
-    """Each run of a chunk with its outcome, in rank order. A chunk that fails as a whole (its future raised: its
-    worker died, say, killed by one of its items) is bisected: both halves are submitted again, and so on down to
-    single runs (at most `depth` times), so only the run that brings its chunk down records the failure, and its
-    companions complete with their one attempt."""
-    try:
-        outcomes = [outcome.unpacked() for outcome in future.result()]
-    except Exception as exc:  # noqa: BLE001  (recorded against the runs, the lone one when bisected down to it)
-        if len(chunk) > 1 and depth > 0:
-            halves = [chunk[:len(chunk) // 2], chunk[len(chunk) // 2:]]
-            futures = [submit(half) for half in halves]  # both at once: they run side by side
-            for half, half_future in zip(halves, futures, strict=True):
-                yield from settled(half, half_future, submit, depth - 1)
-            return
-        error: BaseException = exc
-        if is_lost_worker(exc):
-            alone = "alone" if len(chunk) == 1 else f"with {len(chunk) - 1} others"
-            error = WorkerLostError(f"lost worker: the Dask worker process running this item {alone} died "
-                                    f"({type(exc).__name__}: {exc})")
-        outcomes = [ItemOutcome(error=error)] * len(chunk)
-    yield from zip(chunk, outcomes, strict=True)
+def settled(chunks: Sequence[list[Run]], submit: Callable[[list[Run]], ChunkFuture],
+            depth: int) -> Iterator[list[tuple[Run, ItemOutcome]]]:
+    """Each chunk's runs with their outcomes, chunk by chunk as their tasks finish (a result comes back to the flow
+    at once: a worker that dies later cannot take it along and have it computed again). A chunk that fails as a
+    whole (its worker died, say, killed by one of its items) is bisected: both halves are submitted again, and so on
+    down to single runs (at most `depth` times), so only the run that brings its chunk down records the failure,
+    and its companions complete with their one attempt."""
+    finished: SimpleQueue[tuple[list[Run], ChunkFuture, int]] = SimpleQueue()
+    pending = 0
+
+    def launch(chunk: list[Run], splits_left: int) -> None:
+        nonlocal pending
+        future = submit(chunk)
+        pending += 1
+        future.add_done_callback(lambda f: finished.put((chunk, f, splits_left)))
+
+    for chunk in chunks:
+        launch(chunk, depth)
+    while pending:
+        try:
+            chunk, future, splits_left = finished.get(timeout=SETTLE_POLL_S)
+        except Empty:
+            continue
+        pending -= 1
+        try:
+            outcomes = [outcome.unpacked() for outcome in future.result()]
+        except Exception as exc:  # noqa: BLE001  (recorded against the runs, the lone one when bisected down to it)
+            if len(chunk) > 1 and splits_left > 0:
+                for half in (chunk[:len(chunk) // 2], chunk[len(chunk) // 2:]):  # both at once: side by side
+                    launch(half, splits_left - 1)
+                continue
+            error: BaseException = exc
+            if is_lost_worker(exc):
+                alone = "alone" if len(chunk) == 1 else f"with {len(chunk) - 1} others"
+                error = WorkerLostError(f"lost worker: the Dask worker process running this item {alone} died "
+                                        f"({type(exc).__name__}: {exc})")
+            outcomes = [ItemOutcome(error=error)] * len(chunk)
+        yield list(zip(chunk, outcomes, strict=True))
 
 
 def chunked(runs: Sequence[Run], max_chunks: int) -> list[list[Run]]:
@@ -366,10 +385,7 @@ def run_stage(stage_name: str, run_ids: Sequence[int] | None, process: Task[...,
             calls = [pack(process.fn, payloads[r.input_id], params) for r in chunk]
             return isolated_task.submit(calls, time_limit)
 
-        futures = [submit(chunk) for chunk in chunks]
-        depth = get_settings().chunk_bisect_depth
-        for chunk, future in zip(chunks, futures, strict=True):
-            outcomes = list(settled(chunk, future, submit, depth))
+        for outcomes in settled(chunks, submit, get_settings().chunk_bisect_depth):
             _record_chunk(outcomes, postprocess, report)
             for run, _ in outcomes:
                 open_ids.discard(run.id)

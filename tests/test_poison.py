@@ -5,6 +5,7 @@ alone."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -149,3 +150,38 @@ def test_an_item_that_kills_its_dask_worker_fails_alone_and_its_chunk_companions
         assert "lost worker" in (crasher.error or "") and "KilledWorker" in (crasher.error or ""), crasher.error
         assert [h["kind"] for h in crasher.history] == [queue.ERROR_RETRYABLE]
     assert list(report.failed) == [crasher.id] and len(report.done) == 7, report.summary
+
+
+def test_a_chunk_is_recorded_as_soon_as_it_finishes_while_an_earlier_one_still_runs(engine, monkeypatch) -> None:
+    """Two chunks, the first (rank order) three seconds of CPU, the second nothing: the second's run is done in the
+    database while the first is still running, so a flow run that dies then loses only the unfinished chunk."""
+    prefect_api_url()
+    monkeypatch.setenv("HOPFLOW_PROFILE_SYNTHETIC", "local")
+    monkeypatch.setenv("HOPFLOW_MAX_CHUNKS", "2")
+    get_settings.cache_clear()
+    with session_scope(engine, write=True) as s:
+        s.execute(insert(SyntheticItem), [{"cpu_ms": cpu_ms, "sleep_ms": 0.0, "failure": "none", "fail_attempts": 1,
+                                           "priority": float(i)} for i, cpu_ms in enumerate([3000.0, 0.0])])
+    from hopflow.flows.common import stage_task_runner
+    from hopflow.flows.synthetic import synthetic
+
+    seen: dict[int, str] = {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.05):
+            with session_scope(engine) as s:
+                states = {r.input_id: r.state for r in s.scalars(select(Run))}
+            if states.get(2) == RunState.DONE:
+                seen.update(states)
+                return
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        report = synthetic.with_options(task_runner=stage_task_runner(SYN))(run_ids=None)
+    finally:
+        stop.set()
+        watcher.join()
+    assert seen == {1: RunState.RUNNING, 2: RunState.DONE}, seen
+    assert len(report.done) == 2 and not report.failed, report.summary
