@@ -130,8 +130,9 @@ class Stage:
     worker itself. `HOPFLOW_TIME_LIMITS` wins."""
     default_target: int = 0
     min_chunk_items: int = 1
-    """Fewest items one Dask task of a stage flow carries: each task costs about a core-second of Prefect and Dask
-    work (context, task run, states), so a stage whose items take less than that packs several into one."""
+    """Fewest items one Dask task of a stage flow carries: each task costs about 0.12 core-s of Prefect and Dask work
+    (its context serialised and rebuilt, its task run and states on the server), so a stage whose items take less
+    than a few core-seconds packs several into one."""
     producer: Callable[[Session, int], Any] | None = None
     """The run that stored an input row (provenance walking: `hopflow trace`)."""
     engine_choice: Callable[..., dict[str, Any]] | None = None
