@@ -407,7 +407,8 @@ def _publish_summary(report: StageReport) -> None:
 def _record_chunk(outcomes: list[tuple[Run, ItemOutcome]], postprocess: Postprocess | None,
                   report: StageReport) -> None:
     """Record a chunk's outcomes in one transaction, each result in a savepoint of its own: one that cannot be stored
-    fails its item alone. A transaction that fails as a whole (a lost connection) is done again item by item."""
+    fails its item alone. A transaction that fails as a whole (a lost connection) is done again item by item, and an
+    item whose own transaction fails records that failure."""
     done: list[int] = []
     failed: dict[int, str] = {}
     try:
@@ -430,9 +431,13 @@ def _record_chunk(outcomes: list[tuple[Run, ItemOutcome]], postprocess: Postproc
                         error = exc
                 failed[run.id] = _failure_message(error)
                 queue.fail_run(session, owned, failed[run.id], retryable=is_retryable(error))
-    except Exception:  # noqa: BLE001
-        for run, outcome in outcomes:
-            _record_outcome(run, outcome, postprocess, report)
+    except Exception as exc:  # noqa: BLE001
+        if len(outcomes) > 1:
+            for one in outcomes:
+                _record_chunk([one], postprocess, report)
+        else:
+            run, outcome = outcomes[0]
+            _record_failure(run, outcome.error or exc, report)
         return
     report.done.extend(done)
     report.failed.update(failed)
@@ -440,19 +445,6 @@ def _record_chunk(outcomes: list[tuple[Run, ItemOutcome]], postprocess: Postproc
 
 def _failure_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if not isinstance(exc, InputError) else str(exc)
-
-
-def _record_outcome(run: Run, outcome: ItemOutcome, postprocess: Postprocess | None, report: StageReport) -> None:
-    if outcome.error is not None:
-        _record_failure(run, outcome.error, report)
-        return
-    try:
-        with session_scope(write=True) as session:
-            result = postprocess(session, run, outcome.result) if postprocess is not None else outcome.result
-            if queue.complete(session, run.id, result):
-                report.done.append(run.id)
-    except Exception as exc:  # noqa: BLE001  (every item-level error is recorded, the batch goes on)
-        _record_failure(run, exc, report)
 
 
 def _record_failure(run: Run, exc: BaseException, report: StageReport) -> None:

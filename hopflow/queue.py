@@ -398,10 +398,7 @@ def _finish(run: Run, state: str, **values: Any) -> None:
 
 def _owned(session: Session, run_id: int) -> Run | None:
     """The run if it is still live (a swept or finished run must not be completed again)."""
-    run = session.get(Run, run_id, with_for_update=True)
-    if run is None or run.state not in RunState.LIVE:
-        return None
-    return run
+    return live_runs(session, [run_id]).get(run_id)
 
 
 RESULT_ROW_OWN_COLUMNS = ("id", "created_at", "run_id")
@@ -422,8 +419,9 @@ def copy_result(session: Session, stage: Stage, run: Run, old: Run) -> None:
 
 
 def live_runs(session: Session, run_ids: Sequence[int]) -> dict[int, Run]:
-    """The runs among `run_ids` still live, locked for the caller's transaction (one query for many `_owned`)."""
-    stmt = select(Run).where(Run.id.in_(list(run_ids)), Run.state.in_(RunState.LIVE)).with_for_update()
+    """The runs among `run_ids` still live, locked for the caller's transaction and read afresh."""
+    stmt = (select(Run).where(Run.id.in_(list(run_ids)), Run.state.in_(RunState.LIVE)).with_for_update()
+            .execution_options(populate_existing=True))
     return {run.id: run for run in session.scalars(stmt)}
 
 

@@ -231,6 +231,34 @@ def test_a_result_that_cannot_be_stored_fails_its_item_alone(engine, stage_env, 
     assert stored == [1, 2, 4, 5, 6]
 
 
+def test_a_chunk_whose_transaction_fails_as_a_whole_is_recorded_item_by_item(engine, stage_env, monkeypatch) -> None:
+    """The chunk's one transaction loses its connection: each item is recorded again in a transaction of its own,
+    every one done with its one result row."""
+    from sqlalchemy.exc import OperationalError
+
+    from hopflow import queue
+    from hopflow.models import SyntheticResult
+
+    real_live_runs = queue.live_runs
+    asked: list[int] = []
+
+    def flaky_live_runs(session, run_ids):
+        asked.append(len(run_ids))
+        if len(asked) == 1:
+            raise OperationalError("SELECT ... FOR UPDATE", {}, ConnectionError("server closed the connection"))
+        return real_live_runs(session, run_ids)
+
+    monkeypatch.setattr(queue, "live_runs", flaky_live_runs)
+    stage_env(HOPFLOW_TIME_LIMITS='{"synthetic": 0}')
+    _add(engine, ["none"] * 6)
+    _run_synthetic()
+    with session_scope(engine) as s:
+        states = {r.input_id: r.state for r in s.scalars(select(Run))}
+        stored = sorted(s.scalars(select(Run.input_id).join(SyntheticResult, SyntheticResult.run_id == Run.id)))
+    assert asked == [6] + [1] * 6, asked
+    assert set(states.values()) == {RunState.DONE} and stored == [1, 2, 3, 4, 5, 6]
+
+
 @pytest.mark.parametrize("time_limit", ["30", "0"], ids=["renewed", "no-limit-no-renewal"])
 def test_a_running_batch_renews_its_leases_while_it_makes_progress(engine, stage_env, time_limit) -> None:
     """Leases of 3 s, a batch of 4 items of ~2 s each in one chunk (~8 s), a sweeper every 0.5 s (a controller's):
