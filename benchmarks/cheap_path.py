@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hopflow.engines import POTENTIAL_MODULES
+
 STAGES = ("pathways", "features", "vacancies", "estimates")
 DEFAULT_STRUCTURES = ("CaF2", "LiF", "KMgF3", "PbClF")
 """Small cells (vacancy supercells of 64-96 atoms), a binary, a ternary and a mixed-anion layered one: three rounds
@@ -121,7 +123,7 @@ def _single_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
-    for module, _ in TASKS.values():
+    for module in (*(module for module, _ in TASKS.values()), *POTENTIAL_MODULES):  # as hopflow's warm-up does
         __import__(module)
 
 

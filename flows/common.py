@@ -66,11 +66,11 @@ def batch_clusters(stage_names: Sequence[str]) -> Iterator[dict[str, str]]:
     """Batch mode: one Dask cluster per local profile for the whole command instead of one per stage flow run.
 
     Its workers import the stages' modules when they start (`preload`), and so does one item process per worker
-    thread for stages whose items run in item processes (a time limit), so the libraries and, once the first task
-    asked for it, the ML potential are loaded once per worker for the command, not once per stage. Flows started
-    with `batch_flow` inside the block connect to it. SLURM profiles keep a cluster per flow run (their adaptive
-    jobs follow each flow's work), and so do local profiles with `adapt`. Yields profile -> scheduler address of
-    the clusters it started.
+    thread for stages whose items run in item processes (a time limit), with the libraries the stages' items import
+    lazily (`Stage.warm_modules`): the libraries, and once the first task asked for it the ML potential, are loaded
+    once per worker for the command, not once per stage. Flows started with `batch_flow` inside the block connect
+    to it. SLURM profiles keep a cluster per flow run (their adaptive jobs follow each flow's work), and so do local
+    profiles with `adapt`. Yields profile -> scheduler address of the clusters it started.
     """
     from distributed import Client
 
@@ -79,10 +79,10 @@ def batch_clusters(stage_names: Sequence[str]) -> Iterator[dict[str, str]]:
     share_temporary_server()  # first: the workers inherit its address
     by_profile: dict[str, tuple[set[str], set[str]]] = {}  # profile -> (stage modules, of stages with item processes)
     for name in stage_names:
+        stage = get_stage(name)
         modules, isolated = by_profile.setdefault(profile_for(name), (set(), set()))
-        modules.add(stage_module(name))
-        if get_stage(name).time_limit is not None:
-            isolated.add(stage_module(name))
+        modules.add(stage.flow_module)
+        (isolated if stage.time_limit is not None else modules).update((stage.flow_module, *stage.warm_modules))
     started: list[tuple[str, Any]] = []
     try:
         for profile, (modules, in_item_processes) in by_profile.items():

@@ -30,6 +30,9 @@ def versions_of(*packages: str) -> dict[str, str]:
     return found
 
 
+POTENTIAL_MODULES = ("torch", "chgnet.model", "chgnet.model.dynamics", "ase.optimize", "pymatgen.io.ase")
+"""What the default potential's first calculation imports (`Stage.warm_modules` of the stages that run it)."""
+
 MODELS: tuple[str, ...] = ("chgnet-0.3.0", "7net-0")
 """The potentials hopflow knows, by canonical name (both trained on MPtrj; weights in their wheels)."""
 

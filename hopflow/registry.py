@@ -128,6 +128,9 @@ class Stage:
     time_limit_seconds: float | None = None
     """Longest one item may run (in a child process killed when it passes it); None: no limit, items run in the Dask
     worker itself. `HOPFLOW_TIME_LIMITS` wins."""
+    warm_modules: tuple[str, ...] = ()
+    """Libraries its items import lazily that a batch command's workers (or their item processes) import while it
+    starts up: the ML potential's torch and model package (~1.5 core-s per process), so that no item pays for them."""
     default_target: int = 0
     min_chunk_items: int = 1
     """Fewest items one Dask task of a stage flow carries: each task costs about 0.12 core-s of Prefect and Dask work

@@ -49,3 +49,26 @@ def test_stage_flows_of_one_command_share_one_preloaded_cluster(monkeypatch) -> 
     with session_scope() as session:
         assert session.scalar(select(func.count()).select_from(Pathway)) == 1
         assert session.scalar(select(func.count()).select_from(Features)) == 1
+
+
+def _item_process_facts() -> tuple[int | None, bool, bool]:
+    from hopflow.isolation import borrowed_item_process
+
+    with borrowed_item_process() as process:
+        warm_pid = process.pid
+        in_child = process.run(eval, ("'torch' in __import__('sys').modules",), 120)
+        return (warm_pid if warm_pid == process.pid else None), in_child, "torch" in sys.modules
+
+
+def test_item_processes_of_a_potential_stage_import_the_potential_while_the_command_starts(monkeypatch) -> None:
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    monkeypatch.delenv("HOPFLOW_DASK_PROFILE", raising=False)
+    get_settings.cache_clear()
+    with batch_clusters(["vacancies"]) as clusters:
+        [address] = clusters.values()
+        with Client(address) as client:
+            facts = client.run(_item_process_facts)
+    assert len(facts) == 2
+    for warm_pid, torch_in_item_process, torch_in_worker in facts.values():
+        assert warm_pid is not None  # the item process started at warm-up ran the call: no fresh one
+        assert torch_in_item_process and not torch_in_worker  # the worker itself runs no item: it needs no torch

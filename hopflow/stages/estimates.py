@@ -10,7 +10,7 @@ from typing import Any, Self
 from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
-from hopflow.engines import engine_parameters
+from hopflow.engines import POTENTIAL_MODULES, engine_parameters
 from hopflow.models import Estimate, Features, Pathway, Run, Vacancy, VacancySite
 from hopflow.registry import Cutoff, Ranker, register
 from hopflow.settings import Settings, get_settings
@@ -116,4 +116,5 @@ ESTIMATES = register(barrier_stage(
     retry_limit=2,
     lease_seconds=3600,
     time_limit_seconds=1800,
+    warm_modules=POTENTIAL_MODULES,
 ))

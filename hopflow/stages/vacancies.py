@@ -9,7 +9,7 @@ from typing import Any, Self
 
 from sqlalchemy.orm import Session
 
-from hopflow.engines import canonical_model, model_version
+from hopflow.engines import POTENTIAL_MODULES, canonical_model, model_version
 from hopflow.models import Run, Vacancy, VacancySite
 from hopflow.registry import Ranker, StageParams, register
 from hopflow.settings import Optimizer, Settings
@@ -97,4 +97,5 @@ VACANCIES = register(result_stage(
     retry_limit=2,
     lease_seconds=3600,
     time_limit_seconds=1800,
+    warm_modules=POTENTIAL_MODULES,
 ))
