@@ -8,9 +8,9 @@ round before: no database rows, no loaded model, no relaxed bulk). Per stage the
 whole process tree (itself, the pool's or Dask's worker processes, the temporary Prefect server; terminated children
 included), start-up excluded: the pool's start is its two processes importing the task modules; hopflow's is what
 `hopflow screen` starts once for all its stages (the temporary Prefect server, the shared local Dask cluster whose
-two workers import the stage modules).
-Both sides read their inputs from and write their results to the database through the same queue functions (timed on
-both sides; the pool's claim, a query, is not), and both find the vacancy sites of the estimates' pathways in their
+two workers and their item processes import the stage modules and the ML potential's libraries).
+Both sides claim, read their inputs from and write their results to the database through the same queue functions
+(timed on both sides), and both find the vacancy sites of the estimates' pathways in their
 estimates stage (the flow does, in its own process), so what the ratio measures is Prefect's flow and task runs and Dask
 against a plain pool; the number of items each stage computed is asserted equal in every round and on both sides.
 Worker processes on both sides run torch and BLAS with one thread (what Dask's nanny sets for its workers), and the
@@ -154,16 +154,17 @@ def _call(stage: str, item: Any, parameters: dict[str, Any]) -> Any:
 
 
 def pool_stage(pool: ProcessPoolExecutor, stage_name: str) -> tuple[float, int]:
-    """CPU seconds of the pool over every eligible item of a stage (load, map, store; the claim untimed); items done."""
+    """CPU seconds of the pool over every eligible item of a stage (claim, load, map, store: the claim as batch mode's
+    `claim_all` makes it); items done."""
     from hopflow import queue
     from hopflow.db import session_scope
     from hopflow.errors import is_retryable
     from hopflow.registry import get_stage
 
     stage = get_stage(stage_name)
-    claimed = queue.claim(stage_name, 1_000_000, refresh=True)
 
-    def load_map_store() -> int:
+    def claim_load_map_store() -> int:
+        claimed = queue.claim(stage_name, 1_000_000, refresh=True)
         with session_scope(write=True) as session:
             runs = queue.start(session, [c.id for c in claimed])
             payloads = stage.load(session, [r.input_id for r in runs])
@@ -179,7 +180,7 @@ def pool_stage(pool: ProcessPoolExecutor, stage_name: str) -> tuple[float, int]:
                     done += queue.complete(session, run.id, result)
         return done
 
-    return measured(load_map_store)
+    return measured(claim_load_map_store)
 
 
 def pool_estimates(pool: ProcessPoolExecutor) -> tuple[float, int]:
