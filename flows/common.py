@@ -32,11 +32,15 @@ def profile_for(stage_name: str) -> str:
 
 
 def stage_task_runner(stage_name: str) -> TaskRunner[Any]:
-    """A DaskTaskRunner built from the stage's cluster profile (deployments/clusters.yaml). The workers of a local
-    cluster import the stage's flow module as they start, before the flow run starts its runs."""
+    """A DaskTaskRunner built from the stage's cluster profile (deployments/clusters.yaml), or connected to the
+    profile's standing cluster (`dask_addresses`). The workers of a local cluster import the stage's flow module as
+    they start, before the flow run starts its runs."""
     from hopflow.deployments.clusters import get_profile, task_runner_kwargs
 
     profile = profile_for(stage_name)
+    address = get_settings().dask_addresses.get(profile)
+    if address:
+        return DaskTaskRunner(address=address)
     kwargs = task_runner_kwargs(profile)
     if get_profile(profile).cluster == "local":
         kwargs["cluster_kwargs"] = preloading(kwargs["cluster_kwargs"], [stage_module(stage_name)])
@@ -70,7 +74,8 @@ def batch_clusters(stage_names: Sequence[str]) -> Iterator[dict[str, str]]:
     lazily (`Stage.warm_modules`): the libraries, and once the first task asked for it the ML potential, are loaded
     once per worker for the command, not once per stage. Flows started with `batch_flow` inside the block connect
     to it. SLURM profiles keep a cluster per flow run (their adaptive jobs follow each flow's work), and so do local
-    profiles with `adapt`. Yields profile -> scheduler address of the clusters it started.
+    profiles with `adapt`; profiles with a standing cluster (`dask_addresses`) use it. Yields profile -> scheduler
+    address of the clusters it started.
     """
     from distributed import Client
 
@@ -87,7 +92,8 @@ def batch_clusters(stage_names: Sequence[str]) -> Iterator[dict[str, str]]:
     try:
         for profile, (modules, in_item_processes) in by_profile.items():
             runner = task_runner_kwargs(profile)
-            if profile in _BATCH_CLUSTERS or get_profile(profile).cluster != "local" or runner["adapt_kwargs"]:
+            if (profile in _BATCH_CLUSTERS or profile in get_settings().dask_addresses
+                    or get_profile(profile).cluster != "local" or runner["adapt_kwargs"]):
                 continue  # adaptive local profiles scale with each flow's work: they keep a cluster per flow run
             cluster = NannyLocalCluster(**preloading(runner["cluster_kwargs"], sorted(modules)))
             started.append((profile, cluster))
@@ -117,8 +123,10 @@ async def _warm_item_processes(modules: list[str], dask_worker: Any) -> int:
 
 
 def batch_flow(stage_name: str, flow_fn: Any) -> Any:
-    """The stage's flow on the batch command's shared cluster (`batch_clusters`), or as it is when none runs."""
-    address = _BATCH_CLUSTERS.get(profile_for(stage_name))
+    """The stage's flow on the batch command's shared cluster (`batch_clusters`) or the profile's standing one
+    (`dask_addresses`), or as it is when neither runs."""
+    profile = profile_for(stage_name)
+    address = _BATCH_CLUSTERS.get(profile) or get_settings().dask_addresses.get(profile)
     return flow_fn if address is None else flow_fn.with_options(task_runner=DaskTaskRunner(address=address))
 
 

@@ -111,6 +111,11 @@ class Settings(BaseSettings):
         "run again, so that only the item that crashes records the failure. 16 reaches single items in any chunk of "
         "up to 65,536; 0 fails the whole chunk at once. Each split costs two task submissions (~0.1 s each).")
     dask_workers: int = Field(default=2, ge=1, le=INT64_MAX, description="Worker processes of the local Dask cluster.")
+    dask_addresses: dict[str, str] = Field(
+        default_factory=dict, description="Scheduler address of a standing Dask cluster by profile name (JSON, "
+        "HOPFLOW_DASK_ADDRESSES='{\"local\": \"tcp://127.0.0.1:8786\"}'; `hopflow cluster` starts one and prints "
+        "it): stage flows on that profile connect to it instead of starting a cluster per flow run, so its workers "
+        "and their item processes, libraries and ML potential loaded, serve one flow run after another.")
     cluster_profiles: Path | None = Field(
         default=None, description="Dask cluster profile file; None uses deployments/clusters.yaml shipped with hopflow."
     )

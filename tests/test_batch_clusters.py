@@ -3,17 +3,22 @@ stage modules preloaded, one thread per math library and glibc's own memory trim
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
 import sys
+from pathlib import Path
 
 from distributed import Client
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
+from hopflow import queue
 from hopflow.db import init_db, session_scope
 from hopflow.flows.batch import import_raw_inputs, run_batch
-from hopflow.flows.common import batch_clusters, batch_flow
+from hopflow.flows.common import batch_clusters, batch_flow, stage_task_runner
 from hopflow.flows.features import features
-from hopflow.models import Features, Pathway
+from hopflow.models import Features, Pathway, SyntheticItem
 from hopflow.settings import get_settings
 from hopflow.tasks.structures import bundled_inputs
 
@@ -72,3 +77,62 @@ def test_item_processes_of_a_potential_stage_import_the_potential_while_the_comm
     for warm_pid, torch_in_item_process, torch_in_worker in facts.values():
         assert warm_pid is not None  # the item process started at warm-up ran the call: no fresh one
         assert torch_in_item_process and not torch_in_worker  # the worker itself runs no item: it needs no torch
+
+
+def _served(dask_worker) -> tuple[int, int | None, int]:
+    from hopflow.isolation import borrowed_item_process
+
+    with borrowed_item_process() as process:
+        return dask_worker.state.executed_count, process.pid, process.started
+
+
+def test_flow_runs_on_a_profile_with_a_standing_cluster_share_its_workers_and_item_processes(monkeypatch) -> None:
+    """Controller-style flow runs (claimed items, the stage's own task runner) connect to the standing cluster named
+    in HOPFLOW_DASK_ADDRESSES: their chunks run on its workers, whose warm item processes serve both runs unrestarted
+    (nothing imported or loaded twice), instead of a cluster started per flow run."""
+    from hopflow.flows.synthetic import synthetic
+
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    monkeypatch.delenv("HOPFLOW_DASK_PROFILE", raising=False)
+    monkeypatch.setenv("HOPFLOW_TIME_LIMITS", '{"synthetic": 60}')
+    get_settings.cache_clear()
+    init_db()
+    with batch_clusters(["synthetic"]) as clusters:  # what `hopflow cluster synthetic` serves
+        [(profile, address)] = clusters.items()
+        monkeypatch.setenv("HOPFLOW_DASK_ADDRESSES", json.dumps({profile: address}))
+        get_settings.cache_clear()
+        with Client(address) as client:
+            before = client.run(_served)
+            for _ in range(2):
+                with session_scope(write=True) as session:
+                    session.execute(insert(SyntheticItem), [{"cpu_ms": 1.0, "sleep_ms": 0.0, "failure": "none",
+                                                            "fail_attempts": 1, "priority": 0.0}] * 4)
+                claimed = queue.claim("synthetic", 10, refresh=True)
+                runner = stage_task_runner("synthetic")
+                assert runner.address == address
+                report = synthetic.with_options(task_runner=runner)(run_ids=[c.id for c in claimed])
+                assert len(report.done) == 4
+            after = client.run(_served)
+    assert after.keys() == before.keys()
+    assert sum(after[w][0] - before[w][0] for w in after) >= 2  # the chunks of both flow runs ran on its workers
+    for worker, (_, pid, started) in after.items():
+        assert pid is not None and pid == before[worker][1] and started == 1
+
+
+def test_hopflow_cluster_serves_until_interrupted(tmp_path) -> None:
+    env = {**os.environ, "HOPFLOW_HOME": str(tmp_path), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("HOPFLOW_DASK_ADDRESSES", None)
+    command = [str(Path(sys.executable).with_name("hopflow")), "cluster", "pathways", "features"]
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            line = proc.stdout.readline() if proc.stdout else ""
+            assert line.startswith("export HOPFLOW_DASK_ADDRESSES="), line
+            addresses = json.loads(line.split("=", 1)[1].strip().strip("'"))
+            assert list(addresses) == ["local"]  # both stages run on the local profile: one cluster
+            with Client(addresses["local"]) as client:
+                assert len(client.scheduler_info()["workers"]) == 2
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()

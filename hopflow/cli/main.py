@@ -14,7 +14,7 @@ from sqlalchemy import func, inspect, select, table
 from typer.core import TyperGroup
 
 from hopflow import queue
-from hopflow.cli import archive, barriers, learning, orchestration, pathways, stages, structures
+from hopflow.cli import archive, barriers, cluster, learning, orchestration, pathways, stages, structures
 from hopflow.cli import report as report_cli
 from hopflow.cli.render import console, emit_json, err_console
 from hopflow.cli.render import table as render_table
@@ -220,6 +220,7 @@ def _screen(ion: str | None, structure: list[str] | None) -> None:
 structures.register(app)
 stages.register(app)
 orchestration.register(app)
+cluster.register(app)
 pathways.register(app)
 barriers.register(app)
 learning.register(app)
