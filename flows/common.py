@@ -127,7 +127,7 @@ def batch_flow(stage_name: str, flow_fn: Any) -> Any:
     (`dask_addresses`), or as it is when neither runs."""
     profile = profile_for(stage_name)
     address = _BATCH_CLUSTERS.get(profile) or get_settings().dask_addresses.get(profile)
-    return flow_fn if address is None else flow_fn.with_options(task_runner=DaskTaskRunner(address=address))
+    return flow_fn.with_options(task_runner=DaskTaskRunner(address=address)) if address else flow_fn
 
 
 def stage_run_name(stage_name: str) -> str:
