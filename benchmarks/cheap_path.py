@@ -1,7 +1,7 @@
 """The cheap path in core-seconds per pathway: pathways → features → relaxed vacancies → mlip-idpp estimates over
 bundled structures, hopflow's batch mode against a plain 2-process pool over the very same functions, interleaved.
 
-    python -m benchmarks.cheap_path [--rounds 3] [--structures CaF2 KMgF3 …] [--all]
+    python -m benchmarks.cheap_path [--rounds 3] [--structures CaF2 KMgF3 …] [--all] [--controller]
 
 Each round runs the pool, then hopflow, each in a fresh child process on a fresh HOPFLOW_HOME (nothing cached from a
 round before: no database rows, no loaded model, no relaxed bulk). Per stage the child measures the CPU time of its
@@ -10,11 +10,15 @@ included), start-up excluded: the pool's start is its two processes importing th
 `hopflow screen` starts once for all its stages (the temporary Prefect server, the shared local Dask cluster whose
 two workers and their item processes import the stage modules and the ML potential's libraries).
 Both sides claim, read their inputs from and write their results to the database through the same queue functions
-(timed on both sides), and both find the vacancy sites of the estimates' pathways in their
-estimates stage (the flow does, in its own process), so what the ratio measures is Prefect's flow and task runs and Dask
-against a plain pool; the number of items each stage computed is asserted equal in every round and on both sides.
-Worker processes on both sides run torch and BLAS with one thread (what Dask's nanny sets for its workers), and the
-pool's processes start with the allocator settings of hopflow's item processes (`HOPFLOW_ITEM_GLIBC_TUNABLES`).
+(timed on both sides), and both find the vacancy sites of the estimates' pathways in their estimates stage (the flow
+does, in its own process), so what the ratio measures is Prefect's flow and task runs and Dask against a plain pool;
+the number of items each stage computed is asserted equal in every round and on both sides. Worker processes on both
+sides run torch and BLAS with one thread (what Dask's nanny sets for its workers), and the pool's processes start with
+the allocator settings of hopflow's item processes (`HOPFLOW_ITEM_GLIBC_TUNABLES`).
+
+`--controller` adds a third side: each stage as the controller's flow runs make it without a standing cluster
+(`hopflow cluster`), `batch_size` claimed items per flow run, each on a Dask cluster of its own, whose start-up counts
+(it is paid per flow run).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Any
 from hopflow.engines import POTENTIAL_MODULES
 
 STAGES = ("pathways", "features", "vacancies", "estimates")
+SIDES = ("pool", "hopflow", "controller")
 DEFAULT_STRUCTURES = ("CaF2", "LiF", "KMgF3", "PbClF")
 """Small cells (vacancy supercells of 64-96 atoms), a binary, a ternary and a mixed-anion layered one: three rounds
 on both sides fit in well under an hour on 2 cores. `--all` takes the whole bundled set."""
@@ -191,6 +196,33 @@ def pool_estimates(pool: ProcessPoolExecutor) -> tuple[float, int]:
     return search_cpu + cpu, done
 
 
+def controller_stage(stage_name: str) -> tuple[float, int]:
+    """CPU seconds of the stage as controller flow runs do it without a standing cluster: `batch_size` claimed items
+    per flow run, each flow run on a Dask cluster of its own (started, its workers importing the flow module and
+    their item processes the libraries and the model, then closed); items done."""
+    from hopflow import queue
+    from hopflow.db import session_scope
+    from hopflow.flows.batch import stage_flow
+    from hopflow.flows.common import stage_task_runner
+    from hopflow.registry import get_stage
+
+    flow_fn = stage_flow(stage_name).with_options(task_runner=stage_task_runner(stage_name))
+    size = get_stage(stage_name).batch_size
+
+    def flow_runs() -> int:
+        done, seen = 0, set()
+        while claimed := [c.id for c in queue.claim(stage_name, size, refresh=True)]:
+            if seen.issuperset(claimed):  # retries of failures: the pool side makes one attempt per item
+                with session_scope(write=True) as session:
+                    queue.release(session, claimed)
+                break
+            seen.update(claimed)
+            done += len(flow_fn(run_ids=claimed).done)
+        return done
+
+    return measured(flow_runs)
+
+
 def hopflow_stage(stage_name: str) -> tuple[float, int]:
     """CPU seconds of `hopflow run STAGE`'s batch mode (one flow run, the stage's local Dask profile); items done."""
     from hopflow.flows.batch import run_batch
@@ -217,17 +249,18 @@ def child(side: str, home: str, structures: Sequence[str] | None, stages: Sequen
     else:
         import importlib
 
-        from hopflow.flows.common import batch_clusters, stage_module
+        from hopflow.flows.common import batch_clusters, share_temporary_server, stage_module
 
-        clusters = batch_clusters(stages)  # as `hopflow screen`: one cluster for the command, modules preloaded
+        clusters = batch_clusters(stages if side == "hopflow" else [])  # hopflow: as `hopflow screen`, one cluster
 
         def start() -> None:
             clusters.__enter__()
+            share_temporary_server()
             for stage in stages:  # the flow modules, as the pool's processes import the task modules
                 importlib.import_module(stage_module(stage))
 
         startup, _ = measured(start)
-        run = hopflow_stage
+        run = hopflow_stage if side == "hopflow" else controller_stage
     out["startup_cpu_s"] = startup
     from hopflow.flows.estimates import _vacancy_symmetry
 
@@ -238,7 +271,7 @@ def child(side: str, home: str, structures: Sequence[str] | None, stages: Sequen
             _vacancy_symmetry.cache_clear()  # both sides find the vacancy sites again, as the estimates flow does
         cpu, n = run(stage)
         out["stages"][stage] = {"cpu_s": cpu, "items": n}
-    if side == "hopflow":
+    if side != "pool":
         clusters.__exit__(None, None, None)
     from sqlalchemy import func, select
 
@@ -289,7 +322,9 @@ def main() -> None:
     parser.add_argument("--all", action="store_true", help="The whole bundled set.")
     parser.add_argument("--stages", nargs="*", choices=STAGES, default=list(STAGES),
                         help="The first stages of the path (default: all four), e.g. --all --stages pathways features.")
-    parser.add_argument("--child", choices=("pool", "hopflow"), help=argparse.SUPPRESS)
+    parser.add_argument("--controller", action="store_true", help="A third side: each stage as the controller's flow "
+                        "runs, batch_size items each, each on a cluster of its own (no `hopflow cluster`).")
+    parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--home", help=argparse.SUPPRESS)
     args = parser.parse_args()
     structures = None if args.all else (args.structures or list(DEFAULT_STRUCTURES))
@@ -300,11 +335,12 @@ def main() -> None:
         print(json.dumps(child(args.child, args.home, structures, stages)))
         return
 
-    cpu: dict[str, dict[str, list[float]]] = {side: {s: [] for s in (*stages, "total")} for side in ("pool", "hopflow")}
+    sides = SIDES if args.controller else SIDES[:2]
+    cpu: dict[str, dict[str, list[float]]] = {side: {s: [] for s in (*stages, "total")} for side in sides}
     counts: set[tuple[int, ...]] = set()
     npaths = 0
     for r in range(args.rounds):
-        for side in ("pool", "hopflow"):
+        for side in sides:
             out = _run_child(side, structures, stages)
             npaths = out["pathways"]
             items = tuple(out["stages"][s]["items"] for s in stages) + (out["pathways"], out["estimates_ok"])
@@ -312,7 +348,7 @@ def main() -> None:
             for s in stages:
                 cpu[side][s].append(out["stages"][s]["cpu_s"] / npaths)
             cpu[side]["total"].append(sum(out["stages"][s]["cpu_s"] for s in stages) / npaths)
-            print(f"round {r + 1} {side:7}: " + ", ".join(f"{s} {out['stages'][s]['cpu_s']:.1f} s "
+            print(f"round {r + 1} {side:10}: " + ", ".join(f"{s} {out['stages'][s]['cpu_s']:.1f} s "
                   f"({out['stages'][s]['items']} items)" for s in stages)
                   + f"; start-up {out['startup_cpu_s']:.1f} s; {npaths} pathways, {out['estimates_ok']} ok",
                   flush=True)
@@ -321,10 +357,12 @@ def main() -> None:
     label = "the whole bundled set" if structures is None else ", ".join(structures)
     print(f"\ncheap path, core-seconds per pathway ({npaths} pathways of {label}; {args.rounds} interleaved rounds; "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}); median [min-max]")
-    print(f"  {'stage':10} {'pool':>22} {'hopflow':>22} {'hopflow/pool':>13}")
+    print(f"  {'stage':10} " + " ".join(f"{side:>22}" for side in sides)
+          + "".join(f" {side + '/pool':>16}" for side in sides[1:]))
     for s in (*stages, "total"):
-        ratio = statistics.median(cpu["hopflow"][s]) / max(statistics.median(cpu["pool"][s]), 1e-9)
-        print(f"  {s:10} {_spread(cpu['pool'][s]):>22} {_spread(cpu['hopflow'][s]):>22} {ratio:12.2f}x")
+        ratios = [statistics.median(cpu[side][s]) / max(statistics.median(cpu["pool"][s]), 1e-9) for side in sides[1:]]
+        print(f"  {s:10} " + " ".join(f"{_spread(cpu[side][s]):>22}" for side in sides)
+              + "".join(f" {ratio:15.2f}x" for ratio in ratios))
     total = statistics.median(cpu["hopflow"]["total"])
     if len(stages) < len(STAGES):
         print(f"  (the first {len(stages)} stages only: no moonshot figure)")
