@@ -136,3 +136,35 @@ def test_hopflow_cluster_serves_until_interrupted(tmp_path) -> None:
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+
+def test_a_flow_runs_own_cluster_reaps_its_item_processes_as_it_closes(monkeypatch) -> None:
+    """A flow run's own Dask cluster closes its workers, and each worker stops and waits for its idle item processes
+    as it exits (its at-exit hooks): they end with it instead of as orphans, and their CPU time counts to the process
+    tree that started the flow (without it, the two items' 12 core-s were missing from it)."""
+    import psutil
+
+    from hopflow.flows.common import share_temporary_server
+    from hopflow.flows.synthetic import synthetic
+
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    monkeypatch.delenv("HOPFLOW_DASK_PROFILE", raising=False)
+    monkeypatch.delenv("HOPFLOW_DASK_ADDRESSES", raising=False)
+    monkeypatch.setenv("HOPFLOW_TIME_LIMITS", '{"synthetic": 120}')
+    get_settings.cache_clear()
+    init_db()
+    share_temporary_server()
+    with session_scope(write=True) as session:
+        session.execute(insert(SyntheticItem), [{"cpu_ms": 6000.0, "sleep_ms": 0.0, "failure": "none",
+                                                "fail_attempts": 1, "priority": 0.0}] * 2)
+    claimed = [c.id for c in queue.claim("synthetic", 10, refresh=True)]
+
+    def reaped() -> float:
+        times = psutil.Process().cpu_times()
+        return times.children_user + times.children_system
+
+    before = reaped()
+    report = synthetic.with_options(task_runner=stage_task_runner("synthetic"))(run_ids=claimed)
+    assert len(report.done) == 2
+    assert reaped() - before >= 12.0  # the two items' CPU, in item processes reaped by workers reaped by their nannies
