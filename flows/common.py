@@ -109,7 +109,24 @@ def batch_clusters(stage_names: Sequence[str]) -> Iterator[dict[str, str]]:
     finally:
         for profile, cluster in reversed(started):
             _BATCH_CLUSTERS.pop(profile, None)
-            cluster.close()
+            close_workers_first(cluster)
+
+
+WORKERS_CLOSE_TIMEOUT_S = 30.0
+"""How long a closing batch cluster waits for its workers to go before it closes its scheduler regardless."""
+
+
+def close_workers_first(cluster: Any) -> None:
+    """Close a local cluster's workers, then its scheduler. Closed together, a worker whose heartbeat was on its way
+    to the closing scheduler logs an ERROR ("Failed to communicate with scheduler during heartbeat") at the end of a
+    command that went well."""
+    import time
+
+    cluster.scale(0)
+    deadline = time.monotonic() + WORKERS_CLOSE_TIMEOUT_S
+    while cluster.workers and time.monotonic() < deadline:
+        time.sleep(0.1)
+    cluster.close()
 
 
 async def _warm_item_processes(modules: list[str], dask_worker: Any) -> int:

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from hopflow.cli.render import console, err_console
+from hopflow.cli.render import err_console
 from hopflow.registry import STAGES, get_stage
 
 IDLE_WAKE_S = 3600.0
@@ -41,9 +41,9 @@ def cluster(
             err_console.print("[red]error[/red] no fixed-size local profile without a standing cluster among these "
                               "stages' profiles", soft_wrap=True)
             raise typer.Exit(1)
-        typer.echo(f"export HOPFLOW_DASK_ADDRESSES='{json.dumps(addresses)}'")
-        console.print(f"serving {', '.join(sorted(addresses))} until Ctrl-C", soft_wrap=True)
-        try:
+        try:  # the address last: whoever reads it may interrupt at once
+            err_console.print(f"serving {', '.join(sorted(addresses))} until Ctrl-C", soft_wrap=True)
+            typer.echo(f"export HOPFLOW_DASK_ADDRESSES='{json.dumps(addresses)}'")
             while True:
                 time.sleep(IDLE_WAKE_S)
         except KeyboardInterrupt:
