@@ -123,7 +123,9 @@ def test_hopflow_cluster_serves_until_interrupted(tmp_path) -> None:
     env = {**os.environ, "HOPFLOW_HOME": str(tmp_path), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("HOPFLOW_DASK_ADDRESSES", None)
     command = [str(Path(sys.executable).with_name("hopflow")), "cluster", "pathways", "features"]
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) as proc:
+    # as from a terminal: SIGINT at its default (a shell starts background jobs, CI's too, with it ignored)
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as proc:
         try:
             line = proc.stdout.readline() if proc.stdout else ""
             assert line.startswith("export HOPFLOW_DASK_ADDRESSES="), line
