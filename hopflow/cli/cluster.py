@@ -9,8 +9,9 @@ from typing import Annotated
 
 import typer
 
+from hopflow.cli.orchestration import _stage_or_exit
 from hopflow.cli.render import err_console
-from hopflow.registry import STAGES, get_stage
+from hopflow.registry import STAGES
 
 IDLE_WAKE_S = 3600.0
 """How long the command sleeps between looks while it serves (Ctrl-C ends it at once)."""
@@ -32,10 +33,7 @@ def cluster(
 
     names = stages or list(STAGES)
     for name in names:
-        try:
-            get_stage(name)
-        except KeyError as exc:
-            raise typer.BadParameter(str(exc.args[0])) from None
+        _stage_or_exit(name)
     with batch_clusters(names) as addresses:
         if not addresses:
             err_console.print("[red]error[/red] no fixed-size local profile without a standing cluster among these "
